@@ -1,0 +1,253 @@
+"""The one codec of wire protocol v1: frames in, typed values out, and back.
+
+Every decoder treats its input as hostile: sizes are checked before msgpack sees the bytes,
+msgpack runs with tight limits, and every failure raises `ProtocolViolation` with a code.
+The broker routes without re-encoding: a PUB header is decoded once to validate and route,
+then forwarded byte for byte beside a small broker-written stamp (sender, time, sequence).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from broker.errors import Code, ProtocolViolation
+from broker.protocol import MAX_HEADER_BYTES, MESSAGE_ID_BYTES
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+_MAX_ID_TEXT = 128
+
+
+def pack(value: Any) -> bytes:
+    """msgpack-encode `value` (bin for bytes, str for text)."""
+    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack_map(raw: bytes, what: str = "header") -> dict[str, Any]:
+    """Decode an untrusted msgpack map with string keys, bounded in size and depth."""
+    if not isinstance(raw, bytes):
+        raise ProtocolViolation(Code.MALFORMED_FRAME, f"{what} frame is not bytes")
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolViolation(
+            Code.TOO_LARGE, f"{what} is {len(raw)} bytes, limit {MAX_HEADER_BYTES}"
+        )
+    try:
+        value = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_HEADER_BYTES,
+            max_bin_len=MAX_HEADER_BYTES,
+            max_array_len=1024,
+            max_map_len=64,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises a zoo of types (ValueError, StackError, ...)
+        raise ProtocolViolation(
+            Code.BAD_HEADER, f"{what} is not valid msgpack: {type(exc).__name__}"
+        ) from None
+    if not isinstance(value, dict):
+        raise ProtocolViolation(Code.BAD_HEADER, f"{what} must be a msgpack map")
+    return value
+
+
+def _optional_text(header: dict[str, Any], key: str) -> str | None:
+    value = header.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > _MAX_ID_TEXT:
+        raise ProtocolViolation(
+            Code.BAD_HEADER, f"header field {key!r} must be a string ≤ {_MAX_ID_TEXT} chars"
+        )
+    return value
+
+
+def required_int(header: dict[str, Any], key: str, low: int, high: int) -> int:
+    """Field `key` as an int within [low, high], else BAD_HEADER."""
+    value = header.get(key)
+    if type(value) is not int or not low <= value <= high:
+        raise ProtocolViolation(
+            Code.BAD_HEADER, f"header field {key!r} must be an integer in [{low}, {high}]"
+        )
+    return value
+
+
+def required_text(header: dict[str, Any], key: str) -> str:
+    """Field `key` as a string, else BAD_HEADER."""
+    value = header.get(key)
+    if not isinstance(value, str):
+        raise ProtocolViolation(Code.BAD_HEADER, f"header field {key!r} must be a string")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class PubHeader:
+    """What the broker needs from a PUB header to route it."""
+
+    msg_id: bytes
+    topic: str
+    confirm: bool = False
+
+
+def decode_pub_header(raw: bytes) -> PubHeader:
+    """Validate a PUB header (topic validity is the router's job: it caches it)."""
+    return pub_fields(unpack_map(raw))
+
+
+def pub_fields(header: dict[str, Any]) -> PubHeader:
+    """Check the fields of a decoded PUB header."""
+    msg_id = header.get("id")
+    if not isinstance(msg_id, bytes) or len(msg_id) != MESSAGE_ID_BYTES:
+        raise ProtocolViolation(
+            Code.BAD_HEADER, f"header field 'id' must be {MESSAGE_ID_BYTES} bytes (bin)"
+        )
+    topic = required_text(header, "topic")
+    _optional_text(header, "cid")
+    traceparent = _optional_text(header, "tp")
+    if traceparent is not None and not _TRACEPARENT.match(traceparent):
+        raise ProtocolViolation(Code.BAD_HEADER, "header field 'tp' is not a W3C traceparent")
+    sensitive = header.get("sens", False)
+    if not isinstance(sensitive, bool):
+        raise ProtocolViolation(Code.BAD_HEADER, "header field 'sens' must be a boolean")
+    client_ts = header.get("ts", 0)
+    if type(client_ts) is not int:
+        raise ProtocolViolation(Code.BAD_HEADER, "header field 'ts' must be an integer")
+    confirm = header.get("cf", False)
+    if not isinstance(confirm, bool):
+        raise ProtocolViolation(Code.BAD_HEADER, "header field 'cf' must be a boolean")
+    return PubHeader(msg_id, topic, confirm)
+
+
+def encode_pub_header(
+    msg_id: bytes,
+    topic: str,
+    correlation_id: str | None = None,
+    traceparent: str | None = None,
+    sensitive: bool = False,
+    client_ts_ns: int | None = None,
+    confirm: bool = False,
+) -> bytes:
+    """The header a client sends with each published payload."""
+    header: dict[str, Any] = {"id": msg_id, "topic": topic}
+    if correlation_id is not None:
+        header["cid"] = correlation_id
+    if traceparent is not None:
+        header["tp"] = traceparent
+    if sensitive:
+        header["sens"] = True
+    if confirm:
+        header["cf"] = True
+    header["ts"] = client_ts_ns if client_ts_ns is not None else time.time_ns()
+    return pack(header)
+
+
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """What the broker vouches for about a delivered message (never taken from the client)."""
+
+    seq: int
+    sender: str
+    timestamp_ns: int
+    attempt: int
+
+
+def encode_stamp(seq: int, sender: str, timestamp_ns: int, attempt: int = 1) -> bytes:
+    return pack([seq, sender, timestamp_ns, attempt])
+
+
+def decode_stamp(raw: bytes) -> Stamp:
+    try:
+        seq, sender, ts, attempt = msgpack.unpackb(raw, raw=False)
+    except Exception:
+        raise ProtocolViolation(Code.MALFORMED_FRAME, "bad DELIVER stamp") from None
+    if not (type(seq) is int and isinstance(sender, str) and type(ts) is int):
+        raise ProtocolViolation(Code.MALFORMED_FRAME, "bad DELIVER stamp fields")
+    return Stamp(seq, sender, ts, int(attempt))
+
+
+def encode_sids(sids: tuple[int, ...]) -> bytes:
+    return pack(list(sids))
+
+
+def decode_sids(raw: bytes) -> list[int]:
+    try:
+        sids = msgpack.unpackb(raw)
+    except Exception:
+        raise ProtocolViolation(Code.MALFORMED_FRAME, "bad DELIVER sids") from None
+    if not isinstance(sids, list) or not all(type(s) is int for s in sids):
+        raise ProtocolViolation(Code.MALFORMED_FRAME, "DELIVER sids must be integers")
+    return sids
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One delivered message as a client sees it: header fields, broker stamp, payload."""
+
+    msg_id: bytes
+    topic: str
+    sender: str
+    timestamp_ns: int
+    seq: int
+    attempt: int
+    correlation_id: str | None
+    traceparent: str | None
+    sensitive: bool
+    payload: bytes
+
+
+def decode_envelope(stamp_raw: bytes, header_raw: bytes, payload: bytes) -> Envelope:
+    """Decode one delivered message; the sender comes from the stamp, never the header."""
+    stamp = decode_stamp(stamp_raw)
+    header = unpack_map(header_raw)
+    pub = pub_fields(header)
+    return Envelope(
+        msg_id=pub.msg_id,
+        topic=pub.topic,
+        sender=stamp.sender,
+        timestamp_ns=stamp.timestamp_ns,
+        seq=stamp.seq,
+        attempt=stamp.attempt,
+        correlation_id=header.get("cid"),
+        traceparent=header.get("tp"),
+        sensitive=bool(header.get("sens", False)),
+        payload=payload,
+    )
+
+
+class MessageIdGenerator:
+    """Time-ordered unique 16-byte ids (UUIDv7 layout): 48-bit ms time, 74 random bits.
+
+    Within one millisecond a counter in the random field keeps ids strictly increasing,
+    so ids from one process sort in creation order.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = 0
+        self._counter = 0
+
+    def new(self) -> bytes:
+        with self._lock:
+            ms = time.time_ns() // 1_000_000
+            if ms <= self._last_ms:
+                ms = self._last_ms
+                self._counter += 1
+                if self._counter > 0xFFF:  # 4096 ids in one ms: borrow the next ms
+                    ms = self._last_ms = ms + 1
+                    self._counter = 0
+            else:
+                self._last_ms = ms
+                self._counter = int.from_bytes(os.urandom(2), "big") & 0x3FF
+            counter = self._counter & 0xFFF
+            rand = int.from_bytes(os.urandom(8), "big") & 0x3FFFFFFFFFFFFFFF
+        value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand
+        return value.to_bytes(MESSAGE_ID_BYTES, "big")
+
+
+new_message_id = MessageIdGenerator().new

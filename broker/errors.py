@@ -1,0 +1,154 @@
+"""Error codes that cross the wire, grouped by category, each with what to do about it.
+
+Tree of the exceptions raised by the pure broker modules::
+
+    WireError                 any error that becomes an ERROR frame (has .code)
+    ├── ProtocolViolation     the peer sent something malformed (1xx)
+    ├── AuthFailure           identity problems (2xx)
+    ├── PermissionViolation   the manifest does not allow it (3xx)
+    └── DeliveryFailure       the message could not be delivered (4xx)
+
+The catalogue `ERRORS` is the one mapping from a numeric code to its name, category and
+advice; `error_body` turns a code into the ERROR header every client receives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+
+class Code(IntEnum):
+    """Numeric error codes; the hundreds digit is the category."""
+
+    MALFORMED_FRAME = 100
+    UNKNOWN_COMMAND = 101
+    BAD_HEADER = 102
+    BAD_FRAME_COUNT = 103
+    TOO_LARGE = 104
+    NOT_WELCOMED = 105
+    UNSUPPORTED_VERSION = 106
+    BAD_TOPIC = 107
+    BAD_PATTERN = 108
+    DUPLICATE_SID = 109
+    UNKNOWN_SID = 110
+    TOO_MANY_SUBSCRIPTIONS = 111
+
+    AUTH_FAILED = 200
+    IDENTITY_UNKNOWN = 201
+    MANIFEST_MISSING = 202
+
+    PUBLISH_DENIED = 300
+    SUBSCRIBE_DENIED = 301
+    RESERVED_TOPIC = 302
+    COMMAND_DENIED = 303
+
+    QUEUE_FULL = 400
+
+    STORAGE_UNAVAILABLE = 500
+
+    INTERNAL = 600
+
+
+class Category:
+    """Category names as they appear on the wire."""
+
+    PROTOCOL = "protocol"
+    AUTH = "auth"
+    PERMISSION = "permission"
+    DELIVERY = "delivery"
+    STORAGE = "storage"
+    INTERNAL = "internal"
+
+
+_CATEGORY_BY_HUNDREDS = {
+    1: Category.PROTOCOL,
+    2: Category.AUTH,
+    3: Category.PERMISSION,
+    4: Category.DELIVERY,
+    5: Category.STORAGE,
+    6: Category.INTERNAL,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorSpec:
+    """What a code means and what the receiver should do about it."""
+
+    code: Code
+    hint: str
+
+    @property
+    def category(self) -> str:
+        return _CATEGORY_BY_HUNDREDS[int(self.code) // 100]
+
+
+ERRORS: dict[Code, ErrorSpec] = {
+    spec.code: spec
+    for spec in (
+        ErrorSpec(Code.MALFORMED_FRAME, "Send frames as docs/protocol.md describes; fix the client."),
+        ErrorSpec(Code.UNKNOWN_COMMAND, "Use one of HELLO, SUB, UNSUB, PUB, PING, BYE, STATS."),
+        ErrorSpec(Code.BAD_HEADER, "The header must be a msgpack map with the documented fields."),
+        ErrorSpec(Code.BAD_FRAME_COUNT, "Send the number of frames the command requires."),
+        ErrorSpec(Code.TOO_LARGE, "Keep headers under 8 KiB, payloads under 1 MiB, batches ≤ 1024."),
+        ErrorSpec(Code.NOT_WELCOMED, "Send HELLO and wait for WELCOME before any other command."),
+        ErrorSpec(Code.UNSUPPORTED_VERSION, "Upgrade the client; the broker speaks version 1."),
+        ErrorSpec(Code.BAD_TOPIC, "Publish to dot-separated non-empty tokens, no wildcards, ≤ 255 B."),
+        ErrorSpec(Code.BAD_PATTERN, "Use whole-token '*' or a final '>' in subscription patterns."),
+        ErrorSpec(Code.DUPLICATE_SID, "Pick a subscription id not already in use on this session."),
+        ErrorSpec(Code.UNKNOWN_SID, "Unsubscribe only subscription ids you subscribed."),
+        ErrorSpec(Code.TOO_MANY_SUBSCRIPTIONS, "Use wildcards instead of thousands of subscriptions."),
+        ErrorSpec(Code.AUTH_FAILED, "Connect with the credential the supervisor or `plexus env` gave."),
+        ErrorSpec(Code.IDENTITY_UNKNOWN, "Reconnect; the connection carries no authenticated app id."),
+        ErrorSpec(Code.MANIFEST_MISSING, "Add a manifest for this app id to the apps directory."),
+        ErrorSpec(Code.PUBLISH_DENIED, "Add a matching pattern to [permissions].publish in the manifest."),
+        ErrorSpec(
+            Code.SUBSCRIBE_DENIED, "Add a covering pattern to [permissions].subscribe in the manifest."
+        ),
+        ErrorSpec(Code.RESERVED_TOPIC, "Topics starting with '$sys.' belong to the platform."),
+        ErrorSpec(Code.COMMAND_DENIED, "This command is reserved for platform identities ($...)."),
+        ErrorSpec(Code.QUEUE_FULL, "The receiver is too slow; consume faster or raise queue limits."),
+        ErrorSpec(Code.STORAGE_UNAVAILABLE, "Start the platform with persistence enabled."),
+        ErrorSpec(Code.INTERNAL, "A bug in Plexus: report it with the broker log around this time."),
+    )
+}
+
+
+class WireError(Exception):
+    """An error that is reported to the peer as an ERROR frame."""
+
+    def __init__(self, code: Code, detail: str, **ref: Any) -> None:
+        super().__init__(f"{code.name} ({int(code)}): {detail}")
+        self.code = code
+        self.detail = detail
+        self.ref = ref
+
+
+class ProtocolViolation(WireError):
+    """The peer sent bytes that do not follow the protocol."""
+
+
+class AuthFailure(WireError):
+    """The peer's identity could not be established."""
+
+
+class PermissionViolation(WireError):
+    """The peer asked for something its manifest does not allow."""
+
+
+class DeliveryFailure(WireError):
+    """A message could not be handed to a receiver."""
+
+
+def error_body(code: Code, detail: str, ref: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ERROR header for `code`: the one place codes become names, categories and advice."""
+    spec = ERRORS[code]
+    return {
+        "code": int(code),
+        "name": code.name,
+        "category": spec.category,
+        "message": detail,
+        "hint": spec.hint,
+        "ref": ref or {},
+    }

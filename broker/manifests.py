@@ -1,0 +1,183 @@
+"""App manifests (`DIR/NAME.toml`): parsed and validated with errors naming file, field and fix.
+
+The manifest is the contract between an app and the platform: how to launch it (for the
+supervisor) and what it may do on the bus (for the broker). It lives on the broker's floor
+because the broker enforces its permissions; the supervisor, a floor above, reads it too.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.errors import WireError
+from broker.topics import pattern_tokens
+
+APP_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+RESTART_POLICIES = ("always", "on-failure", "never")
+_KNOWN_KEYS = {"id", "command", "restart", "limits", "permissions", "after", "env", "description"}
+_PERMISSION_KEYS = {"publish", "subscribe", "request", "ask"}
+
+
+class ManifestError(Exception):
+    """A manifest that cannot be used; the message names the file, the field and the fix."""
+
+    def __init__(self, path: Path | str, field_name: str, problem: str, fix: str) -> None:
+        super().__init__(f"{path}: field '{field_name}': {problem}. Fix: {fix}")
+        self.path = str(path)
+        self.field = field_name
+        self.problem = problem
+        self.fix = fix
+
+
+@dataclass(frozen=True, slots=True)
+class Permissions:
+    """Patterns an app may publish to, subscribe to and send requests to; `ask` needs consent."""
+
+    publish: tuple[str, ...] = ()
+    subscribe: tuple[str, ...] = ()
+    request: tuple[str, ...] = ()
+    ask: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Resource limits the supervisor enforces (None: unlimited)."""
+
+    memory_mb: int | None = None
+    cpu_percent: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """One validated app manifest."""
+
+    app_id: str
+    command: tuple[str, ...] | None
+    restart: str = "on-failure"
+    limits: Limits = field(default_factory=Limits)
+    permissions: Permissions = field(default_factory=Permissions)
+    after: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    path: str = ""
+
+    @property
+    def external(self) -> bool:
+        """An app with no command connects on its own, with a credential from `plexus env`."""
+        return self.command is None
+
+
+def _string_list(path: Path, name: str, value: Any, *, patterns: bool = False) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ManifestError(path, name, "must be a list of non-empty strings", f'{name} = ["..."]')
+    if patterns:
+        for pattern in value:
+            try:
+                pattern_tokens(pattern)
+            except WireError as exc:
+                raise ManifestError(
+                    path, name, f"{pattern!r} is not a valid topic pattern ({exc.detail})",
+                    "use dot-separated tokens, '*' for one token, a final '>' for the rest",
+                ) from None
+    return tuple(value)
+
+
+def _positive_int(path: Path, name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or value <= 0:
+        raise ManifestError(path, name, f"must be a positive integer, got {value!r}", f"{name} = 100")
+    return value
+
+
+def _permissions(path: Path, raw: Any) -> Permissions:
+    if not isinstance(raw, dict):
+        raise ManifestError(path, "permissions", "must be a table", "add a [permissions] table")
+    unknown = set(raw) - _PERMISSION_KEYS
+    if unknown:
+        raise ManifestError(
+            path, f"permissions.{sorted(unknown)[0]}", "unknown permission kind",
+            f"use only {', '.join(sorted(_PERMISSION_KEYS))}",
+        )
+    return Permissions(
+        publish=_string_list(path, "permissions.publish", raw.get("publish", []), patterns=True),
+        subscribe=_string_list(path, "permissions.subscribe", raw.get("subscribe", []), patterns=True),
+        request=_string_list(path, "permissions.request", raw.get("request", []), patterns=True),
+        ask=_string_list(path, "permissions.ask", raw.get("ask", [])),
+    )
+
+
+def parse_manifest(path: Path, data: dict[str, Any]) -> Manifest:
+    """Validate the decoded TOML of one manifest."""
+    unknown = set(data) - _KNOWN_KEYS
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ManifestError(path, name, "unknown field", f"remove it; known: {', '.join(sorted(_KNOWN_KEYS))}")
+    app_id = data.get("id")
+    if not isinstance(app_id, str) or not APP_ID.match(app_id):
+        raise ManifestError(
+            path, "id", f"{app_id!r} is not a valid app id",
+            "use 1-64 lowercase letters, digits, '_', '.', '-', starting with a letter or digit",
+        )
+    command = data.get("command")
+    if command is not None:
+        command = _string_list(path, "command", command)
+        if not command:
+            raise ManifestError(path, "command", "is empty", 'command = ["python", "-m", "my.app"]')
+    restart = data.get("restart", "on-failure")
+    if restart not in RESTART_POLICIES:
+        raise ManifestError(path, "restart", f"{restart!r} is not a policy", f"use one of {', '.join(RESTART_POLICIES)}")
+    limits_raw = data.get("limits", {})
+    if not isinstance(limits_raw, dict):
+        raise ManifestError(path, "limits", "must be a table", "add a [limits] table")
+    limits = Limits(
+        memory_mb=_positive_int(path, "limits.memory_mb", limits_raw.get("memory_mb")),
+        cpu_percent=_positive_int(path, "limits.cpu_percent", limits_raw.get("cpu_percent")),
+    )
+    env_raw = data.get("env", {})
+    if not isinstance(env_raw, dict) or not all(isinstance(v, str) for v in env_raw.values()):
+        raise ManifestError(path, "env", "must be a table of strings", '[env]\nNAME = "value"')
+    return Manifest(
+        app_id=app_id,
+        command=command,
+        restart=restart,
+        limits=limits,
+        permissions=_permissions(path, data.get("permissions", {})),
+        after=_string_list(path, "after", data.get("after", [])),
+        env=tuple(sorted(env_raw.items())),
+        path=str(path),
+    )
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and validate one manifest file."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ManifestError(path, "-", f"cannot be read ({exc.strerror})", "check the path and its permissions") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(path, "-", f"is not valid TOML ({exc})", "fix the TOML syntax") from None
+    return parse_manifest(path, data)
+
+
+def load_manifests(directory: Path) -> dict[str, Manifest]:
+    """Every `*.toml` manifest in `directory`, by app id; duplicate ids are an error."""
+    if not directory.is_dir():
+        raise ManifestError(directory, "-", "is not a directory", "pass --apps DIR with the manifests")
+    manifests: dict[str, Manifest] = {}
+    for path in sorted(directory.glob("*.toml")):
+        manifest = load_manifest(path)
+        if manifest.app_id in manifests:
+            raise ManifestError(
+                path, "id", f"{manifest.app_id!r} is already used by {manifests[manifest.app_id].path}",
+                "give every app its own id",
+            )
+        manifests[manifest.app_id] = manifest
+    for manifest in manifests.values():
+        for dependency in manifest.after:
+            if dependency not in manifests:
+                raise ManifestError(manifest.path, "after", f"names unknown app {dependency!r}", "list only app ids of this directory")
+    return manifests

@@ -1,0 +1,97 @@
+"""Where one platform keeps its state: the home dir, its runtime dir and the bus endpoint.
+
+Everything of one platform lives under its home (`--home`, else `$PLEXUS_HOME`, else the
+per-user data dir), so two homes never meet. Sockets live in `HOME/run` (mode 0700); when
+that path is too long for an ipc socket name (Linux allows 107 bytes), a short private
+directory under the temp dir stands in, named after a hash of the home.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+_IPC_PATH_LIMIT = 100
+
+
+def default_home() -> Path:
+    """`$PLEXUS_HOME`, else `$XDG_DATA_HOME/plexus`, else `~/.local/share/plexus`."""
+    env = os.environ.get("PLEXUS_HOME")
+    if env:
+        return Path(env).expanduser()
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "plexus"
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise PermissionError(f"{path} belongs to another user; choose another --home")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformPaths:
+    """The files and endpoints of the platform rooted at `home`."""
+
+    home: Path
+
+    @classmethod
+    def resolve(cls, home: str | Path | None) -> PlatformPaths:
+        return cls(Path(home).expanduser().resolve() if home else default_home().resolve())
+
+    @property
+    def run_dir(self) -> Path:
+        preferred = self.home / "run"
+        if len(str(preferred / "events")) <= _IPC_PATH_LIMIT:
+            return preferred
+        digest = hashlib.sha256(str(self.home).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"plexus-{os.getuid()}-{digest}"
+
+    @property
+    def creds_dir(self) -> Path:
+        return self.run_dir / "creds"
+
+    @property
+    def state_file(self) -> Path:
+        """Written by the running supervisor: pid, endpoint, apps dir (see `write_state`)."""
+        return self.run_dir / "platform.json"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+    def bus_endpoint(self) -> str:
+        """ipc socket in the run dir; tcp loopback where ipc does not exist (Windows)."""
+        if zmq.has("ipc"):
+            return f"ipc://{self.run_dir / 'bus'}"
+        return "tcp://127.0.0.1:*"
+
+    def prepare(self) -> None:
+        """Create home and run dir with private modes."""
+        _private_dir(self.home)
+        _private_dir(self.run_dir)
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state), encoding="utf-8")
+        tmp.chmod(0o600)
+        tmp.replace(self.state_file)
+
+    def read_state(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.state_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None

@@ -1,0 +1,56 @@
+"""Wire-protocol constants, in one small module so the codec, the broker and every client agree.
+
+The protocol is documented in docs/protocol.md; a change here is a change there.
+"""
+
+from typing import Final
+
+PROTOCOL_VERSIONS: Final = (1,)
+"""Versions this implementation speaks, oldest first. HELLO negotiates the highest common one."""
+
+# Commands, client -> broker
+HELLO: Final = b"HELLO"
+SUB: Final = b"SUB"
+UNSUB: Final = b"UNSUB"
+PUB: Final = b"PUB"
+PING: Final = b"PING"
+BYE: Final = b"BYE"
+STATS: Final = b"STATS"
+
+# Commands, broker -> client
+WELCOME: Final = b"WELCOME"
+SUBOK: Final = b"SUBOK"
+UNSUBOK: Final = b"UNSUBOK"
+DELIVER: Final = b"DELIVER"
+PONG: Final = b"PONG"
+ERROR: Final = b"ERROR"
+STATSOK: Final = b"STATSOK"
+CONFIRM: Final = b"CONFIRM"
+
+CLIENT_COMMANDS: Final = frozenset({HELLO, SUB, UNSUB, PUB, PING, BYE, STATS})
+
+# Limits a peer must respect; anything beyond them is a protocol error, never a crash.
+MAX_HEADER_BYTES: Final = 8 * 1024
+MAX_PAYLOAD_BYTES: Final = 1024 * 1024
+MAX_FRAME_BYTES: Final = MAX_PAYLOAD_BYTES + 64 * 1024
+"""Set as ZMQ_MAXMSGSIZE: libzmq disconnects a peer that sends a larger frame."""
+MAX_PUB_BATCH: Final = 1024
+"""Most (header, payload) pairs one PUB may carry."""
+MAX_FRAMES: Final = 1 + 2 * MAX_PUB_BATCH
+CLIENT_BATCH: Final = 128
+"""Most publishes the Python client coalesces into one PUB: bounds in-broker latency per batch."""
+MAX_TOPIC_BYTES: Final = 255
+MAX_SUBSCRIPTIONS_PER_SESSION: Final = 10_000
+MAX_SID: Final = 2**31 - 1
+
+MESSAGE_ID_BYTES: Final = 16
+
+# Reserved identities and topics
+RESERVED_PREFIX: Final = "$"
+SYS_TOPIC_PREFIX: Final = "$sys."
+SUPERVISOR_ID: Final = "$supervisor"
+CLI_ID: Final = "$cli"
+ZAP_DOMAIN: Final = "plexus"
+
+DEFAULT_HEARTBEAT_MS: Final = 2_000
+DEFAULT_PEER_TIMEOUT_MS: Final = 10_000

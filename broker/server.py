@@ -1,0 +1,234 @@
+"""The broker process's socket loop: one ROUTER for apps, one ZAP socket for authentication.
+
+Shaped like the zguide's Majordomo broker: poll with a timeout, drain what is readable,
+hand each message to the pure `Router`, send what it returns, then housekeeping. One
+thread owns every socket. The sender's identity is the ZAP `User-Id` libzmq attaches to
+each frame of an authenticated connection, read on every inbound message.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from broker import protocol as P
+from broker.errors import Code, ProtocolViolation
+from broker.histogram import LatencyHistogram
+from broker.logs import event
+from broker.manifests import ManifestError, Manifest, Permissions, load_manifests
+from broker.paths import PlatformPaths
+from broker.router import Router, RouterConfig
+from security.credentials import CredentialStore
+
+log = logging.getLogger("plexus.broker")
+
+_SNDMORE = 2
+_NOBLOCK = 1
+_RCVMORE = 13
+_DRAIN_LIMIT = 512
+_RESCAN_INTERVAL_NS = 1_000_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """Everything the broker process needs to know, read once at start."""
+
+    paths: PlatformPaths
+    apps_dir: Path | None = None
+    router: RouterConfig = field(default_factory=RouterConfig)
+    hwm: int = 100_000
+    poll_ms: int = 100
+
+
+class ManifestCatalog:
+    """App permissions by id, re-reading the apps dir when an unknown app appears."""
+
+    def __init__(self, apps_dir: Path | None, clock: Callable[[], int] = time.monotonic_ns) -> None:
+        self._apps_dir = apps_dir
+        self._clock = clock
+        self._manifests: dict[str, Manifest] = {}
+        self._last_scan = -_RESCAN_INTERVAL_NS
+        self.rescan()
+
+    def rescan(self) -> None:
+        self._last_scan = self._clock()
+        if self._apps_dir is None:
+            return
+        try:
+            self._manifests = load_manifests(self._apps_dir)
+        except ManifestError as exc:
+            event(log, "manifests-invalid", logging.ERROR, error=str(exc))
+
+    def permissions(self, app_id: str) -> Permissions | None:
+        manifest = self._manifests.get(app_id)
+        if manifest is None and self._clock() - self._last_scan >= _RESCAN_INTERVAL_NS:
+            self.rescan()
+            manifest = self._manifests.get(app_id)
+        return manifest.permissions if manifest else None
+
+
+class BrokerServer:
+    """Binds the sockets on `bind()`, runs the loop in `run()`; constructing opens nothing."""
+
+    def __init__(self, config: BrokerConfig, context: zmq.Context[Any] | None = None) -> None:
+        self.config = config
+        self._context = context or zmq.Context.instance()
+        self._credentials = CredentialStore(config.paths.creds_dir)
+        self._catalog = ManifestCatalog(config.apps_dir)
+        self.route_latency = LatencyHistogram()
+        self.router = Router(self._catalog.permissions, config.router, self._extra_stats)
+        self._router_socket: zmq.Socket[bytes] | None = None
+        self._zap: zmq.Socket[bytes] | None = None
+        self._started = time.monotonic()
+        self._auth_failures = 0
+        self._rate_mark = (time.monotonic(), 0)
+        self._rate = 0.0
+        self.endpoint = ""
+
+    def bind(self) -> str:
+        """Open the ZAP handler and the ROUTER; returns the bound endpoint."""
+        zap = self._context.socket(zmq.REP)
+        zap.linger = 0
+        zap.bind("inproc://zeromq.zap.01")
+        self._zap = zap
+        sock = self._context.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.plain_server = True
+        sock.zap_domain = P.ZAP_DOMAIN.encode()
+        sock.router_mandatory = 1
+        sock.sndhwm = self.config.hwm
+        sock.rcvhwm = self.config.hwm
+        sock.maxmsgsize = P.MAX_FRAME_BYTES
+        endpoint = self.config.paths.bus_endpoint()
+        sock.bind(endpoint)
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._router_socket = sock
+        event(log, "broker-listening", endpoint=self.endpoint)
+        return self.endpoint
+
+    def run(self, should_stop: Callable[[], bool]) -> None:
+        """Serve until `should_stop()` is true (checked at least every poll interval)."""
+        sock, zap = self._router_socket, self._zap
+        assert sock is not None and zap is not None, "bind() first"
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(zap, zmq.POLLIN)
+        heartbeat_ns = self.config.router.heartbeat_ms * 1_000_000
+        next_housekeeping = time.monotonic_ns() + heartbeat_ns
+        while not should_stop():
+            ready = dict(poller.poll(self.config.poll_ms))
+            if zap in ready:
+                self._answer_zap(zap)
+            if sock in ready:
+                self._drain(sock)
+            now = time.monotonic_ns()
+            if now >= next_housekeeping:
+                next_housekeeping = now + heartbeat_ns
+                self._housekeeping(now)
+
+    def close(self) -> None:
+        for sock in (self._router_socket, self._zap):
+            if sock is not None:
+                sock.close(linger=0)
+        self._router_socket = self._zap = None
+
+    # -- authentication ---------------------------------------------------------------------
+
+    def _answer_zap(self, zap: zmq.Socket[bytes]) -> None:
+        request = zap.recv_multipart()
+        if len(request) < 6:
+            return  # not a ZAP request libzmq would send; nothing sensible to answer
+        version, request_id, domain, address, _identity, mechanism = request[:6]
+        credentials = request[6:]
+        status, reason, user = b"400", b"bad credential", b""
+        app_id = ""
+        if version == b"1.0" and mechanism == b"PLAIN" and len(credentials) == 2:
+            app_id = credentials[0].decode("utf-8", "replace")
+            token = credentials[1].decode("utf-8", "replace")
+            if domain == P.ZAP_DOMAIN.encode() and self._credentials.verify(app_id, token):
+                status, reason, user = b"200", b"OK", app_id.encode()
+        if status != b"200":
+            self._auth_failures += 1
+            event(
+                log, "auth-denied", logging.WARNING, app=app_id, address=address.decode(
+                    "utf-8", "replace"), mechanism=mechanism.decode("ascii", "replace"),
+            )
+        zap.send_multipart([version, request_id, status, reason, user, b""])
+
+    # -- routing ----------------------------------------------------------------------------
+
+    def _drain(self, sock: zmq.Socket[bytes]) -> None:
+        router = self.router
+        record = self.route_latency.record
+        clock = time.perf_counter_ns
+        for _ in range(_DRAIN_LIMIT):
+            try:
+                peer = sock.recv(_NOBLOCK)
+            except zmq.Again:
+                return
+            started = clock()
+            first = sock.recv(copy=False)
+            app_id = first.get("User-Id") or ""
+            frames = [first.bytes]
+            overflow = False
+            while sock.getsockopt(_RCVMORE):
+                part = sock.recv()
+                if len(frames) < P.MAX_FRAMES:
+                    frames.append(part)
+                else:
+                    overflow = True
+            if overflow:
+                exc = ProtocolViolation(Code.TOO_LARGE, f"more than {P.MAX_FRAMES} frames")
+                self._send(sock, [router.error(peer, exc)])
+                continue
+            outbound = router.handle(peer, app_id, frames, time.time_ns())
+            if outbound:
+                self._send(sock, outbound)
+                if frames[0] == P.PUB:
+                    elapsed = clock() - started
+                    for _ in range((len(frames) - 1) // 2):
+                        record(elapsed)
+
+    def _send(self, sock: zmq.Socket[bytes], outbound: list[tuple[bytes, list[bytes]]]) -> None:
+        send = sock.send
+        for peer, frames in outbound:
+            try:
+                send(peer, _SNDMORE | _NOBLOCK)
+            except zmq.ZMQError as exc:
+                lost = (len(frames) - 1) // 4 if frames[0] == P.DELIVER else 0
+                self.router.undeliverable(peer, lost)
+                if exc.errno == zmq.EHOSTUNREACH:
+                    self.router.drop_peer(peer)
+                continue
+            last = len(frames) - 1
+            for index, frame in enumerate(frames):
+                send(frame, _SNDMORE if index < last else 0)
+
+    def _housekeeping(self, now_ns: int) -> None:
+        for app_id in self.router.housekeeping(time.time_ns()):
+            event(log, "session-expired", app=app_id)
+        mark_time, mark_count = self._rate_mark
+        now = time.monotonic()
+        delivered = self.router.stats.delivered
+        if now > mark_time:
+            self._rate = (delivered - mark_count) / (now - mark_time)
+        self._rate_mark = (now, delivered)
+
+    def _extra_stats(self) -> dict[str, Any]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "route_latency": self.route_latency.summary_us(),
+            "auth_failures": self._auth_failures,
+            "uptime_s": round(time.monotonic() - self._started, 3),
+            "rss_max_kb": usage.ru_maxrss,
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+            "delivered_per_s": round(self._rate, 1),
+            "endpoint": self.endpoint,
+        }

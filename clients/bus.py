@@ -1,0 +1,297 @@
+"""The Python client of the Plexus bus: `Bus.connect()`, publish, subscribe, close.
+
+    from clients.bus import Bus
+    with Bus.connect() as bus:                  # identity and endpoint from the environment
+        sub = bus.subscribe("market.*.prices")
+        bus.publish("market.AAPL.prices", {"px": 187.2})
+        msg = sub.get(timeout=1.0)
+
+Identity comes from `PLEXUS_APP_ID` and a credential handed over by the supervisor on an
+inherited file descriptor (`PLEXUS_CREDENTIAL_FD`) or printed by `plexus env`
+(`PLEXUS_TOKEN`); the endpoint from `PLEXUS_ENDPOINT`. All socket work happens in one
+background I/O thread (`clients.connection`); handlers run in one dispatcher thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import threading
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from types import TracebackType
+from typing import Any
+
+from broker.codec import encode_pub_header, new_message_id, pack
+from broker.errors import WireError
+from broker.topics import pattern_tokens, validate_topic
+from clients.connection import ConnectSettings, Connection, read_credential_fd
+from clients.errors import (
+    AuthenticationError,
+    BrokerUnavailable,
+    BusError,
+    ClosedError,
+    DeliveryError,
+    InternalError,
+    PermissionDenied,
+    ProtocolError,
+    StorageError,
+)
+from clients.message import Handler, Message, Subscription
+
+__all__ = [
+    "AuthenticationError",
+    "BrokerUnavailable",
+    "Bus",
+    "BusError",
+    "ClosedError",
+    "DeliveryError",
+    "InternalError",
+    "Message",
+    "PermissionDenied",
+    "ProtocolError",
+    "StorageError",
+    "Subscription",
+]
+
+log = logging.getLogger("plexus.client")
+
+_token_from_fd: dict[int, str] = {}
+_token_lock = threading.Lock()
+
+
+def _credential_from_environment() -> str:
+    token = os.environ.get("PLEXUS_TOKEN")
+    if token:
+        return token
+    fd_text = os.environ.get("PLEXUS_CREDENTIAL_FD")
+    if not fd_text:
+        raise AuthenticationError(
+            "no credential: neither PLEXUS_CREDENTIAL_FD nor PLEXUS_TOKEN is set",
+            hint="launch the app through `plexus run`, or `eval $(plexus env APP_ID)` first",
+        )
+    try:
+        fd = int(fd_text)
+    except ValueError:
+        raise AuthenticationError(f"PLEXUS_CREDENTIAL_FD={fd_text!r} is not a number") from None
+    with _token_lock:  # the pipe can be read once per process; later Bus objects reuse it
+        if fd not in _token_from_fd:
+            try:
+                _token_from_fd[fd] = read_credential_fd(fd)
+            except OSError as exc:
+                raise AuthenticationError(
+                    f"cannot read credential fd {fd}: {exc.strerror}",
+                    hint="the supervisor hands it over at launch; run the app via `plexus run`",
+                ) from None
+        return _token_from_fd[fd]
+
+
+def _required_env(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise BrokerUnavailable(
+            f"{name} is not set", hint="launch the app through `plexus run` or `plexus env APP_ID`"
+        )
+    return value
+
+
+class Bus:
+    """A connection of one app to the bus. Thread-safe; use one per process."""
+
+    def __init__(self, settings: ConnectSettings) -> None:
+        self.app_id = settings.app_id
+        self._subs: dict[int, Subscription] = {}
+        self._sids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._dispatch_queue: queue.SimpleQueue[tuple[Subscription, Message] | None] = (
+            queue.SimpleQueue()
+        )
+        self._dispatcher: threading.Thread | None = None
+        self._closed = False
+        self.errors: queue.SimpleQueue[BusError] = queue.SimpleQueue()
+        self._io = Connection(settings, self._subs, self._dispatch, self._report_error)
+
+    @classmethod
+    def connect(
+        cls,
+        endpoint: str | None = None,
+        app_id: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 5.0,
+        heartbeat_ms: int | None = None,
+    ) -> Bus:
+        """Connect and say HELLO; arguments default to the PLEXUS_* environment."""
+        settings = ConnectSettings(
+            endpoint=endpoint or _required_env("PLEXUS_ENDPOINT"),
+            app_id=app_id or _required_env("PLEXUS_APP_ID"),
+            token=token or _credential_from_environment(),
+            heartbeat_ms=heartbeat_ms,
+        )
+        bus = cls(settings)
+        bus._io.start()
+        if not bus._io.welcomed.wait(timeout):
+            bus._io.stop(0.1)
+            raise BrokerUnavailable(
+                f"no WELCOME from {settings.endpoint} within {timeout:g}s",
+                hint="check `plexus status`; is the platform running with this --home?",
+            )
+        if bus._io.failure is not None:
+            bus._io.stop(0.1)
+            raise bus._io.failure
+        return bus
+
+    # -- publishing -------------------------------------------------------------------------
+
+    def publish(
+        self,
+        topic: str,
+        data: Any,
+        *,
+        correlation_id: str | None = None,
+        traceparent: str | None = None,
+        sensitive: bool = False,
+        confirm: bool = False,
+        timeout: float = 5.0,
+    ) -> str:
+        """Publish `data` (anything msgpack can encode) on `topic`; returns the message id.
+
+        With `confirm=True`, waits until the broker accepted the message and raises the
+        broker's error (e.g. `PermissionDenied`) if it refused it.
+        """
+        self._check_open()
+        try:
+            validate_topic(topic)
+        except WireError as exc:
+            raise ProtocolError(exc.detail, int(exc.code)) from None
+        msg_id = new_message_id()
+        header = encode_pub_header(
+            msg_id, topic, correlation_id, traceparent, sensitive, confirm=confirm
+        )
+        future: Future[None] | None = None
+        if confirm:
+            future = Future()
+            self._io.confirm_futures[msg_id] = future
+        self._io.enqueue_publish(header, pack(data))
+        if future is not None:
+            self._wait(future, timeout, f"confirmation of {topic}")
+        return msg_id.hex()
+
+    # -- subscribing ------------------------------------------------------------------------
+
+    def subscribe(
+        self, pattern: str, handler: Handler | None = None, *, timeout: float = 5.0
+    ) -> Subscription:
+        """Receive messages matching `pattern`; waits until the broker accepted it.
+
+        Without `handler`, read with `sub.get(timeout)`; with one, it is called for each
+        message in the bus's dispatcher thread.
+        """
+        self._check_open()
+        try:
+            pattern_tokens(pattern)
+        except WireError as exc:
+            raise ProtocolError(exc.detail, int(exc.code)) from None
+        with self._lock:
+            sid = next(self._sids)
+            sub = Subscription(sid, pattern, handler, _unsubscribe=self.unsubscribe)
+            future: Future[None] = Future()
+            self._io.sub_futures[sid] = future
+            self._subs[sid] = sub
+        if handler is not None:
+            self._ensure_dispatcher()
+        self._io.wake()
+        try:
+            self._wait(future, timeout, f"subscription to {pattern}")
+        except BaseException:
+            self._subs.pop(sid, None)
+            sub.active = False
+            raise
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """Stop receiving for `sub`; messages already queued stay readable."""
+        sub.active = False
+        self._subs.pop(sub.sid, None)
+        if not self._closed:
+            self._io.wake()
+
+    # -- platform ---------------------------------------------------------------------------
+
+    def broker_stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The broker's STATS (platform identities only, e.g. the CLI)."""
+        self._check_open()
+        return self._wait(self._io.request_stats(), timeout, "broker stats")
+
+    @property
+    def reconnects(self) -> int:
+        return self._io.reconnects
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Send what is queued, wait until the broker has read it, say BYE, stop threads."""
+        if self._closed:
+            return
+        self._closed = True
+        self._io.stop(timeout)
+        if self._dispatcher is not None:
+            self._dispatch_queue.put(None)
+            self._dispatcher.join(timeout)
+        for sub in self._subs.values():
+            sub.active = False
+
+    def __enter__(self) -> Bus:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this Bus is closed", hint="create a new one with Bus.connect()")
+        if self._io.failure is not None:
+            raise self._io.failure
+
+    def _wait(self, future: Future[Any], timeout: float, what: str) -> Any:
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            raise BrokerUnavailable(
+                f"no answer for {what} within {timeout:g}s",
+                hint="the broker may be down or overloaded; check `plexus status`",
+            ) from None
+
+    def _dispatch(self, sub: Subscription, message: Message) -> None:
+        self._dispatch_queue.put((sub, message))
+
+    def _ensure_dispatcher(self) -> None:
+        with self._lock:
+            if self._dispatcher is None:
+                self._dispatcher = threading.Thread(
+                    target=self._run_handlers, name=f"plexus-handlers-{self.app_id}", daemon=True
+                )
+                self._dispatcher.start()
+
+    def _run_handlers(self) -> None:
+        while True:
+            item = self._dispatch_queue.get()
+            if item is None:
+                return
+            sub, message = item
+            if not sub.active or sub.handler is None:
+                continue
+            try:
+                sub.handler(message)
+            except Exception:
+                log.exception("handler for %s raised on message %s", sub.pattern, message.id)
+
+    def _report_error(self, error: BusError) -> None:
+        log.warning("broker reported: %s", error)
+        self.errors.put(error)

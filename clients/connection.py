@@ -1,0 +1,411 @@
+"""The client's I/O thread: the one owner of the DEALER socket.
+
+It says HELLO, keeps the session alive with heartbeats, re-HELLOs and re-subscribes after
+the broker comes back, coalesces publishes queued by app threads into PUB batches (one
+syscall-heavy send per batch instead of per message), and fans deliveries out to
+subscriptions. App threads talk to it only through a deque and a wake-up pipe, so a
+publish costs an append, not a thread hop, while the I/O thread is busy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from broker import protocol as P
+from broker.codec import decode_envelope, decode_sids, pack, unpack_map
+from broker.errors import Code, WireError
+from clients.errors import AuthenticationError, BusError, error_from_wire
+from clients.message import Message, Subscription
+
+log = logging.getLogger("plexus.client")
+
+_SNDMORE = 2
+_NOBLOCK = 1
+_RCVMORE = 13
+_DRAIN_LIMIT = 256
+_CLOSING_PING = pack({"closing": True})
+_MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectSettings:
+    """Where and as whom to connect."""
+
+    endpoint: str
+    app_id: str
+    token: str
+    heartbeat_ms: int | None = None
+    outbox_limit: int = 10_000
+
+
+class Connection(threading.Thread):
+    """Runs the DEALER socket loop in a daemon thread until `stop()`."""
+
+    def __init__(
+        self,
+        settings: ConnectSettings,
+        subscriptions: dict[int, Subscription],
+        dispatch: Callable[[Subscription, Message], None],
+        on_error: Callable[[BusError], None],
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        super().__init__(name=f"plexus-io-{settings.app_id}", daemon=True)
+        self.settings = settings
+        self.welcomed = threading.Event()
+        self.welcome: dict[str, Any] = {}
+        self.failure: BusError | None = None
+        self.outbox: deque[tuple[bytes, bytes]] = deque()
+        self.outbox_control: deque[list[bytes]] = deque()
+        self.sub_futures: dict[int, Future[None]] = {}
+        self.confirm_futures: dict[bytes, Future[None]] = {}
+        self.stats_future: Future[dict[str, Any]] | None = None
+        self._subs = subscriptions
+        self._sent_sids: set[int] = set()
+        self._dispatch = dispatch
+        self._on_error = on_error
+        self._context = context or zmq.Context.instance()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._awake = False
+        self._pipes_closed = False
+        self._stopping = False
+        self._drained = threading.Event()
+        self._space = threading.Condition()
+        self._dealer: zmq.Socket[bytes] | None = None
+        self._monitor: zmq.Socket[bytes] | None = None
+        self._handshakes = 0
+        self._last_sent = 0.0
+        self._last_received = 0.0
+        self.reconnects = 0
+
+    # -- app-thread side --------------------------------------------------------------------
+
+    def enqueue_publish(self, header: bytes, payload: bytes) -> None:
+        """Queue one (header, payload) for the next PUB batch; waits while the outbox is full."""
+        if len(self.outbox) >= self.settings.outbox_limit:
+            with self._space:
+                while len(self.outbox) >= self.settings.outbox_limit and not self._stopping:
+                    self._space.wait(0.05)
+        self.outbox.append((header, payload))
+        self.wake()
+
+    def wake(self) -> None:
+        """Make the I/O thread look at its queues soon."""
+        if not self._awake and not self._pipes_closed:
+            self._awake = True
+            try:
+                os.write(self._wake_w, b"!")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups already
+            except OSError:
+                pass  # the I/O thread has ended and closed the pipe
+
+    def stop(self, drain_timeout: float = 2.0) -> None:
+        """Flush queued publishes, wait until the broker has read them, say BYE, stop."""
+        self._stopping = True
+        self.wake()
+        self._drained.wait(drain_timeout)
+        self.join(drain_timeout + 1.0)
+
+    # -- I/O thread -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # the thread must never die silently
+            log.exception("client I/O thread failed")
+            self.failure = BusError(f"client I/O thread failed: {exc!r}")
+            self.welcomed.set()
+        finally:
+            self._close_socket()
+            self._pipes_closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._drained.set()
+
+    def _open_socket(self) -> None:
+        dealer = self._context.socket(zmq.DEALER)
+        dealer.linger = 1000
+        dealer.plain_username = self.settings.app_id.encode()
+        dealer.plain_password = self.settings.token.encode()
+        dealer.sndhwm = 100_000
+        dealer.rcvhwm = 100_000
+        dealer.reconnect_ivl = 100
+        dealer.reconnect_ivl_max = 2000
+        self._monitor = dealer.get_monitor_socket(_MONITOR_EVENTS)
+        dealer.connect(self.settings.endpoint)
+        self._dealer = dealer
+        self._sent_sids.clear()
+        self._last_received = time.monotonic()
+
+    def _close_socket(self) -> None:
+        if self._dealer is not None:
+            self._dealer.disable_monitor()
+            self._dealer.close()
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+        self._dealer = self._monitor = None
+
+    def _send(self, frames: list[bytes]) -> bool:
+        """Send one multipart message; False when the socket is full (HWM)."""
+        dealer = self._dealer
+        assert dealer is not None
+        try:
+            dealer.send(frames[0], (_SNDMORE if len(frames) > 1 else 0) | _NOBLOCK)
+        except zmq.Again:
+            return False
+        last = len(frames) - 1
+        for index in range(1, len(frames)):
+            dealer.send(frames[index], _SNDMORE if index < last else 0)
+        self._last_sent = time.monotonic()
+        return True
+
+    def _hello(self) -> None:
+        self._send([P.HELLO, pack({"v": list(P.PROTOCOL_VERSIONS), "client": "plexus-py/0.1"})])
+
+    def _loop(self) -> None:
+        self._open_socket()
+        self._hello()
+        poller = zmq.Poller()
+        self._register(poller)
+        closing_ping_sent = False
+        while True:
+            heartbeat = self._heartbeat_s()
+            timeout_ms = max(1, int(heartbeat * 1000 / 2))
+            events = dict(poller.poll(timeout_ms))
+            if self._wake_r in events:
+                self._awake = False
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            if self._monitor is not None and self._monitor in events:
+                if self._on_monitor():
+                    return
+            if self._dealer is not None and self._dealer in events:
+                closing_done = self._receive()
+                if closing_done and closing_ping_sent:
+                    self._send([P.BYE])
+                    return
+            if self.welcomed.is_set() and self.failure is None:
+                self._sync_subscriptions()
+                self._flush()
+                if self._stopping and not self.outbox and not closing_ping_sent:
+                    self._send([P.PING, _CLOSING_PING])  # PONG: broker read it all
+                    closing_ping_sent = True
+            elif self._stopping and (self.failure is not None or not self.welcomed.is_set()):
+                return
+            now = time.monotonic()
+            if now - self._last_sent >= heartbeat:
+                self._send([P.PING, b"\x80"])
+            if now - self._last_received > self._timeout_s():
+                log.warning("broker silent; reconnecting")
+                self._reconnect(poller)
+
+    def _register(self, poller: zmq.Poller) -> None:
+        assert self._dealer is not None and self._monitor is not None
+        poller.register(self._dealer, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+
+    def _reconnect(self, poller: zmq.Poller) -> None:
+        for sock in (self._dealer, self._monitor):
+            if sock is not None:
+                poller.unregister(sock)
+        poller.unregister(self._wake_r)
+        self._close_socket()
+        self.reconnects += 1
+        self._open_socket()
+        self._register(poller)
+        self._hello()
+
+    def _heartbeat_s(self) -> float:
+        ms = self.settings.heartbeat_ms or self.welcome.get("heartbeat_ms") or P.DEFAULT_HEARTBEAT_MS
+        return float(ms) / 1000.0
+
+    def _timeout_s(self) -> float:
+        ms = self.welcome.get("timeout_ms") or P.DEFAULT_PEER_TIMEOUT_MS
+        return float(ms) / 1000.0
+
+    def _on_monitor(self) -> bool:
+        """Handle socket events; True when the connection failed for good."""
+        assert self._monitor is not None
+        while self._monitor.poll(0):
+            message = recv_monitor_message(self._monitor)
+            kind = message["event"]
+            if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.failure = AuthenticationError(
+                    f"broker rejected the credential of app {self.settings.app_id!r}",
+                    int(Code.AUTH_FAILED),
+                    "use the credential from the supervisor or `plexus env APP_ID`",
+                )
+                self.welcomed.set()
+                self._fail_pending(self.failure)
+                return True
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshakes += 1
+                if self._handshakes > 1:  # transport came back: maybe a new broker
+                    self.reconnects += 1
+                    self._hello()
+        return False
+
+    def _receive(self) -> bool:
+        """Drain inbound messages; True when the closing PONG arrived."""
+        dealer = self._dealer
+        assert dealer is not None
+        closing = False
+        for _ in range(_DRAIN_LIMIT):
+            try:
+                first = dealer.recv(_NOBLOCK)
+            except zmq.Again:
+                break
+            frames = [first]
+            while dealer.getsockopt(_RCVMORE):
+                frames.append(dealer.recv())
+            self._last_received = time.monotonic()
+            try:
+                closing = self._handle(frames) or closing
+            except WireError as exc:
+                log.warning("malformed message from broker: %s", exc)
+        return closing
+
+    def _handle(self, frames: list[bytes]) -> bool:
+        command = frames[0]
+        if command == P.DELIVER:
+            self._deliver(frames)
+        elif command == P.CONFIRM:
+            future = self.confirm_futures.pop(unpack_map(frames[1]).get("id", b""), None)
+            if future is not None:
+                future.set_result(None)
+        elif command == P.PONG:
+            return len(frames) > 1 and frames[1] == _CLOSING_PING
+        elif command == P.SUBOK:
+            self._resolve_sub(unpack_map(frames[1]).get("sid"), None)
+        elif command == P.WELCOME:
+            self.welcome = unpack_map(frames[1])
+            self._sent_sids.clear()
+            self.welcomed.set()
+        elif command == P.ERROR:
+            self._error(unpack_map(frames[1]))
+        elif command == P.STATSOK and self.stats_future is not None:
+            self.stats_future.set_result(unpack_map(frames[1]))
+        return False
+
+    def _deliver(self, frames: list[bytes]) -> None:
+        subs = self._subs
+        for i in range(1, len(frames) - 3, 4):
+            envelope = decode_envelope(frames[i + 1], frames[i + 2], frames[i + 3])
+            for sid in decode_sids(frames[i]):
+                sub = subs.get(sid)
+                if sub is None or not sub.active:
+                    continue
+                message = Message(envelope, sid)
+                if sub.handler is not None:
+                    self._dispatch(sub, message)
+                elif not sub.offer(message):
+                    log.warning("subscription %s overflowed its local queue", sub.pattern)
+
+    def _error(self, body: dict[str, Any]) -> None:
+        error = error_from_wire(body)
+        if error.code == int(Code.NOT_WELCOMED):
+            self.welcomed.clear()
+            self._hello()
+            return
+        sid = error.ref.get("sid")
+        if isinstance(sid, int) and sid in self.sub_futures:
+            self._subs.pop(sid, None)
+            self._resolve_sub(sid, error)
+            return
+        msg_id = error.ref.get("id")
+        if isinstance(msg_id, bytes) and msg_id in self.confirm_futures:
+            self.confirm_futures.pop(msg_id).set_exception(error)
+            return
+        if self.stats_future is not None and error.code == int(Code.COMMAND_DENIED):
+            self.stats_future.set_exception(error)
+            return
+        self._on_error(error)
+
+    def _resolve_sub(self, sid: Any, error: BusError | None) -> None:
+        future = self.sub_futures.pop(sid, None) if isinstance(sid, int) else None
+        if future is None:
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            self._sent_sids.discard(sid)
+            future.set_exception(error)
+
+    def _fail_pending(self, error: BusError) -> None:
+        for future in [*self.sub_futures.values(), *self.confirm_futures.values()]:
+            if not future.done():
+                future.set_exception(error)
+        self.sub_futures.clear()
+        self.confirm_futures.clear()
+
+    def _sync_subscriptions(self) -> None:
+        """Make the broker's subscriptions of this session equal the registered ones."""
+        wanted = {sid for sid, sub in list(self._subs.items()) if sub.active}
+        for sid in wanted - self._sent_sids:
+            sub = self._subs.get(sid)
+            if sub is not None and self._send([P.SUB, pack({"sid": sid, "pattern": sub.pattern})]):
+                self._sent_sids.add(sid)
+        for sid in self._sent_sids - wanted:
+            if self._send([P.UNSUB, pack({"sid": sid})]):
+                self._sent_sids.discard(sid)
+
+    def _flush(self) -> None:
+        """Send queued publishes as PUB batches until the queue or the socket is exhausted."""
+        while self.outbox_control:
+            if not self._send(self.outbox_control[0]):
+                return
+            self.outbox_control.popleft()
+        outbox = self.outbox
+        while outbox:
+            frames = [P.PUB]
+            taken: list[tuple[bytes, bytes]] = []
+            while outbox and len(taken) < P.CLIENT_BATCH:
+                item = outbox.popleft()
+                taken.append(item)
+                frames += item
+            if not self._send(frames):
+                outbox.extendleft(reversed(taken))
+                break
+        if len(outbox) < self.settings.outbox_limit:
+            with self._space:
+                self._space.notify_all()
+
+    def request_stats(self) -> Future[dict[str, Any]]:
+        """Ask the broker for STATS (platform identities only)."""
+        future: Future[dict[str, Any]] = Future()
+        self.stats_future = future
+        self.outbox_control.append([P.STATS])
+        self.wake()
+        return future
+
+
+def read_credential_fd(fd: int) -> str:
+    """Read the whole credential the supervisor wrote into an inherited pipe, then close it."""
+    chunks: list[bytes] = []
+    while True:
+        ready, _, _ = select.select([fd], [], [], 5.0)
+        if not ready:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks).decode("utf-8").strip()

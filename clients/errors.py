@@ -1,0 +1,85 @@
+"""Errors the Python client raises, one class per wire category, plus local failures.
+
+    BusError                    .code (int or None for local errors), .hint, .category
+    ├── ProtocolError           1xx: the client sent something malformed (a bug)
+    ├── AuthenticationError     2xx: wrong, missing or revoked credential; no manifest
+    ├── PermissionDenied        3xx: the manifest does not allow it
+    ├── DeliveryError           4xx: the message could not be delivered
+    ├── StorageError            5xx: persistence problems
+    ├── InternalError           6xx: a bug in the broker
+    ├── BrokerUnavailable       local: no broker answered in time
+    └── ClosedError             local: the Bus was closed
+
+`error_from_wire` is the one mapping from an ERROR header to an exception.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BusError(Exception):
+    """Any failure the bus reports; `code` is the broker's error code (None when local)."""
+
+    category = "local"
+
+    def __init__(
+        self, message: str, code: int | None = None, hint: str = "", ref: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(f"{message} — {hint}" if hint else message)
+        self.code = code
+        self.hint = hint
+        self.ref = ref or {}
+
+
+class ProtocolError(BusError):
+    category = "protocol"
+
+
+class AuthenticationError(BusError):
+    category = "auth"
+
+
+class PermissionDenied(BusError):
+    category = "permission"
+
+
+class DeliveryError(BusError):
+    category = "delivery"
+
+
+class StorageError(BusError):
+    category = "storage"
+
+
+class InternalError(BusError):
+    category = "internal"
+
+
+class BrokerUnavailable(BusError):
+    """No broker answered: is the platform running (`plexus status`), is the endpoint right?"""
+
+
+class ClosedError(BusError):
+    """The Bus was closed; create a new one with Bus.connect()."""
+
+
+_BY_HUNDREDS: dict[int, type[BusError]] = {
+    1: ProtocolError,
+    2: AuthenticationError,
+    3: PermissionDenied,
+    4: DeliveryError,
+    5: StorageError,
+    6: InternalError,
+}
+
+
+def error_from_wire(body: dict[str, Any]) -> BusError:
+    """The exception for an ERROR header received from the broker."""
+    code = body.get("code")
+    code = code if isinstance(code, int) else 600
+    cls = _BY_HUNDREDS.get(code // 100, InternalError)
+    name = body.get("name", "ERROR")
+    message = f"{name} ({code}): {body.get('message', '')}"
+    ref = body.get("ref")
+    return cls(message, code, str(body.get("hint", "")), ref if isinstance(ref, dict) else {})

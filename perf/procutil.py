@@ -1,0 +1,107 @@
+"""Small OS helpers for the harness: ports, broker processes, CPU accounting.
+
+Broker binaries are started under coreutils `timeout`, so a broker is bounded in
+time even if the harness is killed, and the `timeout` process gets SIGTERM when
+the harness dies (it forwards it to the broker). CPU time is read from
+/proc/<pid>/task/*/schedstat (nanoseconds, all threads) because the tick-based
+utime/stime are 10 ms coarse, too coarse for a 1,000 msg/s window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from perf.control import die_with_parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_tcp(port: int, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
+    """Return once 127.0.0.1:port accepts connections; raise if it never does."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"broker exited with status {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
+
+
+def _term_when_orphaned() -> None:
+    die_with_parent(signal.SIGTERM)
+
+
+def spawn_bounded(argv: list[str], max_seconds: float, log: Path) -> subprocess.Popen[bytes]:
+    """Start argv under `timeout`, output to `log`, in its own session (no Ctrl-C)."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            ["timeout", "--kill-after=5", f"{max_seconds:.0f}", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_term_when_orphaned,  # noqa: PLW1509 - only a prctl syscall
+        )
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of pid (e.g. the broker under `timeout`)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 3.0) -> None:
+    """SIGTERM, wait, SIGKILL; never raises."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(grace_s)
+
+
+def cpu_ns(pids: list[int]) -> int:
+    """CPU time consumed so far by all threads of `pids` (0 for vanished ones)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for task in os.scandir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    total += int(Path(task.path, "schedstat").read_text().split()[0])
+    return total
+
+
+def host_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # guest time is already inside user/nice
+    return total - idle, total
+
+
+def raise_fd_limit() -> int:
+    """Lift the soft open-file limit to the hard one (500 apps need many fds)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]

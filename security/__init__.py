@@ -1,0 +1,1 @@
+"""Security leaves of Plexus: credentials (and, later, the key ring). Imports nothing of ours."""
