@@ -127,7 +127,7 @@ class Router:
             if command == P.BYE:
                 self.drop_peer(peer)
                 return []
-            return self._stats(session)
+            return self._stats(session, now_ns)
         except WireError as exc:
             return [self.error(peer, exc)]
 
@@ -223,10 +223,10 @@ class Router:
         self._routes.clear()
         return [(session.peer, [P.UNSUBOK, pack({"sid": sid})])]
 
-    def _stats(self, session: Session) -> list[Outbound]:
+    def _stats(self, session: Session, now_ns: int) -> list[Outbound]:
         if not session.authorizer.platform:
             raise PermissionViolation(Code.COMMAND_DENIED, "STATS is for platform identities")
-        return [(session.peer, [P.STATSOK, pack(self.snapshot())])]
+        return [(session.peer, [P.STATSOK, pack(self.snapshot(now_ns))])]
 
     def _publish(self, session: Session, frames: list[bytes], now_ns: int) -> list[Outbound]:
         count = len(frames) - 1
@@ -324,11 +324,15 @@ class Router:
     def session_of(self, peer: bytes) -> Session | None:
         return self._sessions.get(peer)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, now_ns: int) -> dict[str, Any]:
         """Plain-data statistics for STATS replies."""
-        apps: dict[str, int] = {}
+        apps: dict[str, dict[str, Any]] = {}
         for session in self._sessions.values():
-            apps[session.app_id] = apps.get(session.app_id, 0) + 1
+            entry = apps.setdefault(session.app_id, {"sessions": 0, "last_seen_s_ago": None})
+            entry["sessions"] += 1
+            age = round((now_ns - session.last_seen_ns) / 1e9, 1)
+            if entry["last_seen_s_ago"] is None or age < entry["last_seen_s_ago"]:
+                entry["last_seen_s_ago"] = age
         data: dict[str, Any] = {
             "sessions": len(self._sessions),
             "apps": apps,

@@ -98,6 +98,18 @@ class Recorder:
             self.foreign += 1
 
 
+def count_sent(t: PhaseTally, now: int, window_start: int, due: int | None = None) -> None:
+    """Account one message sent at `now` (and due at `due` when paced)."""
+    t.sent_total += 1
+    if now >= window_start:
+        t.sent_in_window += 1
+        if due is not None:
+            lag = now - due
+            t.max_lag_ns = max(t.max_lag_ns, lag)
+            if lag > LATE_NS:
+                t.late += 1
+
+
 class SyncPublisher(Protocol):
     """The sending half of a blocking-socket client with one socket per slot."""
 
@@ -139,9 +151,7 @@ def _flood(phase: Phase, pairs: tuple[int, ...], size: int, tx: SyncPublisher, t
         if tx.try_send(slot, encode(tag, pairs[slot], seq, now, size)):
             seq += 1
             refused = 0
-            t.sent_total += 1
-            if now >= ws:
-                t.sent_in_window += 1
+            count_sent(t, now, ws)
             continue
         refused += 1
         if refused >= width:  # every slot is full: the transport throttles us
@@ -170,13 +180,7 @@ def _paced(
                 t.blocked_ns += now_ns() - now
             continue  # same message, new timestamp
         k += 1
-        t.sent_total += 1
-        if now >= ws:
-            t.sent_in_window += 1
-            lag = now - due
-            t.max_lag_ns = max(t.max_lag_ns, lag)
-            if lag > LATE_NS:
-                t.late += 1
+        count_sent(t, now, ws, due)
 
 
 def subscribe_schedule(schedule: Schedule, rx: SyncSubscriber) -> Recorder:

@@ -1,0 +1,39 @@
+"""Demo app: subscribes to `market.*.prices` and prints each price it receives."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from types import FrameType
+
+from clients.bus import Bus
+
+
+def main() -> None:
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with Bus.connect() as bus:
+        sub = bus.subscribe("market.*.prices")
+        print(f"[blotter] connected as {bus.app_id}; watching {sub.pattern}", flush=True)
+        while not stop.is_set():
+            message = sub.get(timeout=0.5)
+            if message is None:
+                continue
+            data = message.data
+            stamp = time.strftime("%H:%M:%S", time.localtime(message.timestamp))
+            print(
+                f"[blotter] {stamp} {data.get('symbol', '?'):<5} {data.get('px')!s:>9}"
+                f"  (from {message.sender}, topic {message.topic})",
+                flush=True,
+            )
+    print("[blotter] stopped", flush=True)
+
+
+if __name__ == "__main__":
+    main()

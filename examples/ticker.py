@@ -1,0 +1,42 @@
+"""Demo app: publishes a random-walk price for a few symbols on `market.<SYMBOL>.prices`."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from types import FrameType
+
+from clients.bus import Bus
+
+SYMBOLS = {"AAPL": 187.20, "MSFT": 411.50, "GOOG": 141.80, "AMZN": 178.30}
+
+
+def main() -> None:
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    interval = float(os.environ.get("TICKER_INTERVAL_S", "0.5"))
+    prices = dict(SYMBOLS)
+    rng = random.Random()
+    with Bus.connect() as bus:
+        print(f"[ticker] connected as {bus.app_id}; publishing {', '.join(prices)}", flush=True)
+        while not stop.is_set():
+            for symbol in prices:
+                prices[symbol] = round(prices[symbol] * (1 + rng.gauss(0, 0.001)), 2)
+                bus.publish(
+                    f"market.{symbol}.prices",
+                    {"symbol": symbol, "px": prices[symbol], "ts": time.time()},
+                )
+            stop.wait(interval)
+    print("[ticker] stopped", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""Runs one (system, layout, apps, repetition) and turns worker counters into results.
+
+Order of a run: start the broker; spawn every worker (multiprocessing "spawn",
+so each is a fresh interpreter like a real app); wait until all are connected
+and subscribed; publish t0 a little in the future; sleep through the schedule,
+waking only at window edges to read the broker's and the machine's CPU time;
+collect the reports; ask the broker for its routing latency; tear everything
+down. The harness itself does nothing else while a window is open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import queue as queue_mod
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from multiprocessing.queues import Queue
+from pathlib import Path
+from typing import Literal
+
+from perf import procutil
+from perf.control import ABORTED, Message, QueueControl, worker_main
+from perf.model import (
+    NS_PER_S,
+    LatencySummary,
+    Phase,
+    PhasePlan,
+    Role,
+    Schedule,
+    WorkerReport,
+    WorkerSpec,
+    build_schedule,
+    summarize_ns,
+)
+from perf.systems import BrokerConfig, BrokerHandle, load_adapter
+from perf.workload import sleep_until
+
+Layout = Literal["procs", "mux"]
+MUX_PROCS_PER_SIDE = 2
+MAX_ERRORS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    """One cell of the benchmark matrix, one repetition."""
+
+    system: str
+    layout: Layout
+    n_apps: int
+    rep: int
+    plan: tuple[PhasePlan, ...]
+    payload_size: int
+    tail_ns: int
+
+
+@dataclass(slots=True)
+class PhaseResult:
+    """What one phase of one run measured (all rates in msg/s, summed over apps)."""
+
+    name: str
+    kind: str
+    offered_rate: int  # 0 for the flood
+    window_s: float
+    sent: int  # publishers, inside the window
+    delivered: int  # latency: tagged & sent in window; flood: arrived in window
+    sent_rate: float
+    delivered_rate: float
+    delivered_fraction: float | None
+    blocked_fraction: float  # mean share of the window publishers waited on the transport
+    late_fraction: float  # paced messages sent > 1 ms behind schedule
+    max_lag_ms: float
+    e2e: LatencySummary | None
+    routing: LatencySummary | None
+    broker_cpu_s: float
+    broker_cpu_us_per_msg: float | None
+    host_busy: float  # share of all CPUs busy during the window
+
+
+@dataclass(slots=True)
+class RunResult:
+    """One run: ok with phases, or failed with the reason."""
+
+    system: str
+    layout: Layout
+    n_apps: int
+    rep: int
+    status: Literal["ok", "failed"] = "ok"
+    error: str | None = None
+    setup_s: float = 0.0  # spawn + connect + subscribe of all workers
+    phases: list[PhaseResult] = field(default_factory=list)
+    worker_errors: list[str] = field(default_factory=list)
+
+
+class RunFailed(RuntimeError):
+    """The run cannot produce trustworthy figures (worker died, timed out, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Edge:
+    cpu_ns: int
+    host: tuple[int, int]
+
+
+def worker_groups(layout: Layout, n_pairs: int) -> list[tuple[Role, tuple[int, ...]]]:
+    """Which pairs each worker process serves: one each, or split over 2 + 2 processes."""
+    if layout == "procs":
+        subs: list[tuple[Role, tuple[int, ...]]] = [("sub", (i,)) for i in range(n_pairs)]
+        return subs + [("pub", (i,)) for i in range(n_pairs)]
+    chunks = [tuple(range(n_pairs))[k::MUX_PROCS_PER_SIDE] for k in range(MUX_PROCS_PER_SIDE)]
+    groups: list[tuple[Role, tuple[int, ...]]] = [("sub", c) for c in chunks if c]
+    return groups + [("pub", c) for c in chunks if c]
+
+
+def plan_seconds(plan: tuple[PhasePlan, ...], tail_ns: int) -> float:
+    """Length of the clocked part of a run."""
+    return (sum(p.warmup_ns + p.measure_ns + p.gap_ns for p in plan) + tail_ns) / NS_PER_S
+
+
+def run_one(cfg: RunConfig) -> RunResult:
+    """Run one configuration; never raises except on KeyboardInterrupt/SystemExit."""
+    result = RunResult(cfg.system, cfg.layout, cfg.n_apps, cfg.rep)
+    groups = worker_groups(cfg.layout, cfg.n_apps // 2)
+    ready_timeout = 30.0 + 0.25 * len(groups)
+    max_seconds = ready_timeout + plan_seconds(cfg.plan, cfg.tail_ns) + 90.0
+    workdir = Path(tempfile.mkdtemp(prefix="plexus-perf-"))
+    ctx = mp.get_context("spawn")
+    q: Queue[Message] = ctx.Queue()
+    procs: list[BaseProcess] = []
+    broker: BrokerHandle | None = None
+    try:
+        broker = load_adapter(cfg.system).start_broker(BrokerConfig(workdir, max_seconds, cfg.n_apps))
+        go, t0 = ctx.Event(), ctx.Value("q", 0)
+        t_setup = time.monotonic()
+        for wid, (role, pairs) in enumerate(groups):
+            spec = WorkerSpec(cfg.system, role, wid, pairs, cfg.n_apps // 2, broker.endpoint, cfg.payload_size)
+            ctl = QueueControl(wid, q, go, t0, cfg.plan, cfg.tail_ns)
+            proc = ctx.Process(
+                target=worker_main,
+                args=(cfg.system, spec, ctl, int(max_seconds)),
+                name=f"perf-{cfg.system}-{role}{wid}",
+                daemon=True,
+            )
+            proc.start()
+            procs.append(proc)
+        try:
+            _await_ready(q, procs, ready_timeout)
+        except RunFailed:
+            t0.value = ABORTED
+            go.set()
+            raise
+        result.setup_s = time.monotonic() - t_setup
+        start = time.monotonic_ns() + int((0.5 + 0.005 * len(procs)) * NS_PER_S)
+        t0.value = start
+        go.set()
+        schedule = build_schedule(cfg.plan, start, cfg.tail_ns)
+        edges = _observe(schedule, broker)
+        reports = _collect(q, procs, deadline_s=15.0 + 0.05 * len(procs))
+        routing = broker.routing_latency(schedule.phases)
+        result.phases = [_phase_result(p, reports, edges[p.index], routing.get(p.name)) for p in schedule.phases]
+        result.worker_errors = sorted({e for r in reports for e in r.errors})[:MAX_ERRORS]
+    except RunFailed as exc:
+        result.status, result.error = "failed", str(exc)
+    except Exception as exc:
+        result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
+    finally:
+        _reap(procs)
+        with contextlib.suppress(Exception):
+            q.close()
+            q.cancel_join_thread()
+        if broker is not None:
+            broker.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def _await_ready(q: Queue[Message], procs: list[BaseProcess], timeout_s: float) -> None:
+    ready: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    strikes = 0  # a worker may exit just after our get() timed out: look twice
+    while len(ready) < len(procs):
+        try:
+            kind, wid, report = q.get(timeout=0.5)
+        except queue_mod.Empty:
+            dead = [i for i, p in enumerate(procs) if p.exitcode is not None and i not in ready]
+            strikes = strikes + 1 if dead else 0
+            if strikes > 1:
+                raise RunFailed(f"worker {dead[0]} exited with {procs[dead[0]].exitcode} before ready") from None
+            if time.monotonic() > deadline:
+                raise RunFailed(f"only {len(ready)}/{len(procs)} workers ready after {timeout_s:.0f} s") from None
+            continue
+        if kind == "report" and report is not None:
+            raise RunFailed(f"worker {wid} failed before start: {'; '.join(report.errors)}")
+        ready.add(wid)
+
+
+def _observe(schedule: Schedule, broker: BrokerHandle) -> list[tuple[_Edge, _Edge]]:
+    """Sleep through the schedule, sampling CPU counters at each window edge."""
+    pids = broker.pids()
+    edges: list[tuple[_Edge, _Edge]] = []
+    for phase in schedule.phases:
+        sleep_until(phase.window_start_ns)
+        first = _Edge(procutil.cpu_ns(pids), procutil.host_jiffies())
+        broker.on_window(phase, "start")
+        sleep_until(phase.window_end_ns)
+        last = _Edge(procutil.cpu_ns(pids), procutil.host_jiffies())
+        broker.on_window(phase, "end")
+        edges.append((first, last))
+    sleep_until(schedule.end_ns)
+    return edges
+
+
+def _collect(q: Queue[Message], procs: list[BaseProcess], deadline_s: float) -> list[WorkerReport]:
+    reports: dict[int, WorkerReport] = {}
+    deadline = time.monotonic() + deadline_s
+    strikes = 0
+    while len(reports) < len(procs):
+        try:
+            kind, wid, report = q.get(timeout=0.5)
+        except queue_mod.Empty:
+            silent = [i for i, p in enumerate(procs) if p.exitcode is not None and i not in reports]
+            strikes = strikes + 1 if silent else 0
+            if strikes > 1 or time.monotonic() > deadline:
+                missing = len(procs) - len(reports)
+                raise RunFailed(f"{missing} workers did not report (e.g. worker {silent[:1]})") from None
+            continue
+        if kind == "report" and report is not None:
+            if not report.tallies:
+                raise RunFailed(f"worker {wid} failed: {'; '.join(report.errors)}")
+            reports[wid] = report
+    return list(reports.values())
+
+
+def _reap(procs: list[BaseProcess]) -> None:
+    """SIGTERM every live worker, then SIGKILL what is left; join them all."""
+    for p in procs:
+        if p.exitcode is None:
+            p.terminate()
+    deadline = time.monotonic() + 3.0
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.exitcode is None:
+            p.kill()
+            p.join(1.0)
+
+
+def _phase_result(
+    phase: Phase,
+    reports: list[WorkerReport],
+    edges: tuple[_Edge, _Edge],
+    routing: LatencySummary | None,
+) -> PhaseResult:
+    pubs = [r.tallies[phase.index] for r in reports if r.role == "pub"]
+    subs = [r.tallies[phase.index] for r in reports if r.role == "sub"]
+    window_s = phase.window_s
+    sent = sum(t.sent_in_window for t in pubs)
+    if phase.kind == "flood":
+        delivered = sum(t.arrived_in_window for t in subs)
+        e2e = None
+    else:
+        delivered = sum(t.received_in_window for t in subs)
+        e2e = summarize_ns([x for t in subs for x in t.latencies_ns])
+    cpu_ns = edges[1].cpu_ns - edges[0].cpu_ns
+    busy = edges[1].host[0] - edges[0].host[0]
+    total = edges[1].host[1] - edges[0].host[1]
+    return PhaseResult(
+        name=phase.name,
+        kind=phase.kind,
+        offered_rate=phase.rate,
+        window_s=window_s,
+        sent=sent,
+        delivered=delivered,
+        sent_rate=sent / window_s,
+        delivered_rate=delivered / window_s,
+        delivered_fraction=delivered / sent if sent else None,
+        blocked_fraction=sum(t.blocked_ns for t in pubs) / (len(pubs) * window_s * NS_PER_S) if pubs else 0.0,
+        late_fraction=sum(t.late for t in pubs) / sent if sent else 0.0,
+        max_lag_ms=max((t.max_lag_ns for t in pubs), default=0) / 1e6,
+        e2e=e2e,
+        routing=routing,
+        broker_cpu_s=cpu_ns / NS_PER_S,
+        broker_cpu_us_per_msg=cpu_ns / 1000 / delivered if delivered else None,
+        host_busy=busy / total if total else 0.0,
+    )

@@ -1,0 +1,5 @@
+"""`python -m plexus` is the `plexus` command."""
+
+from plexus.cli import main
+
+main()

@@ -1,0 +1,236 @@
+"""`plexus`: run the platform, look at it, publish and subscribe as the operator.
+
+Errors go to stderr as one line saying what to do, with exit codes from `plexus.exits`;
+`--json` prints one JSON document (or one object a line for streams) on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+import click
+
+from broker import protocol as P
+from broker.logs import configure
+from broker.manifests import ManifestError, load_manifests
+from broker.paths import PlatformPaths
+from clients.bus import (
+    AuthenticationError,
+    BrokerUnavailable,
+    Bus,
+    BusError,
+    Message,
+    PermissionDenied,
+    ProtocolError,
+)
+from plexus import exits
+from plexus.status import collect_status, render_status
+from security.credentials import CredentialStore
+from supervisor.config import ConfigError, load_config
+from supervisor.supervisor import PlatformRunning, Supervisor
+
+DEMO_APPS = Path(__file__).resolve().parent.parent / "examples" / "apps"
+
+home_option = click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Platform home (default: $PLEXUS_HOME, else the per-user data dir).",
+)
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"plexus: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _exit_code(error: BusError) -> int:
+    if isinstance(error, PermissionDenied):
+        return exits.PERMISSION
+    if isinstance(error, AuthenticationError):
+        return exits.AUTH
+    if isinstance(error, BrokerUnavailable):
+        return exits.NOT_RUNNING
+    if isinstance(error, ProtocolError):
+        return exits.BAD_INPUT
+    return exits.FAILURE
+
+
+@contextmanager
+def operator_bus(home: Path | None) -> Iterator[Bus]:
+    """A Bus connected as the operator (`$cli`) with a credential minted for this command."""
+    paths = PlatformPaths.resolve(home)
+    state = paths.read_state()
+    if state is None:
+        fail(f"no platform is running with home {paths.home}; start one with `plexus run`",
+             exits.NOT_RUNNING)
+    store = CredentialStore(paths.creds_dir)
+    token = store.mint(P.CLI_ID)
+    try:
+        with Bus.connect(state["endpoint"], P.CLI_ID, token, timeout=5.0) as bus:
+            yield bus
+    except BusError as exc:
+        fail(str(exc), _exit_code(exc))
+    finally:
+        store.revoke(P.CLI_ID, token)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Plexus: a desktop interoperability platform (message bus, supervisor, storage, audit)."""
+
+
+@main.command()
+@home_option
+@click.option("--apps", "apps_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Directory of app manifests (default: the bundled demo apps).")
+@click.option("--no-persistence", is_flag=True, help="Write no message data to disk.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Platform config (TOML).")
+def run(home: Path | None, apps_dir: Path | None, no_persistence: bool,
+        config_file: Path | None) -> None:
+    """Start the platform in the foreground; Ctrl-C or SIGTERM stops it cleanly."""
+    configure("supervisor")
+    try:
+        config = load_config(config_file, persistence=False if no_persistence else None)
+    except ConfigError as exc:
+        fail(str(exc), exits.BAD_INPUT)
+    paths = PlatformPaths.resolve(home)
+    supervisor = Supervisor(paths, (apps_dir or DEMO_APPS).resolve(), config)
+    stop: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.append(signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        supervisor.start()
+    except ManifestError as exc:
+        fail(str(exc), exits.BAD_INPUT)
+    except PlatformRunning as exc:
+        fail(str(exc), exits.FAILURE)
+    except BusError as exc:
+        supervisor.stop()
+        fail(f"the broker did not come up: {exc}", exits.FAILURE)
+    click.echo(
+        f"plexus: platform running (home {paths.home}, {len(supervisor.apps)} apps); "
+        "Ctrl-C to stop", err=True)
+    try:
+        supervisor.run(lambda: bool(stop))
+    finally:
+        supervisor.stop()
+
+
+@main.command()
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def status(home: Path | None, as_json: bool) -> None:
+    """Exit 0 and show the platform's state when it runs; exit 3 when it does not."""
+    paths = PlatformPaths.resolve(home)
+    state = paths.read_state()
+    if state is None:
+        if as_json:
+            click.echo(json.dumps({"running": False, "home": str(paths.home)}))
+        fail(f"no platform is running with home {paths.home}", exits.NOT_RUNNING)
+    with operator_bus(home) as bus:
+        report = collect_status(state, bus.broker_stats())
+    click.echo(json.dumps(report, indent=2) if as_json else render_status(report))
+
+
+@main.command()
+@home_option
+@click.argument("app_id")
+def env(home: Path | None, app_id: str) -> None:
+    """Print `export PLEXUS_...` lines that let an external app connect as APP_ID."""
+    paths = PlatformPaths.resolve(home)
+    state = paths.read_state()
+    if state is None:
+        fail(f"no platform is running with home {paths.home}; start it with `plexus run`",
+             exits.NOT_RUNNING)
+    try:
+        manifests = load_manifests(Path(state["apps_dir"]))
+    except ManifestError as exc:
+        fail(str(exc), exits.BAD_INPUT)
+    if app_id not in manifests:
+        fail(f"no manifest with id {app_id!r} in {state['apps_dir']}; add {app_id}.toml there",
+             exits.AUTH)
+    token = CredentialStore(paths.creds_dir).mint(app_id)
+    for name, value in (("PLEXUS_ENDPOINT", state["endpoint"]), ("PLEXUS_APP_ID", app_id),
+                        ("PLEXUS_TOKEN", token), ("PLEXUS_HOME", str(paths.home))):
+        click.echo(f"export {name}='{value}'")
+
+
+@main.command()
+@home_option
+@click.argument("topic")
+@click.argument("data")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def publish(home: Path | None, topic: str, data: str, as_json: bool) -> None:
+    """Publish DATA (a JSON value) on TOPIC as the operator; waits for the broker's confirm."""
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        fail(f"DATA is not valid JSON ({exc}); quote it, e.g. '{{\"px\": 1}}'", exits.BAD_INPUT)
+    with operator_bus(home) as bus:
+        msg_id = bus.publish(topic, value, confirm=True)
+    click.echo(json.dumps({"id": msg_id, "topic": topic}) if as_json else msg_id)
+
+
+def message_record(message: Message) -> dict[str, Any]:
+    data = message.data
+    if isinstance(data, bytes):
+        data = {"$bytes": data.hex()}
+    return {
+        "id": message.id,
+        "topic": message.topic,
+        "sender": message.sender,
+        "timestamp": message.timestamp,
+        "correlation_id": message.correlation_id,
+        "attempt": message.attempt,
+        "data": data,
+    }
+
+
+@main.command()
+@home_option
+@click.argument("pattern")
+@click.option("--count", type=click.IntRange(min=1), default=None,
+              help="Exit after N messages.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None,
+              help="Give up after this many seconds (exit 7 if --count was not reached).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
+def subscribe(home: Path | None, pattern: str, count: int | None, timeout: float | None,
+              as_json: bool) -> None:
+    """Print messages matching PATTERN as they arrive (Ctrl-C to stop)."""
+    deadline = time.monotonic() + timeout if timeout is not None else None
+    received = 0
+    with operator_bus(home) as bus:
+        sub = bus.subscribe(pattern)
+        try:
+            while count is None or received < count:
+                wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                if wait <= 0:
+                    break
+                message = sub.get(wait)
+                if message is None:
+                    continue
+                received += 1
+                record = message_record(message)
+                if as_json:
+                    click.echo(json.dumps(record, default=str))
+                else:
+                    click.echo(f"{record['topic']} from {record['sender']}: "
+                               f"{json.dumps(record['data'], default=str)}")
+        except KeyboardInterrupt:
+            return
+    if count is not None and received < count:
+        fail(f"got {received} of {count} messages before the timeout", exits.TIMEOUT)

@@ -1,0 +1,12 @@
+"""Exit codes of the `plexus` command; each means one kind of failure a script can act on."""
+
+from __future__ import annotations
+
+OK = 0
+FAILURE = 1
+USAGE = 2  # bad arguments (click's own code)
+NOT_RUNNING = 3  # no platform runs with this home, or the broker does not answer
+PERMISSION = 4  # the manifest does not allow it
+AUTH = 5  # credential rejected or no manifest for the app id
+BAD_INPUT = 6  # invalid JSON, topic, pattern or config/manifest
+TIMEOUT = 7  # `subscribe --timeout` ended before --count messages arrived

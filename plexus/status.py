@@ -1,0 +1,118 @@
+"""`plexus status`: the supervisor's state file, the broker's STATS and psutil, as one report."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psutil
+
+_SAMPLE_S = 0.2
+
+
+def _processes(pids: dict[str, int]) -> dict[str, dict[str, float]]:
+    """CPU % (sampled over a short window, children included) and RSS MiB per name."""
+    procs: dict[str, list[psutil.Process]] = {}
+    for name, pid in pids.items():
+        try:
+            root = psutil.Process(pid)
+            procs[name] = [root, *root.children(recursive=True)]
+            for proc in procs[name]:
+                proc.cpu_percent(None)
+        except psutil.Error:
+            continue
+    time.sleep(_SAMPLE_S)
+    result: dict[str, dict[str, float]] = {}
+    for name, group in procs.items():
+        cpu = rss = 0.0
+        for proc in group:
+            try:
+                cpu += proc.cpu_percent(None)
+                rss += proc.memory_info().rss
+            except psutil.Error:
+                continue
+        result[name] = {"cpu_percent": round(cpu, 1), "rss_mb": round(rss / 2**20, 1)}
+    return result
+
+
+def collect_status(state: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+    """The `plexus status --json` document (field names are a documented contract)."""
+    now = time.time()
+    apps_state: dict[str, dict[str, Any]] = state.get("apps", {})
+    pids = {name: info["pid"] for name, info in apps_state.items() if info.get("pid")}
+    broker_pid = state.get("broker", {}).get("pid")
+    if broker_pid:
+        pids["$broker"] = broker_pid
+    measured = _processes(pids)
+    sessions: dict[str, Any] = stats.get("apps", {})
+    apps = {}
+    for name, info in sorted(apps_state.items()):
+        connected = sessions.get(name, {})
+        started = info.get("started_at") or 0.0
+        apps[name] = {
+            "pid": info.get("pid"),
+            "state": info.get("state"),
+            "restarts": info.get("restarts", 0),
+            "exit_status": info.get("exit_status"),
+            "uptime_s": round(now - started, 1) if started and info.get("state") == "RUNNING"
+            else None,
+            "cpu_percent": measured.get(name, {}).get("cpu_percent"),
+            "rss_mb": measured.get(name, {}).get("rss_mb"),
+            "connections": connected.get("sessions", 0),
+            "last_heartbeat_s_ago": connected.get("last_seen_s_ago"),
+        }
+    return {
+        "running": True,
+        "home": state.get("home"),
+        "supervisor_pid": state.get("pid"),
+        "uptime_s": round(now - state.get("started_at", now), 1),
+        "persistence": state.get("persistence", True),
+        "broker": {
+            "pid": broker_pid,
+            "restarts": state.get("broker", {}).get("restarts", 0),
+            "cpu_percent": measured.get("$broker", {}).get("cpu_percent"),
+            "rss_mb": measured.get("$broker", {}).get("rss_mb"),
+            "endpoint": stats.get("endpoint"),
+            "route_latency_us": stats.get("route_latency"),
+        },
+        "clients": stats.get("sessions", 0),
+        "subscriptions": stats.get("subscriptions", 0),
+        "msg_per_s": stats.get("delivered_per_s", 0.0),
+        "published": stats.get("published", 0),
+        "delivered": stats.get("delivered", 0),
+        "undeliverable": stats.get("undeliverable", 0),
+        "auth_failures": stats.get("auth_failures", 0),
+        "errors": stats.get("errors", {}),
+        "apps": apps,
+    }
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def render_status(report: dict[str, Any]) -> str:
+    """A short table for people."""
+    broker = report["broker"]
+    latency = broker.get("route_latency_us") or {}
+    lines = [
+        f"platform  running {report['uptime_s']}s  home {report['home']}",
+        f"broker    pid {broker['pid']}  cpu {_cell(broker['cpu_percent'])}%  "
+        f"rss {_cell(broker['rss_mb'])} MiB  restarts {broker['restarts']}",
+        f"traffic   {report['msg_per_s']} msg/s  published {report['published']}  "
+        f"delivered {report['delivered']}  undeliverable {report['undeliverable']}  "
+        f"route p99 {_cell(latency.get('p99_us'))} µs",
+        f"clients   {report['clients']}  subscriptions {report['subscriptions']}  "
+        f"auth failures {report['auth_failures']}",
+        "",
+        f"{'APP':<16}{'PID':>8} {'STATE':<9}{'RESTARTS':>9}{'CPU%':>7}{'RSS MiB':>9}"
+        f"{'CONN':>6}{'HEARTBEAT':>11}",
+    ]
+    for name, app in report["apps"].items():
+        beat = app["last_heartbeat_s_ago"]
+        lines.append(
+            f"{name:<16}{_cell(app['pid']):>8} {_cell(app['state']):<9}{app['restarts']:>9}"
+            f"{_cell(app['cpu_percent']):>7}{_cell(app['rss_mb']):>9}{app['connections']:>6}"
+            f"{(f'{beat}s ago' if beat is not None else '-'):>11}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""How one app is started: its argv, its environment and its credential pipe.
+
+The credential never appears on a command line or in the environment: the supervisor mints
+it, writes it into a pipe, and the child inherits the read end as `PLEXUS_CREDENTIAL_FD`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+
+from broker.manifests import Manifest
+from broker.paths import PlatformPaths
+
+_SCRUBBED = ("PLEXUS_TOKEN", "PLEXUS_CREDENTIAL_FD", "PLEXUS_APP_ID", "PLEXUS_ENDPOINT")
+
+
+def app_argv(manifest: Manifest) -> list[str]:
+    """The manifest's command; a leading `python`/`python3` means this interpreter."""
+    assert manifest.command is not None, "external apps are not launched"
+    argv = list(manifest.command)
+    if argv[0] in ("python", "python3"):
+        argv[0] = sys.executable
+    return argv
+
+
+def app_environment(
+    manifest: Manifest,
+    paths: PlatformPaths,
+    endpoint: str,
+    credential_fd: int,
+    base: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment of a launched app (DESIGN.md "Contracts")."""
+    env = {k: v for k, v in (base if base is not None else os.environ).items() if k not in _SCRUBBED}
+    env.update(dict(manifest.env))
+    env.update(
+        {
+            "PLEXUS_ENDPOINT": endpoint,
+            "PLEXUS_APP_ID": manifest.app_id,
+            "PLEXUS_CREDENTIAL_FD": str(credential_fd),
+            "PLEXUS_HOME": str(paths.home),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def credential_pipe(token: str) -> int:
+    """A pipe holding `token`; returns the read end for the child to inherit."""
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, token.encode())
+    finally:
+        os.close(write_end)
+    return read_end
