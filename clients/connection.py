@@ -324,6 +324,11 @@ class Connection(threading.Thread):
             self.welcomed.clear()
             self._hello()
             return
+        if not self.welcomed.is_set():  # HELLO refused: the connection cannot be used
+            self.failure = error
+            self._fail_pending(error)
+            self.welcomed.set()
+            return
         sid = error.ref.get("sid")
         if isinstance(sid, int) and sid in self.sub_futures:
             self._subs.pop(sid, None)

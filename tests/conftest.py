@@ -1,0 +1,140 @@
+"""Shared fixtures: a real broker process, a real platform (`plexus run`), operator helpers.
+
+Every process started here is stopped at teardown (SIGTERM, then SIGKILL) so no test leaks
+processes into the next; every waiting is a bounded poll, never a bare sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.paths import PlatformPaths
+from clients.bus import Bus
+from security.credentials import CredentialStore
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        time.sleep(interval)
+
+
+def stop_process(process: subprocess.Popen[Any], grace: float = 5.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(grace)
+
+
+def write_manifest(apps: Path, app_id: str, body: str) -> Path:
+    path = apps / f"{app_id}.toml"
+    path.write_text(f'id = "{app_id}"\n{body}', encoding="utf-8")
+    return path
+
+
+@dataclass
+class BrokerHandle:
+    """A real broker process on a temporary home, plus a way to connect apps to it."""
+
+    home: Path
+    apps: Path
+    process: subprocess.Popen[bytes] | None = None
+    buses: list[Bus] = field(default_factory=list)
+
+    @property
+    def paths(self) -> PlatformPaths:
+        return PlatformPaths.resolve(self.home)
+
+    @property
+    def endpoint(self) -> str:
+        return self.paths.bus_endpoint()
+
+    @property
+    def credentials(self) -> CredentialStore:
+        return CredentialStore(self.paths.creds_dir)
+
+    def start(self, *extra: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "broker", "--home", str(self.home), "--apps", str(self.apps),
+             *extra],
+            cwd=REPO,
+        )
+        wait_for(lambda: Path(self.endpoint.removeprefix("ipc://")).exists())
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(5)
+        Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
+
+    def connect(self, app_id: str, **kwargs: Any) -> Bus:
+        bus = Bus.connect(self.endpoint, app_id, self.credentials.mint(app_id), **kwargs)
+        self.buses.append(bus)
+        return bus
+
+    def manifest(self, app_id: str, body: str) -> None:
+        write_manifest(self.apps, app_id, body)
+
+    def close(self) -> None:
+        for bus in self.buses:
+            bus.close(timeout=0.5)
+        if self.process is not None:
+            stop_process(self.process)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short temporary directory (ipc socket paths must stay under ~100 bytes)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="px-", dir="/tmp") as name:
+        yield Path(name)
+
+
+@pytest.fixture
+def broker(short_tmp: Path) -> Iterator[BrokerHandle]:
+    home, apps = short_tmp / "home", short_tmp / "apps"
+    apps.mkdir()
+    handle = BrokerHandle(home, apps)
+    handle.paths.prepare()
+    handle.credentials.ensure()
+    handle.manifest("pub", '[permissions]\npublish = ["market.>", "orders.*"]\n')
+    handle.manifest("sub", '[permissions]\nsubscribe = ["market.>", "orders.*"]\n')
+    handle.manifest(
+        "both",
+        '[permissions]\npublish = ["market.>", "chat.>"]\nsubscribe = ["market.>", "chat.>"]\n',
+    )
+    handle.start()
+    yield handle
+    handle.close()
+
+
+def plexus_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0,
+               input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `plexus` command."""
+    return subprocess.run(
+        [sys.executable, "-m", "plexus", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        env={**os.environ, **(env or {})}, input=input_text, check=False,
+    )
