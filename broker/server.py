@@ -43,7 +43,7 @@ class BrokerConfig:
     paths: PlatformPaths
     apps_dir: Path | None = None
     router: RouterConfig = field(default_factory=RouterConfig)
-    hwm: int = 100_000
+    hwm: int = 10_000
     poll_ms: int = 100
 
 

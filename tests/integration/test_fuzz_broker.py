@@ -1,0 +1,165 @@
+"""Hypothesis throws malformed frames at a live broker: every one gets an ERROR, the broker
+keeps serving other clients, and its memory stays bounded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import psutil
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from broker import protocol as P
+from broker.codec import new_message_id, pack
+from tests.conftest import BrokerHandle
+
+COMMANDS = [P.HELLO, P.SUB, P.UNSUB, P.PUB, P.PING, P.STATS]
+
+
+def nested(depth: int) -> bytes:
+    """msgpack bytes of `depth` nested one-element arrays/maps (too deep for the packer)."""
+    return b"\x91\x81\xa1k" * (depth // 2) + b"\x00"
+
+
+deep_msgpack = st.builds(nested, st.integers(min_value=100, max_value=5000))
+
+
+msgpack_junk = st.one_of(
+    st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+        | st.text(max_size=20)
+        | st.binary(max_size=20),
+        lambda inner: st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=5) | st.integers(-9, 9), inner, max_size=4),
+        max_leaves=20,
+    ),
+    st.builds(lambda n: "x" * n, st.integers(min_value=8000, max_value=20000)),
+    st.builds(lambda n: {"id": b"\x00" * n, "topic": "market.a"}, st.integers(0, 40)),
+    st.fixed_dictionaries({"id": st.binary(min_size=16, max_size=16),
+                           "topic": st.text(max_size=30)}),
+    st.fixed_dictionaries({"sid": st.integers(-(2**63), 2**63) | st.text(max_size=3),
+                           "pattern": st.text(max_size=30) | st.integers()}),
+)
+
+
+def _is_valid_pub(frames: list[bytes]) -> bool:
+    """Whether a generated PUB happens to be well-formed (then no ERROR is owed)."""
+    from broker.codec import decode_pub_header
+    from broker.errors import WireError
+    from broker.topics import validate_topic
+
+    if frames[0] != P.PUB or len(frames) < 3 or len(frames) % 2 == 0:
+        return False
+    try:
+        for i in range(1, len(frames), 2):
+            validate_topic(decode_pub_header(frames[i]).topic)
+    except WireError:
+        return False
+    return False  # valid topic but 'pub' may not publish arbitrary topics: still an ERROR
+
+
+malformed_messages = st.one_of(
+    # random bytes as command and frames
+    st.lists(st.binary(max_size=64), min_size=1, max_size=6).filter(
+        lambda f: f[0] not in COMMANDS + [P.BYE]
+    ),
+    # real command, junk msgpack header or wrong frame count
+    st.builds(
+        lambda cmd, parts: [cmd, *parts],
+        st.sampled_from([P.SUB, P.UNSUB, P.HELLO]),
+        st.lists(st.builds(lambda v: msgpack.packb(v, use_bin_type=True), msgpack_junk)
+                 | deep_msgpack | st.binary(max_size=64), min_size=0, max_size=3),
+    ).filter(lambda f: len(f) != 2 or f[0] != P.HELLO),
+    # PUB with junk headers, odd frame counts, truncated msgpack
+    st.builds(
+        lambda parts: [P.PUB, *parts],
+        st.lists(st.builds(lambda v: msgpack.packb(v, use_bin_type=True)[:-1] or b"\xc1",
+                           msgpack_junk) | deep_msgpack | st.binary(max_size=32),
+                 min_size=0, max_size=5),
+    ),
+)
+
+
+@pytest.fixture
+def attacker(broker: BrokerHandle) -> Any:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.rcvtimeo = 5000
+    sock.plain_username = b"pub"
+    sock.plain_password = broker.credentials.mint("pub").encode()
+    sock.connect(broker.endpoint)
+    sock.send_multipart([P.HELLO, pack({"v": [1]})])
+    assert sock.recv_multipart()[0] == P.WELCOME
+    yield sock
+    sock.close()
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(frames=malformed_messages)
+def test_every_malformed_message_gets_an_error(
+    broker: BrokerHandle, attacker: zmq.Socket[bytes], frames: list[bytes]
+) -> None:
+    if _is_valid_pub(frames):
+        return
+    attacker.send_multipart(frames)
+    # HELLO with junk may still be a valid HELLO (then WELCOME), everything else: ERROR
+    reply = attacker.recv_multipart()
+    if reply[0] == P.WELCOME:
+        assert frames[0] == P.HELLO
+        return
+    if frames[0] == P.PUB and reply[0] == P.CONFIRM:
+        pytest.fail(f"malformed PUB confirmed: {frames!r}")
+    assert reply[0] == P.ERROR, (frames, reply)
+    body = msgpack.unpackb(reply[1], raw=False)
+    assert 100 <= body["code"] < 700 and body["message"] and body["hint"]
+    # drain extra ERRORs (one per bad message of a PUB batch)
+    while attacker.poll(20):
+        attacker.recv_multipart()
+
+
+def test_broker_survives_fuzzing_serves_others_and_stays_bounded(
+    broker: BrokerHandle, attacker: zmq.Socket[bytes]
+) -> None:
+    assert broker.process is not None
+    sub = broker.connect("sub").subscribe("market.>")
+    pub = broker.connect("pub")
+    broker_proc = psutil.Process(broker.process.pid)
+    junk = [
+        [b"\xff" * 10],
+        [P.PUB, nested(5000), b"x"],
+        [P.PUB, b"\xc1", b"x", b"\xc1"],
+        [P.SUB, msgpack.packb({"sid": 1, "pattern": "a" * 10_000})],
+        [P.PUB, msgpack.packb({"id": new_message_id(), "topic": "market." + "x" * 300}), b""],
+        [P.PUB] + [b"x"] * (P.MAX_FRAMES + 10),
+    ]
+
+    def round_trip(tag: int) -> None:
+        pub.publish("market.check", tag, confirm=True)
+        message = sub.get(5)
+        assert message is not None and message.data == tag
+
+    def attack(count: int) -> None:
+        for i in range(count):
+            attacker.send_multipart(junk[i % len(junk)])
+            while attacker.poll(0):
+                attacker.recv_multipart()
+            if i % 500 == 0:
+                round_trip(i)
+        while attacker.poll(200):
+            attacker.recv_multipart()
+
+    attack(1500)  # warm-up: caches, allocator arenas
+    round_trip(-1)
+    rss_before = broker_proc.memory_info().rss
+    attack(4500)
+    round_trip(10**6)
+    # a frame over ZMQ_MAXMSGSIZE makes libzmq drop that connection, not the broker
+    attacker.send_multipart([P.PUB, b"h", b"x" * (P.MAX_FRAME_BYTES + 1)])
+    round_trip(10**6 + 1)
+    assert broker.process.poll() is None
+    grown = broker_proc.memory_info().rss - rss_before
+    assert grown < 8 * 2**20, f"broker grew by {grown / 2**20:.1f} MiB under malformed input"
