@@ -19,7 +19,7 @@ from typing import Any
 import zmq
 
 from broker import protocol as P
-from broker.errors import Code, ProtocolViolation
+from broker.errors import Code, ProtocolViolation, WireError
 from broker.histogram import LatencyHistogram
 from broker.logs import event
 from broker.manifests import ManifestError, Manifest, Permissions, load_manifests
@@ -188,7 +188,13 @@ class BrokerServer:
                 exc = ProtocolViolation(Code.TOO_LARGE, f"more than {P.MAX_FRAMES} frames")
                 self._send(sock, [router.error(peer, exc)])
                 continue
-            outbound = router.handle(peer, app_id, frames, time.time_ns())
+            try:
+                outbound = router.handle(peer, app_id, frames, time.time_ns())
+            except Exception:  # a bug must cost one message, never the broker
+                log.exception("router failed on %s from %s", frames[0][:16], app_id)
+                internal = WireError(Code.INTERNAL, "the broker failed on this message")
+                self._send(sock, [router.error(peer, internal)])
+                continue
             if outbound:
                 self._send(sock, outbound)
                 if frames[0] == P.PUB:

@@ -24,8 +24,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from types import TracebackType
 from typing import Any
 
+from broker import protocol as P
 from broker.codec import encode_pub_header, new_message_id, pack
-from broker.errors import WireError
+from broker.errors import Code, WireError
 from broker.topics import pattern_tokens, validate_topic
 from clients.connection import ConnectSettings, Connection, read_credential_fd
 from clients.errors import (
@@ -170,11 +171,18 @@ class Bus:
         header = encode_pub_header(
             msg_id, topic, correlation_id, traceparent, sensitive, confirm=confirm
         )
+        payload = pack(data)
+        if len(payload) > P.MAX_PAYLOAD_BYTES or len(header) > P.MAX_HEADER_BYTES:
+            raise ProtocolError(
+                f"message of {len(payload)} bytes (header {len(header)}) exceeds the limits",
+                int(Code.TOO_LARGE),
+                f"keep payloads ≤ {P.MAX_PAYLOAD_BYTES} bytes; store big data elsewhere",
+            )
         future: Future[None] | None = None
         if confirm:
             future = Future()
             self._io.confirm_futures[msg_id] = future
-        self._io.enqueue_publish(header, pack(data))
+        self._io.enqueue_publish(header, payload)
         if future is not None:
             self._wait(future, timeout, f"confirmation of {topic}")
         return msg_id.hex()

@@ -88,6 +88,7 @@ class Connection(threading.Thread):
         self._monitor: zmq.Socket[bytes] | None = None
         self._handshakes = 0
         self._last_sent = 0.0
+        self._last_ping = 0.0
         self._last_received = 0.0
         self.reconnects = 0
 
@@ -149,6 +150,7 @@ class Connection(threading.Thread):
         dealer.connect(self.settings.endpoint)
         self._dealer = dealer
         self._sent_sids.clear()
+        self._handshakes = 0
         self._last_received = time.monotonic()
 
     def _close_socket(self) -> None:
@@ -209,7 +211,8 @@ class Connection(threading.Thread):
             elif self._stopping and (self.failure is not None or not self.welcomed.is_set()):
                 return
             now = time.monotonic()
-            if now - self._last_sent >= heartbeat:
+            if now - self._last_ping >= heartbeat:
+                self._last_ping = now
                 self._send([P.PING, b"\x80"])
             if now - self._last_received > self._timeout_s():
                 log.warning("broker silent; reconnecting")

@@ -44,6 +44,7 @@ class QueueControl:
 
     def __init__(
         self,
+        *,
         worker_id: int,
         queue: Queue[Message],
         go: Event,

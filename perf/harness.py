@@ -95,7 +95,7 @@ class RunResult:
     worker_errors: list[str] = field(default_factory=list)
 
 
-class RunFailed(RuntimeError):
+class RunError(RuntimeError):
     """The run cannot produce trustworthy figures (worker died, timed out, ...)."""
 
 
@@ -132,12 +132,18 @@ def run_one(cfg: RunConfig) -> RunResult:
     procs: list[BaseProcess] = []
     broker: BrokerHandle | None = None
     try:
-        broker = load_adapter(cfg.system).start_broker(BrokerConfig(workdir, max_seconds, cfg.n_apps))
+        broker = load_adapter(cfg.system).start_broker(
+            BrokerConfig(workdir, max_seconds, cfg.n_apps)
+        )
         go, t0 = ctx.Event(), ctx.Value("q", 0)
         t_setup = time.monotonic()
         for wid, (role, pairs) in enumerate(groups):
-            spec = WorkerSpec(cfg.system, role, wid, pairs, cfg.n_apps // 2, broker.endpoint, cfg.payload_size)
-            ctl = QueueControl(wid, q, go, t0, cfg.plan, cfg.tail_ns)
+            spec = WorkerSpec(
+                cfg.system, role, wid, pairs, cfg.n_apps // 2, broker.endpoint, cfg.payload_size
+            )
+            ctl = QueueControl(
+                worker_id=wid, queue=q, go=go, t0=t0, plan=cfg.plan, tail_ns=cfg.tail_ns
+            )
             proc = ctx.Process(
                 target=worker_main,
                 args=(cfg.system, spec, ctl, int(max_seconds)),
@@ -148,7 +154,7 @@ def run_one(cfg: RunConfig) -> RunResult:
             procs.append(proc)
         try:
             _await_ready(q, procs, ready_timeout)
-        except RunFailed:
+        except RunError:
             t0.value = ABORTED
             go.set()
             raise
@@ -160,9 +166,11 @@ def run_one(cfg: RunConfig) -> RunResult:
         edges = _observe(schedule, broker)
         reports = _collect(q, procs, deadline_s=15.0 + 0.05 * len(procs))
         routing = broker.routing_latency(schedule.phases)
-        result.phases = [_phase_result(p, reports, edges[p.index], routing.get(p.name)) for p in schedule.phases]
+        result.phases = [
+            _phase_result(p, reports, edges[p.index], routing.get(p.name)) for p in schedule.phases
+        ]
         result.worker_errors = sorted({e for r in reports for e in r.errors})[:MAX_ERRORS]
-    except RunFailed as exc:
+    except RunError as exc:
         result.status, result.error = "failed", str(exc)
     except Exception as exc:
         result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
@@ -188,12 +196,16 @@ def _await_ready(q: Queue[Message], procs: list[BaseProcess], timeout_s: float) 
             dead = [i for i, p in enumerate(procs) if p.exitcode is not None and i not in ready]
             strikes = strikes + 1 if dead else 0
             if strikes > 1:
-                raise RunFailed(f"worker {dead[0]} exited with {procs[dead[0]].exitcode} before ready") from None
+                raise RunError(
+                    f"worker {dead[0]} exited with {procs[dead[0]].exitcode} before ready"
+                ) from None
             if time.monotonic() > deadline:
-                raise RunFailed(f"only {len(ready)}/{len(procs)} workers ready after {timeout_s:.0f} s") from None
+                raise RunError(
+                    f"only {len(ready)}/{len(procs)} workers ready after {timeout_s:.0f} s"
+                ) from None
             continue
         if kind == "report" and report is not None:
-            raise RunFailed(f"worker {wid} failed before start: {'; '.join(report.errors)}")
+            raise RunError(f"worker {wid} failed before start: {'; '.join(report.errors)}")
         ready.add(wid)
 
 
@@ -225,11 +237,13 @@ def _collect(q: Queue[Message], procs: list[BaseProcess], deadline_s: float) -> 
             strikes = strikes + 1 if silent else 0
             if strikes > 1 or time.monotonic() > deadline:
                 missing = len(procs) - len(reports)
-                raise RunFailed(f"{missing} workers did not report (e.g. worker {silent[:1]})") from None
+                raise RunError(
+                    f"{missing} workers did not report (e.g. worker {silent[:1]})"
+                ) from None
             continue
         if kind == "report" and report is not None:
             if not report.tallies:
-                raise RunFailed(f"worker {wid} failed: {'; '.join(report.errors)}")
+                raise RunError(f"worker {wid} failed: {'; '.join(report.errors)}")
             reports[wid] = report
     return list(reports.values())
 
@@ -277,7 +291,9 @@ def _phase_result(
         sent_rate=sent / window_s,
         delivered_rate=delivered / window_s,
         delivered_fraction=delivered / sent if sent else None,
-        blocked_fraction=sum(t.blocked_ns for t in pubs) / (len(pubs) * window_s * NS_PER_S) if pubs else 0.0,
+        blocked_fraction=sum(t.blocked_ns for t in pubs) / (len(pubs) * window_s * NS_PER_S)
+        if pubs
+        else 0.0,
         late_fraction=sum(t.late for t in pubs) / sent if sent else 0.0,
         max_lag_ms=max((t.max_lag_ns for t in pubs), default=0) / 1e6,
         e2e=e2e,

@@ -35,7 +35,9 @@ def _runs(c: Cell) -> str:
     return "" if c.runs_ok == c.runs_total else f" ({c.runs_ok}/{c.runs_total} ok)"
 
 
-def render(cells: list[Cell], baseline: str, unavailable: dict[str, str], failed: list[RunResult]) -> str:
+def render(
+    cells: list[Cell], baseline: str, unavailable: dict[str, str], failed: list[RunResult]
+) -> str:
     """The tables as one string (no trailing newline)."""
     lines: list[str] = []
     for name, reason in unavailable.items():
@@ -48,7 +50,8 @@ def render(cells: list[Cell], baseline: str, unavailable: dict[str, str], failed
         "",
         "Flood: delivered msg/s over all subscribers (median); x base = vs " + baseline,
         f"{'layout':6} {'apps':>4} {'system':10} {'deliv/s':>9} {'x base':>7} {'sent/s':>9} "
-        f"{'deliv%':>7} {'blocked':>7} {'bkr us/msg':>10} {'host busy':>9} {'route p50/p99 us':>17}",
+        f"{'deliv%':>7} {'blocked':>7} {'bkr us/msg':>10} {'host busy':>9} "
+        f"{'route p50/p99 us':>17}",
     ]
     for c in order:
         b = base.get((c.layout, c.n_apps, c.phase))
@@ -57,10 +60,13 @@ def render(cells: list[Cell], baseline: str, unavailable: dict[str, str], failed
             f"{c.layout:6} {c.n_apps:>4} {c.system:10} {_fmt(c.get('delivered_rate'), ',.0f'):>9} "
             f"{_ratio(c.get('delivered_rate'), b.get('delivered_rate') if b else None):>7} "
             f"{_fmt(c.get('sent_rate'), ',.0f'):>9} {_pct(c.get('delivered_fraction')):>7} "
-            f"{_pct(c.get('blocked_fraction')):>7} {_fmt(c.get('broker_cpu_us_per_msg'), '.1f'):>10} "
+            f"{_pct(c.get('blocked_fraction')):>7} "
+            f"{_fmt(c.get('broker_cpu_us_per_msg'), '.1f'):>10} "
             f"{_pct(c.get('host_busy')):>9} {route:>17}{_runs(c)}"
         )
-    order = sorted(lat, key=lambda c: (c.layout, c.n_apps, c.offered_rate, c.system != baseline, c.system))
+    order = sorted(
+        lat, key=lambda c: (c.layout, c.n_apps, c.offered_rate, c.system != baseline, c.system)
+    )
     lines += [
         "",
         "Latency at a fixed offered rate, publisher send -> subscriber receive (median of runs)",

@@ -63,7 +63,16 @@ def aggregate(runs: list[RunResult]) -> list[Cell]:
         phase_names = [p.name for p in ok[0].phases] if ok else []
         for i, name in enumerate(phase_names):
             phases = [r.phases[i] for r in ok]
-            cell = Cell(system, layout, n_apps, name, phases[0].kind, phases[0].offered_rate, len(ok), len(group))
+            cell = Cell(
+                system,
+                layout,
+                n_apps,
+                name,
+                phases[0].kind,
+                phases[0].offered_rate,
+                len(ok),
+                len(group),
+            )
             for metric, extract in METRICS.items():
                 vals = [v for v in (extract(p) for p in phases) if v is not None]
                 cell.values[metric] = vals

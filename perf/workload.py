@@ -137,11 +137,15 @@ def publish_schedule(
         if phase.kind == "flood":
             _flood(phase, pairs, size, tx, tallies[phase.index])
         else:
-            _paced(phase, pairs, n_pairs, size, tx, tallies[phase.index])
+            _paced(
+                phase=phase, pairs=pairs, n_pairs=n_pairs, size=size, tx=tx, t=tallies[phase.index]
+            )
     return tallies
 
 
-def _flood(phase: Phase, pairs: tuple[int, ...], size: int, tx: SyncPublisher, t: PhaseTally) -> None:
+def _flood(
+    phase: Phase, pairs: tuple[int, ...], size: int, tx: SyncPublisher, t: PhaseTally
+) -> None:
     now_ns = time.monotonic_ns
     ws, we, tag, width = phase.window_start_ns, phase.window_end_ns, phase.tag, len(pairs)
     seq = k = refused = 0
@@ -162,7 +166,13 @@ def _flood(phase: Phase, pairs: tuple[int, ...], size: int, tx: SyncPublisher, t
 
 
 def _paced(
-    phase: Phase, pairs: tuple[int, ...], n_pairs: int, size: int, tx: SyncPublisher, t: PhaseTally
+    *,
+    phase: Phase,
+    pairs: tuple[int, ...],
+    n_pairs: int,
+    size: int,
+    tx: SyncPublisher,
+    t: PhaseTally,
 ) -> None:
     now_ns = time.monotonic_ns
     pacer = Pacer(phase, pairs, n_pairs)

@@ -10,6 +10,7 @@ which shows up as delivered < sent.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from array import array
 from collections.abc import Callable, Sequence
@@ -37,7 +38,13 @@ class BareBroker(BrokerHandle):
     def __init__(self, config: BrokerConfig) -> None:
         self.endpoint = f"ipc://{config.workdir / 'bare.sock'}"
         self._proc = procutil.spawn_bounded(
-            [sys.executable, "-m", "perf.systems._bare_broker", self.endpoint, f"{config.max_seconds}"],
+            [
+                sys.executable,
+                "-m",
+                "perf.systems._bare_broker",
+                self.endpoint,
+                f"{config.max_seconds}",
+            ],
             config.max_seconds,
             config.workdir / "bare-broker.log",
         )
@@ -67,7 +74,11 @@ class BareBroker(BrokerHandle):
         durations.frombytes(dur_b)
         out: dict[str, LatencySummary] = {}
         for p in phases:
-            inside = [d for t, d in zip(received_at, durations, strict=True) if p.window_start_ns <= t < p.window_end_ns]
+            inside = [
+                d
+                for t, d in zip(received_at, durations, strict=True)
+                if p.window_start_ns <= t < p.window_end_ns
+            ]
             summary = summarize_ns(inside)
             if summary is not None:
                 out[p.name] = summary
@@ -75,11 +86,9 @@ class BareBroker(BrokerHandle):
 
     def stop(self) -> None:
         if self._proc.poll() is None:
-            try:
+            with contextlib.suppress(Exception):  # escalated by stop_process below
                 self._request(b"$stop", 2.0)
                 self._proc.wait(3.0)
-            except Exception:  # noqa: S110 - escalated just below
-                pass
         procutil.stop_process(self._proc)
         self._cmd.close(0)
         self._ctx.term()
@@ -165,4 +174,3 @@ def subscriber_worker(spec: WorkerSpec, ctl: WorkerControl) -> None:
         ctl.report(WorkerReport(spec.worker_id, spec.role, rec.tallies, errors))
     finally:
         dealers.close()
-

@@ -70,7 +70,9 @@ class MosquittoBroker(BrokerHandle):
             "log_type warning\n"
         )
         argv = [binary, "-c", str(conf)]
-        self._proc = procutil.spawn_bounded(argv, config.max_seconds, config.workdir / "mosquitto.log")
+        self._proc = procutil.spawn_bounded(
+            argv, config.max_seconds, config.workdir / "mosquitto.log"
+        )
         try:
             procutil.wait_tcp(port, 15.0, self._proc)
         except Exception:
@@ -94,27 +96,32 @@ class _Clients:
 
     def __init__(self, spec: WorkerSpec) -> None:
         import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
         url = urlsplit(spec.endpoint)
         self.topics = [topic_for(p) for p in spec.pairs]
         self.clients: list[Any] = []
+        self.fds: list[int] = []
         self.selector = selectors.DefaultSelector()
         self.received = 0
         self.sink: Callable[[bytes], None] = lambda _payload: None
         self.acked: set[int] = set()
         for pair in spec.pairs:
             c = mqtt.Client(
-                callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                callback_api_version=CallbackAPIVersion.VERSION2,
                 client_id=f"bench-{spec.role}-{pair}",
-                protocol=mqtt.MQTTv311,
+                protocol=MQTTProtocolVersion.MQTTv311,
             )
             c.on_message = self._on_message
             c.on_subscribe = self._on_subscribe
             c.connect(url.hostname or "127.0.0.1", url.port or 1883, keepalive=KEEPALIVE_S)
             sock = c.socket()
+            if not isinstance(sock, socket.socket):
+                raise RuntimeError("mosquitto: paho did not open a TCP socket")
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.selector.register(sock, selectors.EVENT_READ, c)
             self.clients.append(c)
+            self.fds.append(sock.fileno())
         self._pump_until(lambda: all(c.is_connected() for c in self.clients), "CONNACK")
 
     def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
@@ -133,7 +140,9 @@ class _Clients:
                 key.data.loop_read()
 
     def subscribe_all(self) -> None:
-        mids = {c.subscribe(topic, qos=0)[1] for c, topic in zip(self.clients, self.topics, strict=True)}
+        mids = {
+            c.subscribe(topic, qos=0)[1] for c, topic in zip(self.clients, self.topics, strict=True)
+        }
         self._pump_until(lambda: mids <= self.acked, "SUBACK")
 
     def try_send(self, slot: int, payload: bytes) -> bool:
@@ -148,7 +157,7 @@ class _Clients:
         return True
 
     def wait_writable(self, timeout_s: float) -> None:
-        pending = {c.socket().fileno(): c for c in self.clients if c.want_write()}
+        pending = {fd: c for fd, c in zip(self.fds, self.clients, strict=True) if c.want_write()}
         if not pending:
             return
         poller = select.poll()

@@ -106,7 +106,8 @@ async def _close_all(conns: list[Any]) -> None:
         return
 
 
-async def _flood_one(nc: Any, subject: str, pair: int, phase: Phase, size: int, t: PhaseTally) -> None:
+async def _flood_one(nc: Any, pair: int, phase: Phase, size: int, t: PhaseTally) -> None:
+    subject = topic_for(pair)
     now_ns = time.monotonic_ns
     ws, we, tag, publish = phase.window_start_ns, phase.window_end_ns, phase.tag, nc.publish
     seq = 0
@@ -157,7 +158,7 @@ async def _publisher(spec: WorkerSpec, ctl: WorkerControl) -> None:
             if phase.kind == "flood":
                 await asyncio.gather(
                     *(
-                        _flood_one(nc, topic_for(p), p, phase, spec.payload_size, t)
+                        _flood_one(nc, p, phase, spec.payload_size, t)
                         for nc, p in zip(conns, spec.pairs, strict=True)
                     )
                 )

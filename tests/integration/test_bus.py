@@ -210,3 +210,36 @@ def test_stats_are_for_platform_identities_only(broker: BrokerHandle) -> None:
     assert stats["sessions"] >= 2
     assert set(stats["route_latency"]) >= {"p50_us", "p99_us", "p999_us"}
     assert isinstance(msgpack.packb(stats), bytes)
+
+
+def test_busy_publisher_that_receives_nothing_keeps_its_session(short_tmp: object) -> None:
+    import time
+    from pathlib import Path
+
+    root = Path(str(short_tmp))
+    (root / "apps").mkdir()
+    handle = BrokerHandle(root / "home", root / "apps")
+    handle.paths.prepare()
+    handle.credentials.ensure()
+    handle.manifest("pub", '[permissions]\npublish = ["market.>"]\n')
+    handle.start("--heartbeat-ms", "100", "--peer-timeout-ms", "500")
+    try:
+        pub = handle.connect("pub")
+        deadline = time.monotonic() + 2.0  # four peer timeouts of publishing, nothing received
+        while time.monotonic() < deadline:
+            pub.publish("market.tick", 1)
+            time.sleep(0.001)
+        pub.publish("market.tick", "last", confirm=True)
+        assert pub.reconnects == 0
+        stats = handle.connect("$cli").broker_stats()
+        assert stats["sessions_expired"] == 0
+    finally:
+        handle.close()
+
+
+def test_oversized_payload_is_refused_before_sending(broker: BrokerHandle) -> None:
+    bus = broker.connect("pub")
+    with pytest.raises(ProtocolError) as refused:
+        bus.publish("market.big", b"x" * (P.MAX_PAYLOAD_BYTES + 1))
+    assert refused.value.code == 104
+    bus.publish("market.small", b"x" * 1000, confirm=True)

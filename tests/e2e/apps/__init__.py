@@ -1,0 +1,1 @@
+"""Small apps the end-to-end tests launch through `plexus run`."""
