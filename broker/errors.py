@@ -87,30 +87,49 @@ class ErrorSpec:
 ERRORS: dict[Code, ErrorSpec] = {
     spec.code: spec
     for spec in (
-        ErrorSpec(Code.MALFORMED_FRAME, "Send frames as docs/protocol.md describes; fix the client."),
+        ErrorSpec(
+            Code.MALFORMED_FRAME, "Send frames as docs/protocol.md describes; fix the client."
+        ),
         ErrorSpec(Code.UNKNOWN_COMMAND, "Use one of HELLO, SUB, UNSUB, PUB, PING, BYE, STATS."),
         ErrorSpec(Code.BAD_HEADER, "The header must be a msgpack map with the documented fields."),
         ErrorSpec(Code.BAD_FRAME_COUNT, "Send the number of frames the command requires."),
-        ErrorSpec(Code.TOO_LARGE, "Keep headers under 8 KiB, payloads under 1 MiB, batches ≤ 1024."),
+        ErrorSpec(
+            Code.TOO_LARGE, "Keep headers under 8 KiB, payloads under 1 MiB, batches ≤ 1024."
+        ),
         ErrorSpec(Code.NOT_WELCOMED, "Send HELLO and wait for WELCOME before any other command."),
         ErrorSpec(Code.UNSUPPORTED_VERSION, "Upgrade the client; the broker speaks version 1."),
-        ErrorSpec(Code.BAD_TOPIC, "Publish to dot-separated non-empty tokens, no wildcards, ≤ 255 B."),
+        ErrorSpec(
+            Code.BAD_TOPIC, "Publish to dot-separated non-empty tokens, no wildcards, ≤ 255 B."
+        ),
         ErrorSpec(Code.BAD_PATTERN, "Use whole-token '*' or a final '>' in subscription patterns."),
         ErrorSpec(Code.DUPLICATE_SID, "Pick a subscription id not already in use on this session."),
         ErrorSpec(Code.UNKNOWN_SID, "Unsubscribe only subscription ids you subscribed."),
-        ErrorSpec(Code.TOO_MANY_SUBSCRIPTIONS, "Use wildcards instead of thousands of subscriptions."),
-        ErrorSpec(Code.AUTH_FAILED, "Connect with the credential the supervisor or `plexus env` gave."),
-        ErrorSpec(Code.IDENTITY_UNKNOWN, "Reconnect; the connection carries no authenticated app id."),
-        ErrorSpec(Code.MANIFEST_MISSING, "Add a manifest for this app id to the apps directory."),
-        ErrorSpec(Code.PUBLISH_DENIED, "Add a matching pattern to [permissions].publish in the manifest."),
         ErrorSpec(
-            Code.SUBSCRIBE_DENIED, "Add a covering pattern to [permissions].subscribe in the manifest."
+            Code.TOO_MANY_SUBSCRIPTIONS, "Use wildcards instead of thousands of subscriptions."
+        ),
+        ErrorSpec(
+            Code.AUTH_FAILED, "Connect with the credential the supervisor or `plexus env` gave."
+        ),
+        ErrorSpec(
+            Code.IDENTITY_UNKNOWN, "Reconnect; the connection carries no authenticated app id."
+        ),
+        ErrorSpec(Code.MANIFEST_MISSING, "Add a manifest for this app id to the apps directory."),
+        ErrorSpec(
+            Code.PUBLISH_DENIED, "Add a matching pattern to [permissions].publish in the manifest."
+        ),
+        ErrorSpec(
+            Code.SUBSCRIBE_DENIED,
+            "Add a covering pattern to [permissions].subscribe in the manifest.",
         ),
         ErrorSpec(Code.RESERVED_TOPIC, "Topics starting with '$sys.' belong to the platform."),
         ErrorSpec(Code.COMMAND_DENIED, "This command is reserved for platform identities ($...)."),
-        ErrorSpec(Code.QUEUE_FULL, "The receiver is too slow; consume faster or raise queue limits."),
+        ErrorSpec(
+            Code.QUEUE_FULL, "The receiver is too slow; consume faster or raise queue limits."
+        ),
         ErrorSpec(Code.STORAGE_UNAVAILABLE, "Start the platform with persistence enabled."),
-        ErrorSpec(Code.INTERNAL, "A bug in Plexus: report it with the broker log around this time."),
+        ErrorSpec(
+            Code.INTERNAL, "A bug in Plexus: report it with the broker log around this time."
+        ),
     )
 }
 

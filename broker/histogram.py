@@ -32,8 +32,7 @@ class LatencyHistogram:
         self._counts[self._bucket(value_ns)] += 1
         self.count += 1
         self.total_ns += value_ns
-        if value_ns > self.max_ns:
-            self.max_ns = value_ns
+        self.max_ns = max(self.max_ns, value_ns)
 
     def percentile(self, fraction: float) -> int:
         """Upper edge (ns) of the bucket holding the `fraction` quantile; 0 when empty."""

@@ -79,7 +79,9 @@ def _string_list(path: Path, name: str, value: Any, *, patterns: bool = False) -
                 pattern_tokens(pattern)
             except WireError as exc:
                 raise ManifestError(
-                    path, name, f"{pattern!r} is not a valid topic pattern ({exc.detail})",
+                    path,
+                    name,
+                    f"{pattern!r} is not a valid topic pattern ({exc.detail})",
                     "use dot-separated tokens, '*' for one token, a final '>' for the rest",
                 ) from None
     return tuple(value)
@@ -89,7 +91,9 @@ def _positive_int(path: Path, name: str, value: Any) -> int | None:
     if value is None:
         return None
     if type(value) is not int or value <= 0:
-        raise ManifestError(path, name, f"must be a positive integer, got {value!r}", f"{name} = 100")
+        raise ManifestError(
+            path, name, f"must be a positive integer, got {value!r}", f"{name} = 100"
+        )
     return value
 
 
@@ -99,12 +103,16 @@ def _permissions(path: Path, raw: Any) -> Permissions:
     unknown = set(raw) - _PERMISSION_KEYS
     if unknown:
         raise ManifestError(
-            path, f"permissions.{sorted(unknown)[0]}", "unknown permission kind",
+            path,
+            f"permissions.{sorted(unknown)[0]}",
+            "unknown permission kind",
             f"use only {', '.join(sorted(_PERMISSION_KEYS))}",
         )
     return Permissions(
         publish=_string_list(path, "permissions.publish", raw.get("publish", []), patterns=True),
-        subscribe=_string_list(path, "permissions.subscribe", raw.get("subscribe", []), patterns=True),
+        subscribe=_string_list(
+            path, "permissions.subscribe", raw.get("subscribe", []), patterns=True
+        ),
         request=_string_list(path, "permissions.request", raw.get("request", []), patterns=True),
         ask=_string_list(path, "permissions.ask", raw.get("ask", [])),
     )
@@ -115,11 +123,15 @@ def parse_manifest(path: Path, data: dict[str, Any]) -> Manifest:
     unknown = set(data) - _KNOWN_KEYS
     if unknown:
         name = sorted(unknown)[0]
-        raise ManifestError(path, name, "unknown field", f"remove it; known: {', '.join(sorted(_KNOWN_KEYS))}")
+        raise ManifestError(
+            path, name, "unknown field", f"remove it; known: {', '.join(sorted(_KNOWN_KEYS))}"
+        )
     app_id = data.get("id")
     if not isinstance(app_id, str) or not APP_ID.match(app_id):
         raise ManifestError(
-            path, "id", f"{app_id!r} is not a valid app id",
+            path,
+            "id",
+            f"{app_id!r} is not a valid app id",
             "use 1-64 lowercase letters, digits, '_', '.', '-', starting with a letter or digit",
         )
     command = data.get("command")
@@ -129,7 +141,12 @@ def parse_manifest(path: Path, data: dict[str, Any]) -> Manifest:
             raise ManifestError(path, "command", "is empty", 'command = ["python", "-m", "my.app"]')
     restart = data.get("restart", "on-failure")
     if restart not in RESTART_POLICIES:
-        raise ManifestError(path, "restart", f"{restart!r} is not a policy", f"use one of {', '.join(RESTART_POLICIES)}")
+        raise ManifestError(
+            path,
+            "restart",
+            f"{restart!r} is not a policy",
+            f"use one of {', '.join(RESTART_POLICIES)}",
+        )
     limits_raw = data.get("limits", {})
     if not isinstance(limits_raw, dict):
         raise ManifestError(path, "limits", "must be a table", "add a [limits] table")
@@ -157,27 +174,40 @@ def load_manifest(path: Path) -> Manifest:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ManifestError(path, "-", f"cannot be read ({exc.strerror})", "check the path and its permissions") from None
+        raise ManifestError(
+            path, "-", f"cannot be read ({exc.strerror})", "check the path and its permissions"
+        ) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(path, "-", f"is not valid TOML ({exc})", "fix the TOML syntax") from None
+        raise ManifestError(
+            path, "-", f"is not valid TOML ({exc})", "fix the TOML syntax"
+        ) from None
     return parse_manifest(path, data)
 
 
 def load_manifests(directory: Path) -> dict[str, Manifest]:
     """Every `*.toml` manifest in `directory`, by app id; duplicate ids are an error."""
     if not directory.is_dir():
-        raise ManifestError(directory, "-", "is not a directory", "pass --apps DIR with the manifests")
+        raise ManifestError(
+            directory, "-", "is not a directory", "pass --apps DIR with the manifests"
+        )
     manifests: dict[str, Manifest] = {}
     for path in sorted(directory.glob("*.toml")):
         manifest = load_manifest(path)
         if manifest.app_id in manifests:
             raise ManifestError(
-                path, "id", f"{manifest.app_id!r} is already used by {manifests[manifest.app_id].path}",
+                path,
+                "id",
+                f"{manifest.app_id!r} is already used by {manifests[manifest.app_id].path}",
                 "give every app its own id",
             )
         manifests[manifest.app_id] = manifest
     for manifest in manifests.values():
         for dependency in manifest.after:
             if dependency not in manifests:
-                raise ManifestError(manifest.path, "after", f"names unknown app {dependency!r}", "list only app ids of this directory")
+                raise ManifestError(
+                    manifest.path,
+                    "after",
+                    f"names unknown app {dependency!r}",
+                    "list only app ids of this directory",
+                )
     return manifests

@@ -42,13 +42,14 @@ class Authorizer:
         if not allowed:
             if topic.startswith(SYS_TOPIC_PREFIX) and not self.platform:
                 raise PermissionViolation(
-                    Code.RESERVED_TOPIC, f"app {self.app_id!r} may not publish to {topic!r}",
+                    Code.RESERVED_TOPIC,
+                    f"app {self.app_id!r} may not publish to {topic!r}",
                     topic=topic,
                 )
             raise PermissionViolation(
                 Code.PUBLISH_DENIED,
                 f"app {self.app_id!r} may not publish to {topic!r}; add "
-                f"publish = [\"{topic}\"] (or a wildcard covering it) to its manifest",
+                f'publish = ["{topic}"] (or a wildcard covering it) to its manifest',
                 topic=topic,
             )
 
@@ -64,6 +65,6 @@ class Authorizer:
         raise PermissionViolation(
             Code.SUBSCRIBE_DENIED,
             f"app {self.app_id!r} may not subscribe to {pattern!r}; add "
-            f"subscribe = [\"{pattern}\"] (or a pattern covering it) to its manifest",
+            f'subscribe = ["{pattern}"] (or a pattern covering it) to its manifest',
             pattern=pattern,
         )

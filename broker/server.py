@@ -22,7 +22,7 @@ from broker import protocol as P
 from broker.errors import Code, ProtocolViolation, WireError
 from broker.histogram import LatencyHistogram
 from broker.logs import event
-from broker.manifests import ManifestError, Manifest, Permissions, load_manifests
+from broker.manifests import Manifest, ManifestError, Permissions, load_manifests
 from broker.paths import PlatformPaths
 from broker.router import Router, RouterConfig
 from security.credentials import CredentialStore
@@ -157,8 +157,12 @@ class BrokerServer:
         if status != b"200":
             self._auth_failures += 1
             event(
-                log, "auth-denied", logging.WARNING, app=app_id, address=address.decode(
-                    "utf-8", "replace"), mechanism=mechanism.decode("ascii", "replace"),
+                log,
+                "auth-denied",
+                logging.WARNING,
+                app=app_id,
+                address=address.decode("utf-8", "replace"),
+                mechanism=mechanism.decode("ascii", "replace"),
             )
         zap.send_multipart([version, request_id, status, reason, user, b""])
 
@@ -175,7 +179,8 @@ class BrokerServer:
                 return
             started = clock()
             first = sock.recv(copy=False)
-            app_id = first.get("User-Id") or ""
+            user_id = first.get("User-Id")
+            app_id = user_id if isinstance(user_id, str) else ""
             frames = [first.bytes]
             overflow = False
             while sock.getsockopt(_RCVMORE):

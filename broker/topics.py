@@ -120,7 +120,7 @@ class _Node(Generic[V]):
     """A trie node: values of patterns ending exactly here, and the next level."""
 
     values: set[V] = field(default_factory=set)
-    next: _Level[V] = field(default_factory=lambda: _Level())
+    next: _Level[V] = field(default_factory=_Level)
 
     def empty(self) -> bool:
         return not self.values and self.next.empty()

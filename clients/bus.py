@@ -28,7 +28,7 @@ from broker import protocol as P
 from broker.codec import encode_pub_header, new_message_id, pack
 from broker.errors import Code, WireError
 from broker.topics import pattern_tokens, validate_topic
-from clients.connection import ConnectSettings, Connection, read_credential_fd
+from clients.connection import Connection, ConnectSettings, read_credential_fd
 from clients.errors import (
     AuthenticationError,
     BrokerUnavailable,
@@ -231,7 +231,8 @@ class Bus:
     def broker_stats(self, timeout: float = 5.0) -> dict[str, Any]:
         """The broker's STATS (platform identities only, e.g. the CLI)."""
         self._check_open()
-        return self._wait(self._io.request_stats(), timeout, "broker stats")
+        stats: dict[str, Any] = self._wait(self._io.request_stats(), timeout, "broker stats")
+        return stats
 
     @property
     def reconnects(self) -> int:

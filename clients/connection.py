@@ -9,6 +9,7 @@ publish costs an append, not a thread hop, while the I/O thread is busy.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -190,13 +191,10 @@ class Connection(threading.Thread):
             events = dict(poller.poll(timeout_ms))
             if self._wake_r in events:
                 self._awake = False
-                try:
+                with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
-                except BlockingIOError:
-                    pass
-            if self._monitor is not None and self._monitor in events:
-                if self._on_monitor():
-                    return
+            if self._monitor is not None and self._monitor in events and self._on_monitor():
+                return
             if self._dealer is not None and self._dealer in events:
                 closing_done = self._receive()
                 if closing_done and closing_ping_sent:
@@ -236,7 +234,9 @@ class Connection(threading.Thread):
         self._hello()
 
     def _heartbeat_s(self) -> float:
-        ms = self.settings.heartbeat_ms or self.welcome.get("heartbeat_ms") or P.DEFAULT_HEARTBEAT_MS
+        ms = (
+            self.settings.heartbeat_ms or self.welcome.get("heartbeat_ms") or P.DEFAULT_HEARTBEAT_MS
+        )
         return float(ms) / 1000.0
 
     def _timeout_s(self) -> float:

@@ -24,7 +24,11 @@ class BusError(Exception):
     category = "local"
 
     def __init__(
-        self, message: str, code: int | None = None, hint: str = "", ref: dict[str, Any] | None = None
+        self,
+        message: str,
+        code: int | None = None,
+        hint: str = "",
+        ref: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(f"{message} — {hint}" if hint else message)
         self.code = code

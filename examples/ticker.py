@@ -28,8 +28,8 @@ def main() -> None:
     with Bus.connect() as bus:
         print(f"[ticker] connected as {bus.app_id}; publishing {', '.join(prices)}", flush=True)
         while not stop.is_set():
-            for symbol in prices:
-                prices[symbol] = round(prices[symbol] * (1 + rng.gauss(0, 0.001)), 2)
+            for symbol, last in prices.items():
+                prices[symbol] = round(last * (1 + rng.gauss(0, 0.001)), 2)
                 bus.publish(
                     f"market.{symbol}.prices",
                     {"symbol": symbol, "px": prices[symbol], "ts": time.time()},

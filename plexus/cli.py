@@ -70,8 +70,10 @@ def operator_bus(home: Path | None) -> Iterator[Bus]:
     paths = PlatformPaths.resolve(home)
     state = paths.read_state()
     if state is None:
-        fail(f"no platform is running with home {paths.home}; start one with `plexus run`",
-             exits.NOT_RUNNING)
+        fail(
+            f"no platform is running with home {paths.home}; start one with `plexus run`",
+            exits.NOT_RUNNING,
+        )
     store = CredentialStore(paths.creds_dir)
     token = store.mint(P.CLI_ID)
     try:
@@ -90,13 +92,24 @@ def main() -> None:
 
 @main.command()
 @home_option
-@click.option("--apps", "apps_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="Directory of app manifests (default: the bundled demo apps).")
+@click.option(
+    "--apps",
+    "apps_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory of app manifests (default: the bundled demo apps).",
+)
 @click.option("--no-persistence", is_flag=True, help="Write no message data to disk.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Platform config (TOML).")
-def run(home: Path | None, apps_dir: Path | None, no_persistence: bool,
-        config_file: Path | None) -> None:
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Platform config (TOML).",
+)
+def run(
+    home: Path | None, apps_dir: Path | None, no_persistence: bool, config_file: Path | None
+) -> None:
     """Start the platform in the foreground; Ctrl-C or SIGTERM stops it cleanly."""
     configure("supervisor")
     try:
@@ -123,7 +136,9 @@ def run(home: Path | None, apps_dir: Path | None, no_persistence: bool,
         fail(f"the broker did not come up: {exc}", exits.FAILURE)
     click.echo(
         f"plexus: platform running (home {paths.home}, {len(supervisor.apps)} apps); "
-        "Ctrl-C to stop", err=True)
+        "Ctrl-C to stop",
+        err=True,
+    )
     try:
         supervisor.run(lambda: bool(stop))
     finally:
@@ -154,18 +169,26 @@ def env(home: Path | None, app_id: str) -> None:
     paths = PlatformPaths.resolve(home)
     state = paths.read_state()
     if state is None:
-        fail(f"no platform is running with home {paths.home}; start it with `plexus run`",
-             exits.NOT_RUNNING)
+        fail(
+            f"no platform is running with home {paths.home}; start it with `plexus run`",
+            exits.NOT_RUNNING,
+        )
     try:
         manifests = load_manifests(Path(state["apps_dir"]))
     except ManifestError as exc:
         fail(str(exc), exits.BAD_INPUT)
     if app_id not in manifests:
-        fail(f"no manifest with id {app_id!r} in {state['apps_dir']}; add {app_id}.toml there",
-             exits.AUTH)
+        fail(
+            f"no manifest with id {app_id!r} in {state['apps_dir']}; add {app_id}.toml there",
+            exits.AUTH,
+        )
     token = CredentialStore(paths.creds_dir).mint(app_id)
-    for name, value in (("PLEXUS_ENDPOINT", state["endpoint"]), ("PLEXUS_APP_ID", app_id),
-                        ("PLEXUS_TOKEN", token), ("PLEXUS_HOME", str(paths.home))):
+    for name, value in (
+        ("PLEXUS_ENDPOINT", state["endpoint"]),
+        ("PLEXUS_APP_ID", app_id),
+        ("PLEXUS_TOKEN", token),
+        ("PLEXUS_HOME", str(paths.home)),
+    ):
         click.echo(f"export {name}='{value}'")
 
 
@@ -203,13 +226,17 @@ def message_record(message: Message) -> dict[str, Any]:
 @main.command()
 @home_option
 @click.argument("pattern")
-@click.option("--count", type=click.IntRange(min=1), default=None,
-              help="Exit after N messages.")
-@click.option("--timeout", type=click.FloatRange(min=0), default=None,
-              help="Give up after this many seconds (exit 7 if --count was not reached).")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Exit after N messages.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Give up after this many seconds (exit 7 if --count was not reached).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
-def subscribe(home: Path | None, pattern: str, count: int | None, timeout: float | None,
-              as_json: bool) -> None:
+def subscribe(
+    home: Path | None, pattern: str, count: int | None, timeout: float | None, as_json: bool
+) -> None:
     """Print messages matching PATTERN as they arrive (Ctrl-C to stop)."""
     deadline = time.monotonic() + timeout if timeout is not None else None
     received = 0
@@ -228,8 +255,10 @@ def subscribe(home: Path | None, pattern: str, count: int | None, timeout: float
                 if as_json:
                     click.echo(json.dumps(record, default=str))
                 else:
-                    click.echo(f"{record['topic']} from {record['sender']}: "
-                               f"{json.dumps(record['data'], default=str)}")
+                    click.echo(
+                        f"{record['topic']} from {record['sender']}: "
+                        f"{json.dumps(record['data'], default=str)}"
+                    )
         except KeyboardInterrupt:
             return
     if count is not None and received < count:

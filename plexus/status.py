@@ -54,7 +54,8 @@ def collect_status(state: dict[str, Any], stats: dict[str, Any]) -> dict[str, An
             "state": info.get("state"),
             "restarts": info.get("restarts", 0),
             "exit_status": info.get("exit_status"),
-            "uptime_s": round(now - started, 1) if started and info.get("state") == "RUNNING"
+            "uptime_s": round(now - started, 1)
+            if started and info.get("state") == "RUNNING"
             else None,
             "cpu_percent": measured.get(name, {}).get("cpu_percent"),
             "rss_mb": measured.get(name, {}).get("rss_mb"),

@@ -1,11 +1,11 @@
 """`plexus run --config FILE`: platform settings from TOML, validated, with documented defaults.
 
-    [broker]
-    heartbeat_ms = 2000        # how often clients and broker prove they are alive
-    peer_timeout_ms = 10000    # silence after which a session ends
-    [platform]
-    persistence = true         # false: no message data is written to disk
-    stop_grace_s = 5.0         # SIGTERM -> SIGKILL delay when stopping an app
+[broker]
+heartbeat_ms = 2000        # how often clients and broker prove they are alive
+peer_timeout_ms = 10000    # silence after which a session ends
+[platform]
+persistence = true         # false: no message data is written to disk
+stop_grace_s = 5.0         # SIGTERM -> SIGKILL delay when stopping an app
 """
 
 from __future__ import annotations
@@ -58,12 +58,11 @@ def load_config(path: Path | None, persistence: bool | None = None) -> PlatformC
             schema = _SCHEMA.get(section)
             if schema is None or not isinstance(table, dict):
                 raise ConfigError(f"{path}: unknown section [{section}]; use {sorted(_SCHEMA)}")
-            for key, value in table.items():
+            for key, raw in table.items():
                 if key not in schema:
                     raise ConfigError(f"{path}: unknown key {section}.{key}; use {sorted(schema)}")
                 field, kind, bounds = schema[key]
-                if kind is float and type(value) is int:
-                    value = float(value)
+                value = float(raw) if kind is float and type(raw) is int else raw
                 if type(value) is not kind:
                     raise ConfigError(f"{path}: {section}.{key} must be {kind.__name__}")
                 if bounds is not None and not bounds[0] <= value <= bounds[1]:

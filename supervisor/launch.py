@@ -33,7 +33,9 @@ def app_environment(
     base: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The environment of a launched app (DESIGN.md "Contracts")."""
-    env = {k: v for k, v in (base if base is not None else os.environ).items() if k not in _SCRUBBED}
+    env = {
+        k: v for k, v in (base if base is not None else os.environ).items() if k not in _SCRUBBED
+    }
     env.update(dict(manifest.env))
     env.update(
         {

@@ -7,6 +7,7 @@ supervisor dies (PR_SET_PDEATHSIG), so no child outlives a supervisor killed wit
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -63,10 +64,8 @@ class Spawner:
 
     def signal_group(self, child: Child, signum: int) -> None:
         """Send `signum` to the child's whole process group (its own children included)."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signum)
-        except ProcessLookupError:
-            pass
 
     def wait(self, child: Child, timeout: float) -> int | None:
         try:

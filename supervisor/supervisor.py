@@ -151,20 +151,26 @@ class Supervisor:
 
     def _refuse_second_platform(self) -> None:
         state = self.paths.read_state()
-        if state and isinstance(state.get("pid"), int) and psutil.pid_exists(state["pid"]):
-            if state["pid"] != os.getpid():
-                raise PlatformRunning(
-                    f"a platform (pid {state['pid']}) already runs with home {self.paths.home}; "
-                    "stop it or pass another --home"
-                )
+        pid = state.get("pid") if state else None
+        if isinstance(pid, int) and pid != os.getpid() and psutil.pid_exists(pid):
+            raise PlatformRunning(
+                f"a platform (pid {pid}) already runs with home {self.paths.home}; "
+                "stop it or pass another --home"
+            )
 
     def _start_broker(self) -> None:
         argv = [
-            sys.executable, "-m", "broker",
-            "--home", str(self.paths.home),
-            "--apps", str(self.apps_dir),
-            "--heartbeat-ms", str(self.config.heartbeat_ms),
-            "--peer-timeout-ms", str(self.config.peer_timeout_ms),
+            sys.executable,
+            "-m",
+            "broker",
+            "--home",
+            str(self.paths.home),
+            "--apps",
+            str(self.apps_dir),
+            "--heartbeat-ms",
+            str(self.config.heartbeat_ms),
+            "--peer-timeout-ms",
+            str(self.config.peer_timeout_ms),
         ]
         self.broker = self.spawner.spawn("broker", argv, os.environ)
         event(log, "broker-launched", pid=self.broker.pid)

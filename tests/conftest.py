@@ -76,8 +76,16 @@ class BrokerHandle:
 
     def start(self, *extra: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "broker", "--home", str(self.home), "--apps", str(self.apps),
-             *extra],
+            [
+                sys.executable,
+                "-m",
+                "broker",
+                "--home",
+                str(self.home),
+                "--apps",
+                str(self.apps),
+                *extra,
+            ],
             cwd=REPO,
         )
         wait_for(lambda: Path(self.endpoint.removeprefix("ipc://")).exists())
@@ -130,11 +138,20 @@ def broker(short_tmp: Path) -> Iterator[BrokerHandle]:
     handle.close()
 
 
-def plexus_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0,
-               input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+def plexus_cli(
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    input_text: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run the real `plexus` command."""
     return subprocess.run(
         [sys.executable, "-m", "plexus", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
-        env={**os.environ, **(env or {})}, input=input_text, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        input=input_text,
+        check=False,
     )

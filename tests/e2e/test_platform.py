@@ -46,7 +46,8 @@ class Platform:
 def _app(apps: Path, app_id: str, module: str, permissions: str, **env: str) -> None:
     env_lines = "".join(f'{k} = "{v}"\n' for k, v in env.items())
     write_manifest(
-        apps, app_id,
+        apps,
+        app_id,
         f'command = ["python", "-m", "{module}"]\n[permissions]\n{permissions}\n[env]\n{env_lines}',
     )
 
@@ -59,20 +60,46 @@ def platform() -> Iterator[Platform]:
         apps.mkdir()
         out.mkdir()
         ready = ":".join(str(out / f"{c}.jsonl.ready") for c in ("narrow", "wide"))
-        _app(apps, "producer", "tests.e2e.apps.producer", 'publish = ["market.>"]',
-             PRODUCER_COUNT=str(COUNT), PRODUCER_TOPIC="market.E2E.prices",
-             PRODUCER_WAIT_FILE=ready)
-        _app(apps, "narrow", "tests.e2e.apps.consumer", 'subscribe = ["market.*.prices"]',
-             CONSUMER_PATTERN="market.*.prices", CONSUMER_OUT=str(out / "narrow.jsonl"))
-        _app(apps, "wide", "tests.e2e.apps.consumer", 'subscribe = ["market.>"]',
-             CONSUMER_PATTERN="market.>", CONSUMER_OUT=str(out / "wide.jsonl"))
-        _app(apps, "intruder", "tests.e2e.apps.intruder", 'publish = ["chatter.>"]',
-             INTRUDER_OUT=str(out / "intruder.json"))
+        _app(
+            apps,
+            "producer",
+            "tests.e2e.apps.producer",
+            'publish = ["market.>"]',
+            PRODUCER_COUNT=str(COUNT),
+            PRODUCER_TOPIC="market.E2E.prices",
+            PRODUCER_WAIT_FILE=ready,
+        )
+        _app(
+            apps,
+            "narrow",
+            "tests.e2e.apps.consumer",
+            'subscribe = ["market.*.prices"]',
+            CONSUMER_PATTERN="market.*.prices",
+            CONSUMER_OUT=str(out / "narrow.jsonl"),
+        )
+        _app(
+            apps,
+            "wide",
+            "tests.e2e.apps.consumer",
+            'subscribe = ["market.>"]',
+            CONSUMER_PATTERN="market.>",
+            CONSUMER_OUT=str(out / "wide.jsonl"),
+        )
+        _app(
+            apps,
+            "intruder",
+            "tests.e2e.apps.intruder",
+            'publish = ["chatter.>"]',
+            INTRUDER_OUT=str(out / "intruder.json"),
+        )
         write_manifest(apps, "outsider", '[permissions]\npublish = ["market.>"]\n')
         log = (root / "platform.log").open("w")
         process = subprocess.Popen(
             [sys.executable, "-m", "plexus", "run", "--home", str(home), "--apps", str(apps)],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         platform = Platform(home, apps, out, process)
         try:
@@ -84,8 +111,13 @@ def platform() -> Iterator[Platform]:
 
 
 def test_apps_in_separate_processes_exchange_messages(platform: Platform) -> None:
-    wait_for(lambda: len(platform.lines("narrow.jsonl")) >= COUNT
-             and len(platform.lines("wide.jsonl")) >= COUNT, 30)
+    wait_for(
+        lambda: (
+            len(platform.lines("narrow.jsonl")) >= COUNT
+            and len(platform.lines("wide.jsonl")) >= COUNT
+        ),
+        30,
+    )
     for name in ("narrow.jsonl", "wide.jsonl"):
         lines = [line for line in platform.lines(name) if line["topic"] == "market.E2E.prices"]
         assert [line["data"]["seq"] for line in lines] == list(range(COUNT)), name
@@ -134,9 +166,24 @@ def test_operator_publish_and_subscribe(platform: Platform) -> None:
     home = str(platform.home)
     before = platform.status()["subscriptions"]
     sub = subprocess.Popen(
-        [sys.executable, "-m", "plexus", "subscribe", "--home", home, "ops.>", "--count", "2",
-         "--json", "--timeout", "20"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "plexus",
+            "subscribe",
+            "--home",
+            home,
+            "ops.>",
+            "--count",
+            "2",
+            "--json",
+            "--timeout",
+            "20",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_for(lambda: platform.status()["subscriptions"] > before, 10)
@@ -151,13 +198,13 @@ def test_operator_publish_and_subscribe(platform: Platform) -> None:
     assert sub.returncode == 0, stderr
     records = [json.loads(line) for line in stdout.splitlines()]
     assert [(r["topic"], r["data"], r["sender"]) for r in records] == [
-        ("ops.note", {"n": 1}, "$cli")] * 2
+        ("ops.note", {"n": 1}, "$cli")
+    ] * 2
     bad_json = plexus_cli("publish", "--home", home, "ops.note", "{not json")
     assert bad_json.returncode == 6 and "JSON" in bad_json.stderr
     bad_topic = plexus_cli("publish", "--home", home, "ops..note", "1")
     assert bad_topic.returncode == 6
-    timeout = plexus_cli("subscribe", "--home", home, "quiet.>", "--count", "1", "--timeout",
-                         "0.5")
+    timeout = plexus_cli("subscribe", "--home", home, "quiet.>", "--count", "1", "--timeout", "0.5")
     assert timeout.returncode == 7
 
 
@@ -174,12 +221,17 @@ def test_demo_platform_runs_and_stops_cleanly_on_sigterm() -> None:
     with tempfile.TemporaryDirectory(prefix="px-demo-", dir="/tmp") as home:
         process = subprocess.Popen(
             [sys.executable, "-m", "plexus", "run", "--home", home],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         try:
             status = wait_for(lambda: _status_if_flowing(home), 30)
-            tree = {status["broker"]["pid"], *(a["pid"] for a in status["apps"].values() if
-                                               a["pid"])}
+            tree = {
+                status["broker"]["pid"],
+                *(a["pid"] for a in status["apps"].values() if a["pid"]),
+            }
             process.send_signal(signal.SIGTERM)
             output, _ = process.communicate(timeout=30)
         finally:
@@ -187,8 +239,15 @@ def test_demo_platform_runs_and_stops_cleanly_on_sigterm() -> None:
         assert process.returncode == 0, output
         assert "[blotter]" in output and "market." in output
         assert "platform-stopped" in output
-        wait_for(lambda: not any(psutil.pid_exists(pid) and psutil.Process(pid).status()
-                                 != psutil.STATUS_ZOMBIE for pid in tree), 10)
+        wait_for(
+            lambda: (
+                not any(
+                    psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                    for pid in tree
+                )
+            ),
+            10,
+        )
         assert plexus_cli("status", "--home", home).returncode == 3
 
 

@@ -31,7 +31,11 @@ def test_publish_reaches_subscriber_with_broker_stamped_sender(broker: BrokerHan
     msg_id = pub.publish("market.AAPL.prices", {"px": 187.2}, correlation_id="c-1", confirm=True)
     message = sub.get(timeout=5)
     assert message is not None
-    assert (message.id, message.topic, message.data) == (msg_id, "market.AAPL.prices", {"px": 187.2})
+    assert (message.id, message.topic, message.data) == (
+        msg_id,
+        "market.AAPL.prices",
+        {"px": 187.2},
+    )
     assert message.sender == "pub"
     assert message.correlation_id == "c-1"
     assert message.attempt == 1
@@ -39,12 +43,23 @@ def test_publish_reaches_subscriber_with_broker_stamped_sender(broker: BrokerHan
 
 
 def test_wildcard_fan_out_to_many_subscribers(broker: BrokerHandle) -> None:
-    patterns = ["market.>", "market.*.prices", "market.AAPL.*", "market.AAPL.prices",
-                "market.*.trades", "market.MSFT.>"] * 4
+    patterns = [
+        "market.>",
+        "market.*.prices",
+        "market.AAPL.*",
+        "market.AAPL.prices",
+        "market.*.trades",
+        "market.MSFT.>",
+    ] * 4
     subs = [(p, broker.connect("sub").subscribe(p)) for p in patterns]
     pub = broker.connect("pub")
-    topics = ["market.AAPL.prices", "market.MSFT.prices", "market.AAPL.trades",
-              "market.MSFT.book.l2", "market.GOOG"]
+    topics = [
+        "market.AAPL.prices",
+        "market.MSFT.prices",
+        "market.AAPL.trades",
+        "market.MSFT.book.l2",
+        "market.GOOG",
+    ]
     for topic in topics:
         pub.publish(topic, topic, confirm=True)
 
@@ -162,7 +177,7 @@ def test_app_without_manifest_is_refused(broker: BrokerHandle) -> None:
 
 
 def _raw_dealer(broker: BrokerHandle, app_id: str) -> zmq.Socket[bytes]:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
     sock.rcvtimeo = 5000
     sock.plain_username = app_id.encode()
@@ -177,8 +192,16 @@ def test_forged_sender_in_header_is_ignored(broker: BrokerHandle) -> None:
     sub = broker.connect("sub").subscribe("market.>")
     sock = _raw_dealer(broker, "pub")
     try:
-        header = pack({"id": new_message_id(), "topic": "market.x", "sender": "both",
-                       "from": "both", "app": "both", "cf": True})
+        header = pack(
+            {
+                "id": new_message_id(),
+                "topic": "market.x",
+                "sender": "both",
+                "from": "both",
+                "app": "both",
+                "cf": True,
+            }
+        )
         sock.send_multipart([P.PUB, header, pack("forged")])
         assert sock.recv_multipart()[0] == P.CONFIRM
         message = sub.get(5)

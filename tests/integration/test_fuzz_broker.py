@@ -29,19 +29,29 @@ deep_msgpack = st.builds(nested, st.integers(min_value=100, max_value=5000))
 
 msgpack_junk = st.one_of(
     st.recursive(
-        st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**64 - 1)
+        | st.floats()
         | st.text(max_size=20)
         | st.binary(max_size=20),
-        lambda inner: st.lists(inner, max_size=4)
-        | st.dictionaries(st.text(max_size=5) | st.integers(-9, 9), inner, max_size=4),
+        lambda inner: (
+            st.lists(inner, max_size=4)
+            | st.dictionaries(st.text(max_size=5) | st.integers(-9, 9), inner, max_size=4)
+        ),
         max_leaves=20,
     ),
     st.builds(lambda n: "x" * n, st.integers(min_value=8000, max_value=20000)),
     st.builds(lambda n: {"id": b"\x00" * n, "topic": "market.a"}, st.integers(0, 40)),
-    st.fixed_dictionaries({"id": st.binary(min_size=16, max_size=16),
-                           "topic": st.text(max_size=30)}),
-    st.fixed_dictionaries({"sid": st.integers(-(2**63), 2**63) | st.text(max_size=3),
-                           "pattern": st.text(max_size=30) | st.integers()}),
+    st.fixed_dictionaries(
+        {"id": st.binary(min_size=16, max_size=16), "topic": st.text(max_size=30)}
+    ),
+    st.fixed_dictionaries(
+        {
+            "sid": st.integers(-(2**63), 2**63) | st.text(max_size=3),
+            "pattern": st.text(max_size=30) | st.integers(),
+        }
+    ),
 )
 
 
@@ -64,28 +74,37 @@ def _is_valid_pub(frames: list[bytes]) -> bool:
 malformed_messages = st.one_of(
     # random bytes as command and frames
     st.lists(st.binary(max_size=64), min_size=1, max_size=6).filter(
-        lambda f: f[0] not in COMMANDS + [P.BYE]
+        lambda f: f[0] not in [*COMMANDS, P.BYE]
     ),
     # real command, junk msgpack header or wrong frame count
     st.builds(
         lambda cmd, parts: [cmd, *parts],
         st.sampled_from([P.SUB, P.UNSUB, P.HELLO]),
-        st.lists(st.builds(lambda v: msgpack.packb(v, use_bin_type=True), msgpack_junk)
-                 | deep_msgpack | st.binary(max_size=64), min_size=0, max_size=3),
+        st.lists(
+            st.builds(lambda v: msgpack.packb(v, use_bin_type=True), msgpack_junk)
+            | deep_msgpack
+            | st.binary(max_size=64),
+            min_size=0,
+            max_size=3,
+        ),
     ).filter(lambda f: len(f) != 2 or f[0] != P.HELLO),
     # PUB with junk headers, odd frame counts, truncated msgpack
     st.builds(
         lambda parts: [P.PUB, *parts],
-        st.lists(st.builds(lambda v: msgpack.packb(v, use_bin_type=True)[:-1] or b"\xc1",
-                           msgpack_junk) | deep_msgpack | st.binary(max_size=32),
-                 min_size=0, max_size=5),
+        st.lists(
+            st.builds(lambda v: msgpack.packb(v, use_bin_type=True)[:-1] or b"\xc1", msgpack_junk)
+            | deep_msgpack
+            | st.binary(max_size=32),
+            min_size=0,
+            max_size=5,
+        ),
     ),
 )
 
 
 @pytest.fixture
 def attacker(broker: BrokerHandle) -> Any:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
     sock.rcvtimeo = 5000
     sock.plain_username = b"pub"
@@ -97,8 +116,11 @@ def attacker(broker: BrokerHandle) -> Any:
     sock.close()
 
 
-@settings(max_examples=300, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(frames=malformed_messages)
 def test_every_malformed_message_gets_an_error(
     broker: BrokerHandle, attacker: zmq.Socket[bytes], frames: list[bytes]

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import threading
+from collections.abc import Callable
 
 from clients.bus import Bus, BusError
 
@@ -15,7 +16,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     outcomes = []
     with Bus.connect() as bus:
-        attempts = [
+        attempts: list[tuple[str, Callable[[], object]]] = [
             ("publish", lambda: bus.publish("orders.secret", 1, confirm=True)),
             ("subscribe", lambda: bus.subscribe("orders.>")),
             ("sys", lambda: bus.publish("$sys.apps.launched", {"app": "x"}, confirm=True)),
@@ -26,8 +27,15 @@ def main() -> None:
                 attempt()
                 outcomes.append({"try": name, "ok": True})
             except BusError as exc:
-                outcomes.append({"try": name, "ok": False, "code": exc.code,
-                                 "kind": type(exc).__name__, "message": str(exc)})
+                outcomes.append(
+                    {
+                        "try": name,
+                        "ok": False,
+                        "code": exc.code,
+                        "kind": type(exc).__name__,
+                        "message": str(exc),
+                    }
+                )
     with open(os.environ["INTRUDER_OUT"], "w", encoding="utf-8") as sink:
         json.dump(outcomes, sink)
     stop.wait()

@@ -1,0 +1,1 @@
+"""Audit service: hash-chained, signed audit log (arrives with the audit issue)."""
