@@ -49,7 +49,7 @@ msgpack_junk = st.one_of(
     st.fixed_dictionaries(
         {
             "sid": st.integers(-(2**63), 2**63) | st.text(max_size=3),
-            "pattern": st.text(max_size=30) | st.integers(),
+            "pattern": st.text(max_size=30) | st.integers(-(2**63), 2**63),
         }
     ),
 )

@@ -93,9 +93,11 @@ class IndexMachine(RuleBasedStateMachine):
 
     entries = Bundle("entries")
 
-    def __init__(self, cache_size: int) -> None:
+    CACHE_SIZE = 4096
+
+    def __init__(self) -> None:
         super().__init__()
-        self.index: TopicIndex[int] = TopicIndex(cache_size=cache_size)
+        self.index: TopicIndex[int] = TopicIndex(cache_size=self.CACHE_SIZE)
         self.model: set[tuple[str, int]] = set()
 
     @rule(target=entries, pattern=patterns(), value=values)
@@ -143,10 +145,18 @@ class IndexMachine(RuleBasedStateMachine):
         assert set(self.index.patterns()) == literals
 
 
-@pytest.mark.parametrize("cache_size", CACHE_SIZES)
-def test_index_state_machine(cache_size: int) -> None:
+class TinyCacheMachine(IndexMachine):
+    CACHE_SIZE = 2
+
+
+class NoCacheMachine(IndexMachine):
+    CACHE_SIZE = 0
+
+
+@pytest.mark.parametrize("machine", [IndexMachine, TinyCacheMachine, NoCacheMachine])
+def test_index_state_machine(machine: type[IndexMachine]) -> None:
     run_state_machine_as_test(
-        lambda: IndexMachine(cache_size),
+        machine,
         settings=settings(max_examples=150, stateful_step_count=40, deadline=None),
     )
 
@@ -362,9 +372,7 @@ ALL_PATTERNS = [
     for last in [*_P_TOKENS, ">"]
 ]
 _U_TOKENS = ["a", "b", "$sys", "z", "$z"]
-UNIVERSE = [
-    ".".join(t) for size in range(1, 5) for t in itertools.product(_U_TOKENS, repeat=size)
-]
+UNIVERSE = [".".join(t) for size in range(1, 5) for t in itertools.product(_U_TOKENS, repeat=size)]
 MATCHED: dict[str, frozenset[str]] = {
     p: frozenset(t for t in UNIVERSE if ref(p, t)) for p in ALL_PATTERNS
 }
@@ -384,10 +392,7 @@ def test_universe_is_the_expected_size() -> None:
 
 def test_pattern_matches_brute_force() -> None:
     wrong = [
-        (p, t)
-        for p in ALL_PATTERNS
-        for t in UNIVERSE
-        if pattern_matches(p, t) != (t in MATCHED[p])
+        (p, t) for p in ALL_PATTERNS for t in UNIVERSE if pattern_matches(p, t) != (t in MATCHED[p])
     ]
     assert not wrong, wrong[:10]
 
