@@ -90,7 +90,7 @@ class Router:
         self,
         permissions_for: PermissionsLookup,
         config: RouterConfig | None = None,
-        extra_stats: Callable[[], dict[str, Any]] | None = None,
+        extra_stats: Callable[[bool], dict[str, Any]] | None = None,
     ) -> None:
         self._config = config or RouterConfig()
         self._permissions_for = permissions_for
@@ -125,7 +125,7 @@ class Router:
             if command == P.BYE:
                 self.drop_peer(peer)
                 return []
-            return self._stats(session, now_ns)
+            return self._stats(session, frames, now_ns)
         except WireError as exc:
             return [self.error(peer, exc)]
 
@@ -221,10 +221,11 @@ class Router:
         self._routes.clear()
         return [(session.peer, [P.UNSUBOK, pack({"sid": sid})])]
 
-    def _stats(self, session: Session, now_ns: int) -> list[Outbound]:
+    def _stats(self, session: Session, frames: list[bytes], now_ns: int) -> list[Outbound]:
         if not session.authorizer.platform:
             raise PermissionViolation(Code.COMMAND_DENIED, "STATS is for platform identities")
-        return [(session.peer, [P.STATSOK, pack(self.snapshot(now_ns))])]
+        reset = len(frames) == 2 and unpack_map(frames[1]).get("reset") is True
+        return [(session.peer, [P.STATSOK, pack(self.snapshot(now_ns, reset))])]
 
     def _publish(  # noqa: PLR0912 - the hot path stays one flat loop, no call per message
         self, session: Session, frames: list[bytes], now_ns: int
@@ -324,8 +325,8 @@ class Router:
     def session_of(self, peer: bytes) -> Session | None:
         return self._sessions.get(peer)
 
-    def snapshot(self, now_ns: int) -> dict[str, Any]:
-        """Plain-data statistics for STATS replies."""
+    def snapshot(self, now_ns: int, reset: bool = False) -> dict[str, Any]:
+        """Plain-data statistics for STATS replies; `reset` restarts latency measurement."""
         apps: dict[str, dict[str, Any]] = {}
         for session in self._sessions.values():
             entry = apps.setdefault(session.app_id, {"sessions": 0, "last_seen_s_ago": None})
@@ -346,5 +347,5 @@ class Router:
             "seq": self._seq,
         }
         if self._extra_stats is not None:
-            data.update(self._extra_stats())
+            data.update(self._extra_stats(reset))
         return data

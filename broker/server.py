@@ -232,10 +232,13 @@ class BrokerServer:
             self._rate = (delivered - mark_count) / (now - mark_time)
         self._rate_mark = (now, delivered)
 
-    def _extra_stats(self) -> dict[str, Any]:
+    def _extra_stats(self, reset: bool) -> dict[str, Any]:
         usage = resource.getrusage(resource.RUSAGE_SELF)
+        latency = self.route_latency.summary_us()
+        if reset:
+            self.route_latency.reset()
         return {
-            "route_latency": self.route_latency.summary_us(),
+            "route_latency": latency,
             "auth_failures": self._auth_failures,
             "uptime_s": round(time.monotonic() - self._started, 3),
             "rss_max_kb": usage.ru_maxrss,

@@ -228,10 +228,15 @@ class Bus:
 
     # -- platform ---------------------------------------------------------------------------
 
-    def broker_stats(self, timeout: float = 5.0) -> dict[str, Any]:
-        """The broker's STATS (platform identities only, e.g. the CLI)."""
+    def broker_stats(self, timeout: float = 5.0, reset_latency: bool = False) -> dict[str, Any]:
+        """The broker's STATS (platform identities only, e.g. the CLI).
+
+        `reset_latency=True` starts a fresh routing-latency window after this snapshot
+        (benchmarks measure one phase at a time).
+        """
         self._check_open()
-        stats: dict[str, Any] = self._wait(self._io.request_stats(), timeout, "broker stats")
+        future = self._io.request_stats(reset_latency)
+        stats: dict[str, Any] = self._wait(future, timeout, "broker stats")
         return stats
 
     @property

@@ -395,11 +395,11 @@ class Connection(threading.Thread):
             with self._space:
                 self._space.notify_all()
 
-    def request_stats(self) -> Future[dict[str, Any]]:
+    def request_stats(self, reset_latency: bool = False) -> Future[dict[str, Any]]:
         """Ask the broker for STATS (platform identities only)."""
         future: Future[dict[str, Any]] = Future()
         self.stats_future = future
-        self.outbox_control.append([P.STATS])
+        self.outbox_control.append([P.STATS, pack({"reset": reset_latency})])
         self.wake()
         return future
 
