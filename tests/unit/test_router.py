@@ -370,9 +370,15 @@ def test_stats_is_for_platform_identities(router: Router) -> None:
 
 
 def test_stats_includes_extra_stats() -> None:
-    router = Router(PERMISSIONS.get, extra_stats=lambda: {"queue": 3})
+    def extra(reset: bool) -> dict[str, Any]:
+        return {"queue": 3, "was_reset": reset}
+
+    router = Router(PERMISSIONS.get, extra_stats=extra)
     cli = Peer(router, b"c", "$cli").welcomed()
-    assert unpack_map(cli.send(P.STATS)[0][1][1])["queue"] == 3
+    stats = unpack_map(cli.send(P.STATS)[0][1][1])
+    assert (stats["queue"], stats["was_reset"]) == (3, False)
+    stats = unpack_map(cli.send(P.STATS, pack({"reset": True}))[0][1][1])
+    assert stats["was_reset"] is True
 
 
 @pytest.mark.parametrize("topic", ["news..x", "news.*", "news.>", "news.", " news", "n" * 256])
