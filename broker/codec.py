@@ -52,8 +52,8 @@ def unpack_map(raw: bytes, what: str = "header") -> dict[str, Any]:
         raise ProtocolViolation(
             Code.BAD_HEADER, f"{what} is not valid msgpack: {type(exc).__name__}"
         ) from None
-    if not isinstance(value, dict):
-        raise ProtocolViolation(Code.BAD_HEADER, f"{what} must be a msgpack map")
+    if not isinstance(value, dict) or not all(type(key) is str for key in value):
+        raise ProtocolViolation(Code.BAD_HEADER, f"{what} must be a msgpack map with str keys")
     return value
 
 
@@ -110,7 +110,7 @@ def pub_fields(header: dict[str, Any]) -> PubHeader:
     topic = required_text(header, "topic")
     _optional_text(header, "cid")
     traceparent = _optional_text(header, "tp")
-    if traceparent is not None and not _TRACEPARENT.match(traceparent):
+    if traceparent is not None and not _TRACEPARENT.fullmatch(traceparent):
         raise ProtocolViolation(Code.BAD_HEADER, "header field 'tp' is not a W3C traceparent")
     sensitive = header.get("sens", False)
     if not isinstance(sensitive, bool):
@@ -166,9 +166,15 @@ def decode_stamp(raw: bytes) -> Stamp:
         seq, sender, ts, attempt = msgpack.unpackb(raw, raw=False)
     except Exception:
         raise ProtocolViolation(Code.MALFORMED_FRAME, "bad DELIVER stamp") from None
-    if not (type(seq) is int and isinstance(sender, str) and type(ts) is int):
+    if not (
+        type(seq) is int
+        and isinstance(sender, str)
+        and type(ts) is int
+        and type(attempt) is int
+        and attempt >= 1
+    ):
         raise ProtocolViolation(Code.MALFORMED_FRAME, "bad DELIVER stamp fields")
-    return Stamp(seq, sender, ts, int(attempt))
+    return Stamp(seq, sender, ts, attempt)
 
 
 def encode_sids(sids: tuple[int, ...]) -> bytes:

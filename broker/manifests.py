@@ -19,6 +19,7 @@ from broker.topics import pattern_tokens
 APP_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 RESTART_POLICIES = ("always", "on-failure", "never")
 _KNOWN_KEYS = {"id", "command", "restart", "limits", "permissions", "after", "env", "description"}
+_LIMIT_KEYS = {"memory_mb", "cpu_percent"}
 _PERMISSION_KEYS = {"publish", "subscribe", "request", "ask"}
 
 
@@ -127,7 +128,7 @@ def parse_manifest(path: Path, data: dict[str, Any]) -> Manifest:
             path, name, "unknown field", f"remove it; known: {', '.join(sorted(_KNOWN_KEYS))}"
         )
     app_id = data.get("id")
-    if not isinstance(app_id, str) or not APP_ID.match(app_id):
+    if not isinstance(app_id, str) or not APP_ID.fullmatch(app_id):
         raise ManifestError(
             path,
             "id",
@@ -150,6 +151,11 @@ def parse_manifest(path: Path, data: dict[str, Any]) -> Manifest:
     limits_raw = data.get("limits", {})
     if not isinstance(limits_raw, dict):
         raise ManifestError(path, "limits", "must be a table", "add a [limits] table")
+    for key in limits_raw:
+        if key not in _LIMIT_KEYS:
+            raise ManifestError(
+                path, f"limits.{key}", "unknown limit", f"use only {', '.join(sorted(_LIMIT_KEYS))}"
+            )
     limits = Limits(
         memory_mb=_positive_int(path, "limits.memory_mb", limits_raw.get("memory_mb")),
         cpu_percent=_positive_int(path, "limits.cpu_percent", limits_raw.get("cpu_percent")),

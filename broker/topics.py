@@ -34,7 +34,7 @@ def _tokens(text: str, what: str, code: Code) -> list[str]:
         raise ProtocolViolation(code, f"{what} is empty")
     if len(text.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES:
         raise ProtocolViolation(code, f"{what} is longer than {MAX_TOPIC_BYTES} bytes")
-    if not _FORBIDDEN.isdisjoint(text):
+    if not _FORBIDDEN.isdisjoint(text) or not text.isprintable():
         raise ProtocolViolation(code, f"{what} {text!r} contains whitespace or NUL")
     tokens = text.split(".")
     if "" in tokens:

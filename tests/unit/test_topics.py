@@ -426,3 +426,11 @@ def test_pattern_covers_brute_force() -> None:
 )
 def test_pattern_covers_examples(outer: str, inner: str, covers: bool) -> None:
     assert pattern_covers(outer, inner) is covers
+
+
+@pytest.mark.parametrize("topic", ["a\u00a0b", "a\u2028b", "a.\u200bb", "a.b\x7f"])
+def test_unicode_whitespace_and_control_characters_are_rejected(topic: str) -> None:
+    with pytest.raises(ProtocolViolation):
+        validate_topic(topic)
+    with pytest.raises(ProtocolViolation):
+        pattern_tokens(topic)
