@@ -1,0 +1,225 @@
+"""Adapter `plexus`: the Plexus broker (`python -m broker`) with authenticated apps.
+
+The workers speak wire protocol v1 on raw DEALER sockets, exactly as cheaply as the
+`bare` workers do (one PUB per message, no client-side batching), so the comparison with
+the baseline is broker against broker: ZAP authentication, the User-Id check, header
+decoding, topic and permission checks, stamping and the DELIVER framing are what Plexus
+pays on top. Publishers connect as app `bench-pub`, subscribers as `bench-sub`, each with
+a credential minted into the platform's credential store, each SUB confirmed by SUBOK.
+
+In-broker routing latency (frame received -> handed to the subscriber's socket) comes
+from the broker's own histogram: reset at each window start, read at its end (STATS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import msgpack
+import zmq
+
+from broker import protocol as P
+from broker.codec import encode_pub_header, new_message_id, pack
+from broker.paths import PlatformPaths
+from perf import procutil
+from perf.model import LatencySummary, Phase, WorkerReport, WorkerSpec, topic_for
+from perf.systems import BrokerConfig, BrokerHandle, WorkerControl
+from perf.workload import publish_schedule, start_timeout_s, subscribe_schedule
+from security.credentials import CredentialStore
+
+NAME = "plexus"
+SNDMORE, NOBLOCK = 2, 1
+READY_TIMEOUT_S = 15.0
+_MANIFESTS = {
+    "bench-pub": '[permissions]\npublish = ["bench.>"]\n',
+    "bench-sub": '[permissions]\nsubscribe = ["bench.>"]\n',
+}
+
+
+def unavailable_reason() -> str | None:
+    """Always available: the broker is this repository."""
+    return None
+
+
+def _creds_for(endpoint: str) -> CredentialStore:
+    """The credential store beside the ipc socket (run dir / creds)."""
+    return CredentialStore(Path(endpoint.removeprefix("ipc://")).parent / "creds")
+
+
+def _hello(sock: zmq.Socket[bytes], app_id: str, endpoint: str, timeout_s: float) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.plain_username = app_id.encode()
+    sock.plain_password = _creds_for(endpoint).mint(app_id).encode()
+    sock.connect(endpoint)
+    sock.send_multipart([P.HELLO, pack({"v": [1], "client": "perf"})])
+    if not sock.poll(int(timeout_s * 1000)):
+        raise RuntimeError(f"no WELCOME from {endpoint} for {app_id}")
+    reply = sock.recv_multipart()
+    if reply[0] != P.WELCOME:
+        raise RuntimeError(f"HELLO refused: {reply!r}")
+
+
+class PlexusBroker(BrokerHandle):
+    """The broker process plus an operator (`$cli`) DEALER for STATS."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        home, apps = config.workdir / "home", config.workdir / "apps"
+        apps.mkdir(exist_ok=True)
+        for app_id, body in _MANIFESTS.items():
+            (apps / f"{app_id}.toml").write_text(f'id = "{app_id}"\n{body}', encoding="utf-8")
+        paths = PlatformPaths.resolve(home)
+        paths.prepare()
+        self.endpoint = paths.bus_endpoint()
+        self._proc = procutil.spawn_bounded(
+            [sys.executable, "-m", "broker", "--home", str(home), "--apps", str(apps)],
+            config.max_seconds,
+            config.workdir / "plexus-broker.log",
+        )
+        self._ctx = zmq.Context()
+        self._cmd: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
+        self._latency: dict[str, LatencySummary] = {}
+        try:
+            procutil_wait_for_socket(Path(self.endpoint.removeprefix("ipc://")), READY_TIMEOUT_S)
+            _hello(self._cmd, P.CLI_ID, self.endpoint, READY_TIMEOUT_S)
+        except Exception:
+            self.stop()
+            raise
+
+    def _stats(self, reset: bool) -> dict[str, object]:
+        self._cmd.send_multipart([P.STATS, pack({"reset": reset})])
+        while self._cmd.poll(10_000):
+            reply = self._cmd.recv_multipart()
+            if reply[0] == P.STATSOK:
+                stats: dict[str, object] = msgpack.unpackb(reply[1], raw=False)
+                return stats
+        raise RuntimeError("plexus broker did not answer STATS")
+
+    def pids(self) -> list[int]:
+        return procutil.child_pids(self._proc.pid)
+
+    def on_window(self, phase: Phase, edge: Literal["start", "end"]) -> None:
+        stats = self._stats(reset=edge == "start")
+        if edge == "end":
+            latency = stats.get("route_latency")
+            if isinstance(latency, dict) and latency.get("count"):
+                self._latency[phase.name] = LatencySummary(
+                    int(latency["count"]),
+                    float(latency["p50_us"]),
+                    float(latency["p99_us"]),
+                    float(latency["p999_us"]),
+                )
+
+    def routing_latency(self, phases: Sequence[Phase]) -> dict[str, LatencySummary]:
+        return {p.name: self._latency[p.name] for p in phases if p.name in self._latency}
+
+    def stop(self) -> None:
+        procutil.stop_process(self._proc)
+        self._cmd.close(0)
+        self._ctx.term()
+
+
+def procutil_wait_for_socket(path: Path, timeout_s: float) -> None:
+    """Wait until the broker's ipc socket file exists."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"plexus broker did not bind {path} within {timeout_s} s")
+        time.sleep(0.02)
+
+
+def start_broker(config: BrokerConfig) -> BrokerHandle:
+    """Start the broker and wait until the operator connection is welcomed."""
+    return PlexusBroker(config)
+
+
+class _Apps:
+    """One authenticated DEALER per pair, usable as SyncPublisher and SyncSubscriber."""
+
+    def __init__(self, spec: WorkerSpec, app_id: str) -> None:
+        self.ctx = zmq.Context()
+        self.topics = [topic_for(p) for p in spec.pairs]
+        self.socks: list[zmq.Socket[bytes]] = []
+        self.poller = zmq.Poller()
+        self.out_poller = zmq.Poller()
+        for _ in spec.pairs:
+            sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
+            _hello(sock, app_id, spec.endpoint, READY_TIMEOUT_S)
+            self.socks.append(sock)
+            self.out_poller.register(sock, zmq.POLLOUT)
+            self.poller.register(sock, zmq.POLLIN)
+
+    def subscribe_all(self) -> None:
+        for sid, (sock, topic) in enumerate(zip(self.socks, self.topics, strict=True), 1):
+            sock.send_multipart([P.SUB, pack({"sid": sid, "pattern": topic})])
+        for sock in self.socks:
+            if not sock.poll(int(READY_TIMEOUT_S * 1000)):
+                raise RuntimeError("no SUBOK")
+            reply = sock.recv_multipart()
+            if reply[0] != P.SUBOK:
+                raise RuntimeError(f"SUB refused: {reply!r}")
+
+    def try_send(self, slot: int, payload: bytes) -> bool:
+        sock = self.socks[slot]
+        try:
+            sock.send(P.PUB, SNDMORE | NOBLOCK)
+        except zmq.Again:
+            return False
+        sock.send(encode_pub_header(new_message_id(), self.topics[slot]), SNDMORE)
+        sock.send(payload)
+        return True
+
+    def wait_writable(self, timeout_s: float) -> None:
+        self.out_poller.poll(int(timeout_s * 1000))
+
+    def poll(self, timeout_s: float, sink: Callable[[bytes], None]) -> None:
+        for sock, _ in self.poller.poll(int(timeout_s * 1000)):
+            for _ in range(256):
+                try:
+                    frames = sock.recv_multipart(NOBLOCK)
+                except zmq.Again:
+                    break
+                if frames[0] == P.DELIVER:
+                    for i in range(4, len(frames), 4):
+                        sink(frames[i])
+
+    def close(self) -> None:
+        for sock in self.socks:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.send(P.BYE, NOBLOCK)
+            sock.close(0)
+        self.ctx.term()
+
+
+def publisher_worker(spec: WorkerSpec, ctl: WorkerControl) -> None:
+    """Connect and HELLO one DEALER per pair as `bench-pub`, then follow the schedule."""
+    apps = _Apps(spec, "bench-pub")
+    try:
+        ctl.ready()
+        schedule = ctl.wait_start(start_timeout_s(spec))
+        if schedule is None:
+            return
+        tallies = publish_schedule(schedule, spec.pairs, spec.n_pairs, spec.payload_size, apps)
+        ctl.report(WorkerReport(spec.worker_id, spec.role, tallies))
+    finally:
+        apps.close()
+
+
+def subscriber_worker(spec: WorkerSpec, ctl: WorkerControl) -> None:
+    """Connect, HELLO and SUB (confirmed) one DEALER per pair as `bench-sub`, then count."""
+    apps = _Apps(spec, "bench-sub")
+    try:
+        apps.subscribe_all()
+        ctl.ready()
+        schedule = ctl.wait_start(start_timeout_s(spec))
+        if schedule is None:
+            return
+        rec = subscribe_schedule(schedule, apps)
+        errors = [f"{rec.foreign} messages without a phase tag"] if rec.foreign else []
+        ctl.report(WorkerReport(spec.worker_id, spec.role, rec.tallies, errors))
+    finally:
+        apps.close()
