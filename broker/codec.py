@@ -157,8 +157,12 @@ class Stamp:
     attempt: int
 
 
+_stamp_packer = msgpack.Packer(use_bin_type=True)
+"""Reused for stamps (ints and one str, no user callbacks): saves a Packer per message."""
+
+
 def encode_stamp(seq: int, sender: str, timestamp_ns: int, attempt: int = 1) -> bytes:
-    return pack([seq, sender, timestamp_ns, attempt])
+    return _stamp_packer.pack([seq, sender, timestamp_ns, attempt])  # type: ignore[no-any-return]
 
 
 def decode_stamp(raw: bytes) -> Stamp:

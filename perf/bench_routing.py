@@ -192,6 +192,7 @@ def _headline(r: RunResult) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the matrix, print the tables, write the JSON; 0 if every run succeeded."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     systems, unavailable = choose_systems(args.systems)
@@ -214,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             label = f"[{i:>3}/{total}] rep {cfg.rep + 1} {cfg.layout:5} {cfg.n_apps:>4} apps"
             label += f" {cfg.system:10}"
             _progress(f"{label} starting broker + {len(_groups(cfg))} worker processes")
+            t_run = time.monotonic()
             runs.append(run_one(cfg))
-            _progress(f"{label} {_headline(runs[-1])}")
+            _progress(f"{label} {_headline(runs[-1])} [{time.monotonic() - t_run:.0f} s]")
     except (KeyboardInterrupt, SystemExit):
         interrupted = True
         _progress("interrupted: children stopped, writing what was measured")

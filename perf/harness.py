@@ -75,9 +75,12 @@ class PhaseResult:
     max_lag_ms: float
     e2e: LatencySummary | None
     routing: LatencySummary | None
-    broker_cpu_s: float
+    broker_cores: float  # broker CPU during the window, in cores
     broker_cpu_us_per_msg: float | None
     host_busy: float  # share of all CPUs busy during the window
+    workers_cores: float  # CPU used by all publisher and subscriber processes, in cores
+    other_cores: float  # CPU used by anything else on the machine (noise), in cores
+    edge_skew_ms: float  # how late the harness sampled the CPU counters
 
 
 @dataclass(slots=True)
@@ -101,8 +104,19 @@ class RunError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class _Edge:
-    cpu_ns: int
-    host: tuple[int, int]
+    t_ns: int  # when sampled (the harness may wake late on a saturated box)
+    cpu_ns: int  # broker, all threads
+    workers: int  # clock ticks, all worker processes
+    host: tuple[int, int]  # (busy, total) clock ticks, whole machine
+
+    @classmethod
+    def now(cls, broker_pids: list[int], worker_pids: list[int]) -> _Edge:
+        return cls(
+            time.monotonic_ns(),
+            procutil.cpu_ns(broker_pids),
+            procutil.process_jiffies(worker_pids),
+            procutil.host_jiffies(),
+        )
 
 
 def worker_groups(layout: Layout, n_pairs: int) -> list[tuple[Role, tuple[int, ...]]]:
@@ -163,7 +177,8 @@ def run_one(cfg: RunConfig) -> RunResult:
         t0.value = start
         go.set()
         schedule = build_schedule(cfg.plan, start, cfg.tail_ns)
-        edges = _observe(schedule, broker)
+        worker_pids = [p.pid for p in procs if p.pid is not None]
+        edges = _observe(schedule, broker, broker.pids(), worker_pids)
         reports = _collect(q, procs, deadline_s=15.0 + 0.05 * len(procs))
         routing = broker.routing_latency(schedule.phases)
         result.phases = [
@@ -209,16 +224,17 @@ def _await_ready(q: Queue[Message], procs: list[BaseProcess], timeout_s: float) 
         ready.add(wid)
 
 
-def _observe(schedule: Schedule, broker: BrokerHandle) -> list[tuple[_Edge, _Edge]]:
+def _observe(
+    schedule: Schedule, broker: BrokerHandle, broker_pids: list[int], worker_pids: list[int]
+) -> list[tuple[_Edge, _Edge]]:
     """Sleep through the schedule, sampling CPU counters at each window edge."""
-    pids = broker.pids()
     edges: list[tuple[_Edge, _Edge]] = []
     for phase in schedule.phases:
         sleep_until(phase.window_start_ns)
-        first = _Edge(procutil.cpu_ns(pids), procutil.host_jiffies())
+        first = _Edge.now(broker_pids, worker_pids)
         broker.on_window(phase, "start")
         sleep_until(phase.window_end_ns)
-        last = _Edge(procutil.cpu_ns(pids), procutil.host_jiffies())
+        last = _Edge.now(broker_pids, worker_pids)
         broker.on_window(phase, "end")
         edges.append((first, last))
     sleep_until(schedule.end_ns)
@@ -278,9 +294,17 @@ def _phase_result(
     else:
         delivered = sum(t.received_in_window for t in subs)
         e2e = summarize_ns([x for t in subs for x in t.latencies_ns])
-    cpu_ns = edges[1].cpu_ns - edges[0].cpu_ns
-    busy = edges[1].host[0] - edges[0].host[0]
-    total = edges[1].host[1] - edges[0].host[1]
+    first, last = edges
+    # CPU figures are rates over the span actually sampled, which can be later
+    # than the nominal window when the machine is saturated (see edge_skew_ms).
+    span_s = max(1e-9, (last.t_ns - first.t_ns) / NS_PER_S)
+    broker_cores = (last.cpu_ns - first.cpu_ns) / NS_PER_S / span_s
+    busy = last.host[0] - first.host[0]
+    total = last.host[1] - first.host[1]
+    workers_cores = (last.workers - first.workers) / procutil.TICKS_PER_S / span_s
+    other_cores = busy / procutil.TICKS_PER_S / span_s - workers_cores - broker_cores
+    skew_ns = max(first.t_ns - phase.window_start_ns, last.t_ns - phase.window_end_ns)
+    blocked = sum(min(t.blocked_ns, phase.window_end_ns - phase.window_start_ns) for t in pubs)
     return PhaseResult(
         name=phase.name,
         kind=phase.kind,
@@ -291,14 +315,15 @@ def _phase_result(
         sent_rate=sent / window_s,
         delivered_rate=delivered / window_s,
         delivered_fraction=delivered / sent if sent else None,
-        blocked_fraction=sum(t.blocked_ns for t in pubs) / (len(pubs) * window_s * NS_PER_S)
-        if pubs
-        else 0.0,
+        blocked_fraction=blocked / (len(pubs) * window_s * NS_PER_S) if pubs else 0.0,
         late_fraction=sum(t.late for t in pubs) / sent if sent else 0.0,
         max_lag_ms=max((t.max_lag_ns for t in pubs), default=0) / 1e6,
         e2e=e2e,
         routing=routing,
-        broker_cpu_s=cpu_ns / NS_PER_S,
-        broker_cpu_us_per_msg=cpu_ns / 1000 / delivered if delivered else None,
+        broker_cores=broker_cores,
+        broker_cpu_us_per_msg=broker_cores * window_s * 1e6 / delivered if delivered else None,
         host_busy=busy / total if total else 0.0,
+        workers_cores=workers_cores,
+        other_cores=max(0.0, other_cores),
+        edge_skew_ms=skew_ns / 1e6,
     )

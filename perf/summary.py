@@ -30,6 +30,9 @@ METRICS: dict[str, Extractor] = {
     "route_p999_us": lambda p: p.routing.p999_us if p.routing else None,
     "broker_cpu_us_per_msg": lambda p: p.broker_cpu_us_per_msg,
     "host_busy": lambda p: p.host_busy,
+    "broker_cores": lambda p: p.broker_cores,
+    "workers_cores": lambda p: p.workers_cores,
+    "other_cores": lambda p: p.other_cores,
 }
 
 
