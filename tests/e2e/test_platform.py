@@ -257,3 +257,21 @@ def _status_if_flowing(home: str) -> dict[str, Any] | None:
         return None
     status: dict[str, Any] = json.loads(result.stdout)
     return status if status["delivered"] > 0 else None
+
+
+def test_run_refuses_bad_manifests_and_config() -> None:
+    with tempfile.TemporaryDirectory(prefix="px-bad-", dir="/tmp") as name:
+        root = Path(name)
+        apps = root / "apps"
+        apps.mkdir()
+        write_manifest(apps, "broken", 'restart = "sometimes"\n')
+        result = plexus_cli("run", "--home", str(root / "home"), "--apps", str(apps))
+        assert result.returncode == 6
+        assert "broken.toml" in result.stderr and "restart" in result.stderr
+        (apps / "broken.toml").unlink()
+        config = root / "bad.toml"
+        config.write_text("[broker]\nheartbeat_ms = -1\n", encoding="utf-8")
+        result = plexus_cli(
+            "run", "--home", str(root / "home"), "--apps", str(apps), "--config", str(config)
+        )
+        assert result.returncode == 6 and "heartbeat_ms" in result.stderr
