@@ -91,6 +91,9 @@ class PlexusBroker(BrokerHandle):
             raise
 
     def _stats(self, reset: bool) -> dict[str, object]:
+        # This raw DEALER sends no heartbeats, so its session may have expired during a
+        # long setup (500 processes); a fresh HELLO first makes the STATS always welcome.
+        self._cmd.send_multipart([P.HELLO, pack({"v": [1], "client": "perf"})])
         self._cmd.send_multipart([P.STATS, pack({"reset": reset})])
         while self._cmd.poll(10_000):
             reply = self._cmd.recv_multipart()
