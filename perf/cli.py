@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     matrix = interleaved(args, systems, plan, tail_ns)
     total = len(matrix)
-    estimate = sum(plan_seconds(plan, tail_ns) + 3 + 0.05 * len(_groups(c)) for c in matrix)
+    estimate = sum(plan_seconds(plan, tail_ns) + 3 + 0.1 * len(_groups(c)) for c in matrix)
     _progress(
         f"{total} runs, about {estimate / 60:.0f} min; systems: {', '.join(systems) or 'none'}"
     )
