@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
-from types import FrameType
 
 from clients.bus import Bus
+from examples.stopping import stop_on_signals
 
 
 def main() -> None:
-    stop = threading.Event()
-
-    def on_signal(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
     with Bus.connect() as bus:
         sub = bus.subscribe("market.*.prices")
         print(f"[blotter] connected as {bus.app_id}; watching {sub.pattern}", flush=True)

@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import threading
 import time
-from types import FrameType
 
 from clients.bus import Bus
+from examples.stopping import stop_on_signals
 
 SYMBOLS = {"AAPL": 187.20, "MSFT": 411.50, "GOOG": 141.80, "AMZN": 178.30}
 
 
 def main() -> None:
-    stop = threading.Event()
-
-    def on_signal(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
     interval = float(os.environ.get("TICKER_INTERVAL_S", "0.5"))
     prices = dict(SYMBOLS)
     rng = random.Random()

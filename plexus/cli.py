@@ -64,16 +64,22 @@ def _exit_code(error: BusError) -> int:
     return exits.FAILURE
 
 
-@contextmanager
-def operator_bus(home: Path | None) -> Iterator[Bus]:
-    """A Bus connected as the operator (`$cli`) with a credential minted for this command."""
-    paths = PlatformPaths.resolve(home)
+def running_state(paths: PlatformPaths) -> dict[str, Any]:
+    """The running platform's state file, or exit 3 saying how to start one."""
     state = paths.read_state()
     if state is None:
         fail(
             f"no platform is running with home {paths.home}; start one with `plexus run`",
             exits.NOT_RUNNING,
         )
+    return state
+
+
+@contextmanager
+def operator_bus(home: Path | None) -> Iterator[Bus]:
+    """A Bus connected as the operator (`$cli`) with a credential minted for this command."""
+    paths = PlatformPaths.resolve(home)
+    state = running_state(paths)
     store = CredentialStore(paths.creds_dir)
     token = store.mint(P.CLI_ID)
     try:
@@ -167,12 +173,7 @@ def status(home: Path | None, as_json: bool) -> None:
 def env(home: Path | None, app_id: str) -> None:
     """Print `export PLEXUS_...` lines that let an external app connect as APP_ID."""
     paths = PlatformPaths.resolve(home)
-    state = paths.read_state()
-    if state is None:
-        fail(
-            f"no platform is running with home {paths.home}; start it with `plexus run`",
-            exits.NOT_RUNNING,
-        )
+    state = running_state(paths)
     try:
         manifests = load_manifests(Path(state["apps_dir"]))
     except ManifestError as exc:
