@@ -10,8 +10,10 @@ utime/stime are 10 ms coarse, too coarse for a 1,000 msg/s window.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,3 +125,20 @@ def raise_fd_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def find_binary(name: str) -> str | None:
+    """`name` on PATH, else in /usr/sbin (Debian puts broker daemons there, off a user's PATH)."""
+    found = shutil.which(name)
+    if found is None and Path(f"/usr/sbin/{name}").exists():
+        found = f"/usr/sbin/{name}"
+    return found
+
+
+def peer_unavailable(binary: str, module: str, package: str) -> str | None:
+    """Why a peer system cannot run (its daemon or its Python client is missing), or None."""
+    if find_binary(binary) is None:
+        return f"{binary} binary not found (perf/setup.sh installs it)"
+    if importlib.util.find_spec(module) is None:
+        return f"python package {package} not installed (perf/setup.sh installs it)"
+    return None

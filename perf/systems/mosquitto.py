@@ -11,14 +11,11 @@ still holds unsent bytes for all of its connections (the kernel buffer is full).
 
 from __future__ import annotations
 
-import importlib.util
 import select
 import selectors
-import shutil
 import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,27 +30,16 @@ CONNECT_TIMEOUT_S = 30.0
 DRAIN_PACKETS = 256  # packets read from one socket before serving the next
 
 
-def _binary() -> str | None:
-    found = shutil.which("mosquitto")
-    if found is None and Path("/usr/sbin/mosquitto").exists():
-        found = "/usr/sbin/mosquitto"
-    return found
-
-
 def unavailable_reason() -> str | None:
     """Needs the mosquitto binary and the paho-mqtt package."""
-    if _binary() is None:
-        return "mosquitto binary not found (perf/setup.sh installs it)"
-    if importlib.util.find_spec("paho") is None:
-        return "python package paho-mqtt not installed (perf/setup.sh installs it)"
-    return None
+    return procutil.peer_unavailable("mosquitto", "paho", "paho-mqtt")
 
 
 class MosquittoBroker(BrokerHandle):
     """mosquitto with a generated config in the run's temp dir."""
 
     def __init__(self, config: BrokerConfig) -> None:
-        binary = _binary()
+        binary = procutil.find_binary("mosquitto")
         if binary is None:
             raise RuntimeError("mosquitto not found")
         port = procutil.free_port()

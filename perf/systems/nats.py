@@ -10,11 +10,8 @@ drops as a slow consumer shows up as an error, not as a silent gap.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import shutil
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from perf import procutil
@@ -28,27 +25,16 @@ BLOCKED_NS = 200_000  # a publish that took longer than this waited for a flush
 MAX_ERRORS = 20
 
 
-def _binary() -> str | None:
-    found = shutil.which("nats-server")
-    if found is None and Path("/usr/sbin/nats-server").exists():
-        found = "/usr/sbin/nats-server"
-    return found
-
-
 def unavailable_reason() -> str | None:
     """Needs the nats-server binary and the nats-py package."""
-    if _binary() is None:
-        return "nats-server binary not found (perf/setup.sh installs it)"
-    if importlib.util.find_spec("nats") is None:
-        return "python package nats-py not installed (perf/setup.sh installs it)"
-    return None
+    return procutil.peer_unavailable("nats-server", "nats", "nats-py")
 
 
 class NatsBroker(BrokerHandle):
     """nats-server on a free loopback port, logging into the run's temp dir."""
 
     def __init__(self, config: BrokerConfig) -> None:
-        binary = _binary()
+        binary = procutil.find_binary("nats-server")
         if binary is None:
             raise RuntimeError("nats-server not found")
         port = procutil.free_port()
