@@ -9,6 +9,7 @@ from pathlib import Path
 from types import FrameType
 
 from broker import protocol as P
+from broker.delivery import DELIVERY_FIELDS, DeliveryConfig
 from broker.logs import configure, event
 from broker.paths import PlatformPaths
 from broker.router import RouterConfig
@@ -21,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--apps", type=Path, help="directory of app manifests")
     parser.add_argument("--heartbeat-ms", type=int, default=P.DEFAULT_HEARTBEAT_MS)
     parser.add_argument("--peer-timeout-ms", type=int, default=P.DEFAULT_PEER_TIMEOUT_MS)
+    defaults = DeliveryConfig()
+    for name in DELIVERY_FIELDS:
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=int, default=getattr(defaults, name))
     args = parser.parse_args(argv)
     log = configure("broker")
     paths = PlatformPaths.resolve(args.home)
@@ -28,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     config = BrokerConfig(
         paths=paths,
         apps_dir=args.apps,
-        router=RouterConfig(heartbeat_ms=args.heartbeat_ms, peer_timeout_ms=args.peer_timeout_ms),
+        router=RouterConfig(
+            heartbeat_ms=args.heartbeat_ms,
+            peer_timeout_ms=args.peer_timeout_ms,
+            delivery=DeliveryConfig(**{name: getattr(args, name) for name in DELIVERY_FIELDS}),
+        ),
     )
     stop: list[int] = []
 

@@ -38,6 +38,7 @@ class Code(IntEnum):
     AUTH_FAILED = 200
     IDENTITY_UNKNOWN = 201
     MANIFEST_MISSING = 202
+    SESSION_TAKEN_OVER = 203
 
     PUBLISH_DENIED = 300
     SUBSCRIBE_DENIED = 301
@@ -45,6 +46,7 @@ class Code(IntEnum):
     COMMAND_DENIED = 303
 
     QUEUE_FULL = 400
+    UNKNOWN_DLQ_ENTRY = 401
 
     STORAGE_UNAVAILABLE = 500
 
@@ -115,6 +117,10 @@ ERRORS: dict[Code, ErrorSpec] = {
         ),
         ErrorSpec(Code.MANIFEST_MISSING, "Add a manifest for this app id to the apps directory."),
         ErrorSpec(
+            Code.SESSION_TAKEN_OVER,
+            "Another connection resumed this session; give each connection its own name.",
+        ),
+        ErrorSpec(
             Code.PUBLISH_DENIED, "Add a matching pattern to [permissions].publish in the manifest."
         ),
         ErrorSpec(
@@ -125,6 +131,9 @@ ERRORS: dict[Code, ErrorSpec] = {
         ErrorSpec(Code.COMMAND_DENIED, "This command is reserved for platform identities ($...)."),
         ErrorSpec(
             Code.QUEUE_FULL, "The receiver is too slow; consume faster or raise queue limits."
+        ),
+        ErrorSpec(
+            Code.UNKNOWN_DLQ_ENTRY, "List the dead letters (`plexus dlq list`) for valid ids."
         ),
         ErrorSpec(Code.STORAGE_UNAVAILABLE, "Start the platform with persistence enabled."),
         ErrorSpec(

@@ -16,6 +16,9 @@ PUB: Final = b"PUB"
 PING: Final = b"PING"
 BYE: Final = b"BYE"
 STATS: Final = b"STATS"
+ACK: Final = b"ACK"
+NACK: Final = b"NACK"
+DLQ: Final = b"DLQ"
 
 # Commands, broker -> client
 WELCOME: Final = b"WELCOME"
@@ -26,8 +29,9 @@ PONG: Final = b"PONG"
 ERROR: Final = b"ERROR"
 STATSOK: Final = b"STATSOK"
 CONFIRM: Final = b"CONFIRM"
+DLQOK: Final = b"DLQOK"
 
-CLIENT_COMMANDS: Final = frozenset({HELLO, SUB, UNSUB, PUB, PING, BYE, STATS})
+CLIENT_COMMANDS: Final = frozenset({HELLO, SUB, UNSUB, PUB, PING, BYE, STATS, ACK, NACK, DLQ})
 
 # Limits a peer must respect; anything beyond them is a protocol error, never a crash.
 MAX_HEADER_BYTES: Final = 8 * 1024
@@ -54,3 +58,8 @@ ZAP_DOMAIN: Final = "plexus"
 
 DEFAULT_HEARTBEAT_MS: Final = 2_000
 DEFAULT_PEER_TIMEOUT_MS: Final = 10_000
+DEFAULT_GRACE_MS: Final = 30_000
+"""How long a disconnected session keeps its subscriptions and queues its messages."""
+DEFAULT_SESSION: Final = "main"
+BROKER_ID: Final = "$broker"
+UNRESPONSIVE_TOPIC: Final = "$sys.apps.unresponsive"

@@ -4,13 +4,20 @@
 inbound message and returns `Outbound` tuples; it never touches a socket or a clock, so
 tests drive it directly. The server loop owns the sockets and feeds it.
 
+Sessions are keyed by (app id, session name), not by connection: a client that reconnects
+with the same name resumes its subscriptions and everything queued meanwhile. Each
+session's `Mailbox` (broker.delivery) holds its queue, in-flight window and retries;
+failures end in the dead-letter queue (broker.dlq), never silently.
+
 Hot path (PUB): decode the header once, check the topic (cached) and the permission
-(cached), stamp it, and append `[sids, stamp, header, payload]` to the DELIVER batch of
-every matching peer. Header and payload are forwarded as the publisher sent them.
+(cached), drop duplicates by message id, queue a `Delivery` for every matching session,
+and send each attached session what its window allows as `[sids, stamp, header, payload]`
+groups of one DELIVER. Header and payload are forwarded as the publisher sent them.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,13 +25,17 @@ from typing import Any
 from broker import protocol as P
 from broker.codec import (
     decode_pub_header,
+    encode_pub_header,
     encode_sids,
     encode_stamp,
+    new_message_id,
     pack,
     required_int,
     required_text,
     unpack_map,
 )
+from broker.delivery import Delivery, DeliveryConfig, Mailbox
+from broker.dlq import DeadLetter, DeadLetterQueue
 from broker.errors import (
     AuthFailure,
     Code,
@@ -40,23 +51,35 @@ from broker.topics import TopicIndex, pattern_tokens, validate_topic
 Outbound = tuple[bytes, list[bytes]]
 """(peer routing id, frames) — one multipart message to send."""
 
-Route = tuple[bytes, bytes]
-"""(peer routing id, packed subscription ids of that peer matching a topic)."""
+SessionKey = tuple[str, str]
+"""(app id, session name)."""
+
+Route = tuple[SessionKey, bytes]
+"""(session, packed ids of its subscriptions matching a topic)."""
 
 _ROUTE_CACHE_LIMIT = 8192
 _VALID_TOPIC_LIMIT = 65536
+_DEDUPE_LIMIT = 131_072
+_SESSION_NAME_LIMIT = 64
 
 
 @dataclass(slots=True)
 class Session:
-    """One authenticated connection: who it is, what it subscribed, when it was last heard."""
+    """One app session: its connection (if attached), subscriptions and mailbox."""
 
-    peer: bytes
-    app_id: str
+    key: SessionKey
     authorizer: Authorizer
     version: int
     last_seen_ns: int
+    mailbox: Mailbox
+    peer: bytes | None = None
+    detached_at_ns: int = 0
     subscriptions: dict[int, str] = field(default_factory=dict)
+    durable: set[int] = field(default_factory=set)
+
+    @property
+    def app_id(self) -> str:
+        return self.key[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +89,8 @@ class RouterConfig:
     heartbeat_ms: int = P.DEFAULT_HEARTBEAT_MS
     peer_timeout_ms: int = P.DEFAULT_PEER_TIMEOUT_MS
     route_cache: int = 4096
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    dlq_max: int = 10_000
 
 
 @dataclass(slots=True)
@@ -74,17 +99,23 @@ class RouterStats:
 
     published: int = 0
     delivered: int = 0
+    acked: int = 0
+    retried: int = 0
+    duplicates: int = 0
     errors: dict[int, int] = field(default_factory=dict)
     sessions_opened: int = 0
+    sessions_resumed: int = 0
     sessions_expired: int = 0
+    unresponsive: int = 0
     undeliverable: int = 0
 
 
 PermissionsLookup = Callable[[str], Permissions | None]
+Event = dict[str, Any]
 
 
 class Router:
-    """Sessions, subscriptions and routing decisions of one broker."""
+    """Sessions, subscriptions, deliveries and routing decisions of one broker."""
 
     def __init__(
         self,
@@ -95,12 +126,17 @@ class Router:
         self._config = config or RouterConfig()
         self._permissions_for = permissions_for
         self._extra_stats = extra_stats
-        self._sessions: dict[bytes, Session] = {}
-        self._index: TopicIndex[tuple[bytes, int]] = TopicIndex(self._config.route_cache)
+        self._sessions: dict[SessionKey, Session] = {}
+        self._peers: dict[bytes, Session] = {}
+        self._index: TopicIndex[tuple[SessionKey, int]] = TopicIndex(self._config.route_cache)
         self._routes: dict[str, tuple[Route, ...]] = {}
         self._valid_topics: set[str] = set()
+        self._seen_ids: OrderedDict[tuple[str, bytes], None] = OrderedDict()
         self._seq = 0
+        self.dlq = DeadLetterQueue(self._config.dlq_max)
         self.stats = RouterStats()
+        self.events: list[Event] = []
+        """Things worth a log line (expiry, unresponsive, dead letters); the server drains it."""
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -110,21 +146,27 @@ class Router:
         try:
             if command == P.PUB:
                 return self._publish(self._session(peer, app_id, now_ns), frames, now_ns)
+            if command == P.ACK:
+                return self._ack(self._session(peer, app_id, now_ns), frames, now_ns)
             if command == P.HELLO:
                 return self._hello(peer, app_id, frames, now_ns)
             if command not in P.CLIENT_COMMANDS:
                 raise ProtocolViolation(Code.UNKNOWN_COMMAND, f"unknown command {command[:16]!r}")
             session = self._session(peer, app_id, now_ns)
+            if command == P.NACK:
+                return self._nack(session, frames, now_ns)
             if command == P.SUB:
-                return self._subscribe(session, frames)
+                return self._subscribe(session, frames, now_ns)
             if command == P.UNSUB:
                 return self._unsubscribe(session, frames)
             if command == P.PING:
                 echo = frames[1] if len(frames) == 2 and len(frames[1]) <= 64 else b"\x80"
                 return [(peer, [P.PONG, echo])]
             if command == P.BYE:
-                self.drop_peer(peer)
+                self._end(session, now_ns, "bye")
                 return []
+            if command == P.DLQ:
+                return self._dead_letters(session, frames, now_ns)
             return self._stats(session, frames, now_ns)
         except WireError as exc:
             return [self.error(peer, exc)]
@@ -135,7 +177,7 @@ class Router:
         return (peer, [P.ERROR, pack(error_body(exc.code, exc.detail, exc.ref))])
 
     def _session(self, peer: bytes, app_id: str, now_ns: int) -> Session:
-        session = self._sessions.get(peer)
+        session = self._peers.get(peer)
         if session is None:
             raise ProtocolViolation(Code.NOT_WELCOMED, "no session: send HELLO first")
         if session.app_id != app_id:
@@ -151,7 +193,7 @@ class Router:
                 f"{frames[0].decode('ascii', 'replace')} takes {count} frames, got {len(frames)}",
             )
 
-    # -- commands ---------------------------------------------------------------------------
+    # -- sessions ---------------------------------------------------------------------------
 
     def _hello(self, peer: bytes, app_id: str, frames: list[bytes], now_ns: int) -> list[Outbound]:
         self._expect_frames(frames, 2)
@@ -165,6 +207,9 @@ class Router:
                 Code.UNSUPPORTED_VERSION,
                 f"client offers versions {offered[:8]}, broker speaks {list(P.PROTOCOL_VERSIONS)}",
             )
+        name = header.get("session", P.DEFAULT_SESSION)
+        if not isinstance(name, str) or not 0 < len(name) <= _SESSION_NAME_LIMIT:
+            raise ProtocolViolation(Code.BAD_HEADER, "HELLO field 'session' must be 1-64 chars")
         if not app_id:
             raise AuthFailure(Code.IDENTITY_UNKNOWN, "connection has no authenticated app id")
         if app_id.startswith(P.RESERVED_PREFIX):
@@ -173,30 +218,104 @@ class Router:
             permissions = self._permissions_for(app_id)
         if permissions is None:
             raise AuthFailure(Code.MANIFEST_MISSING, f"no manifest for app {app_id!r}")
-        self.drop_peer(peer)  # a repeated HELLO starts a fresh session
-        self._sessions[peer] = Session(
-            peer, app_id, Authorizer(app_id, permissions), max(common), now_ns
-        )
-        self.stats.sessions_opened += 1
+        out: list[Outbound] = []
+        previous = self._peers.pop(peer, None)
+        if previous is not None and previous.key != (app_id, name):
+            self._detach(previous, now_ns)
+        key = (app_id, name)
+        session = self._sessions.get(key)
+        resumed = session is not None
+        if session is None:
+            session = Session(
+                key,
+                Authorizer(app_id, permissions),
+                max(common),
+                now_ns,
+                Mailbox(self._config.delivery),
+            )
+            self._sessions[key] = session
+            self.stats.sessions_opened += 1
+        else:
+            self.stats.sessions_resumed += 1
+            if session.peer is not None and session.peer != peer:
+                taken = AuthFailure(
+                    Code.SESSION_TAKEN_OVER,
+                    f"session {name!r} of {app_id!r} was resumed by another connection",
+                )
+                out.append(self.error(session.peer, taken))
+                self._peers.pop(session.peer, None)
+            for dead in session.mailbox.detach():
+                self._dead(session, dead, "ack-timeout", now_ns)
+        session.peer = peer
+        session.last_seen_ns = now_ns
+        self._peers[peer] = session
         welcome = {
             "v": max(common),
             "app": app_id,
+            "session": name,
+            "resumed": resumed,
+            "subs": [[sid, pattern] for sid, pattern in sorted(session.subscriptions.items())],
             "heartbeat_ms": self._config.heartbeat_ms,
             "timeout_ms": self._config.peer_timeout_ms,
+            "grace_ms": self._config.delivery.grace_ms,
             "max_payload": P.MAX_PAYLOAD_BYTES,
             "max_batch": P.MAX_PUB_BATCH,
+            "window": self._config.delivery.window,
         }
-        return [(peer, [P.WELCOME, pack(welcome)])]
+        out.append((peer, [P.WELCOME, pack(welcome)]))
+        out.extend(self._pump(session, now_ns))
+        return out
 
-    def _subscribe(self, session: Session, frames: list[bytes]) -> list[Outbound]:
+    def _detach(self, session: Session, now_ns: int) -> None:
+        """The connection is gone; the session waits for a resume until its grace ends."""
+        if session.peer is not None:
+            self._peers.pop(session.peer, None)
+        session.peer = None
+        session.detached_at_ns = now_ns
+        for dead in session.mailbox.detach():
+            self._dead(session, dead, "ack-timeout", now_ns)
+
+    def _end(self, session: Session, now_ns: int, why: str) -> None:
+        """End a session: non-durable subscriptions go, what they held is dead-lettered."""
+        self._detach(session, now_ns)
+        for sid in [sid for sid in session.subscriptions if sid not in session.durable]:
+            self._index.remove(session.subscriptions.pop(sid), (session.key, sid))
+            self._routes.clear()
+        held = session.mailbox.drain()
+        if session.durable:
+            for delivery in held:  # durable subscriptions keep their messages
+                session.mailbox.queue.append(delivery)
+                session.mailbox.queued_bytes += delivery.size
+            return
+        del self._sessions[session.key]
+        for delivery in held:
+            delivery.last_error = f"session ended ({why})"
+            self._dead(session, delivery, "expired", now_ns)
+
+    def drop_peer(self, peer: bytes, now_ns: int = 0) -> None:
+        """The server found `peer` unreachable: detach its session (grace period starts)."""
+        session = self._peers.get(peer)
+        if session is not None:
+            self._detach(session, now_ns or session.last_seen_ns)
+
+    # -- subscriptions ----------------------------------------------------------------------
+
+    def _subscribe(self, session: Session, frames: list[bytes], now_ns: int) -> list[Outbound]:
         self._expect_frames(frames, 2)
         header = unpack_map(frames[1])
         sid = required_int(header, "sid", 1, P.MAX_SID)
         pattern = required_text(header, "pattern")
+        durable = header.get("durable", False) is True
+        peer = session.peer
+        assert peer is not None
         try:
             pattern_tokens(pattern)
             session.authorizer.check_subscribe(pattern)
-            if sid in session.subscriptions:
+            existing = session.subscriptions.get(sid)
+            if existing == pattern:  # a resumed session re-sending its SUBs
+                kept = {"sid": sid, "pattern": pattern, "durable": sid in session.durable}
+                return [(peer, [P.SUBOK, pack(kept)])]
+            if existing is not None:
                 raise ProtocolViolation(Code.DUPLICATE_SID, f"subscription id {sid} is in use")
             if len(session.subscriptions) >= P.MAX_SUBSCRIPTIONS_PER_SESSION:
                 raise ProtocolViolation(
@@ -207,9 +326,11 @@ class Router:
             exc.ref.setdefault("sid", sid)
             raise
         session.subscriptions[sid] = pattern
-        self._index.insert(pattern, (session.peer, sid))
+        if durable:
+            session.durable.add(sid)
+        self._index.insert(pattern, (session.key, sid))
         self._routes.clear()
-        return [(session.peer, [P.SUBOK, pack({"sid": sid, "pattern": pattern})])]
+        return [(peer, [P.SUBOK, pack({"sid": sid, "pattern": pattern, "durable": durable})])]
 
     def _unsubscribe(self, session: Session, frames: list[bytes]) -> list[Outbound]:
         self._expect_frames(frames, 2)
@@ -217,15 +338,13 @@ class Router:
         pattern = session.subscriptions.pop(sid, None)
         if pattern is None:
             raise ProtocolViolation(Code.UNKNOWN_SID, f"no subscription {sid}", sid=sid)
-        self._index.remove(pattern, (session.peer, sid))
+        session.durable.discard(sid)
+        self._index.remove(pattern, (session.key, sid))
         self._routes.clear()
+        assert session.peer is not None
         return [(session.peer, [P.UNSUBOK, pack({"sid": sid})])]
 
-    def _stats(self, session: Session, frames: list[bytes], now_ns: int) -> list[Outbound]:
-        if not session.authorizer.platform:
-            raise PermissionViolation(Code.COMMAND_DENIED, "STATS is for platform identities")
-        reset = len(frames) == 2 and unpack_map(frames[1]).get("reset") is True
-        return [(session.peer, [P.STATSOK, pack(self.snapshot(now_ns, reset))])]
+    # -- publishing -------------------------------------------------------------------------
 
     def _publish(  # noqa: PLR0912 - the hot path stays one flat loop, no call per message
         self, session: Session, frames: list[bytes], now_ns: int
@@ -239,9 +358,13 @@ class Router:
             raise ProtocolViolation(
                 Code.TOO_LARGE, f"PUB batch of {count // 2} exceeds {P.MAX_PUB_BATCH}"
             )
-        batches: dict[bytes, list[bytes]] = {}
+        peer = session.peer
+        assert peer is not None
         replies: list[Outbound] = []
-        stamp_base = session.app_id
+        confirmed: list[bytes] = []
+        touched: dict[SessionKey, Session] = {}
+        sender = session.app_id
+        seen = self._seen_ids
         for i in range(1, count, 2):
             header_raw = frames[i]
             payload = frames[i + 1]
@@ -249,7 +372,7 @@ class Router:
                 header = decode_pub_header(header_raw)
             except WireError as exc:
                 exc.ref["index"] = i // 2
-                replies.append(self.error(session.peer, exc))
+                replies.append(self.error(peer, exc))
                 continue
             topic = header.topic
             try:
@@ -265,85 +388,266 @@ class Router:
                     )
             except WireError as exc:
                 exc.ref["id"] = header.msg_id
-                replies.append(self.error(session.peer, exc))
+                replies.append(self.error(peer, exc))
                 continue
-            self._seq += 1
-            self.stats.published += 1
+            seen_key = (sender, header.msg_id)
+            if seen_key in seen:  # a resend after reconnect: confirm again, route once
+                self.stats.duplicates += 1
+                if header.confirm:
+                    confirmed.append(header.msg_id)
+                continue
+            seen[seen_key] = None
+            if len(seen) > _DEDUPE_LIMIT:
+                seen.popitem(last=False)
             if header.confirm:
-                replies.append((session.peer, [P.CONFIRM, pack({"id": header.msg_id})]))
-            routes = self._routes.get(topic)
-            if routes is None:
-                routes = self._build_routes(topic)
-            if not routes:
-                continue
-            stamp = encode_stamp(self._seq, stamp_base, now_ns)
-            for peer, sids in routes:
-                batch = batches.get(peer)
-                if batch is None:
-                    batches[peer] = [P.DELIVER, sids, stamp, header_raw, payload]
-                else:
-                    batch += (sids, stamp, header_raw, payload)
-            self.stats.delivered += len(routes)
-        replies.extend(batches.items())
+                confirmed.append(header.msg_id)
+            self._route(topic, header.msg_id, header_raw, payload, sender, now_ns, touched)
+        if confirmed:
+            replies.append((peer, [P.CONFIRM, pack({"ids": confirmed})]))
+        for target in touched.values():
+            replies.extend(self._pump(target, now_ns))
         return replies
 
+    def _route(
+        self,
+        topic: str,
+        msg_id: bytes,
+        header_raw: bytes,
+        payload: bytes,
+        sender: str,
+        now_ns: int,
+        touched: dict[SessionKey, Session],
+    ) -> None:
+        """Queue one accepted message for every session with a matching subscription."""
+        self._seq += 1
+        self.stats.published += 1
+        routes = self._routes.get(topic)
+        if routes is None:
+            routes = self._build_routes(topic)
+        sessions = self._sessions
+        for key, sids in routes:
+            target = sessions[key]
+            delivery = Delivery(self._seq, sids, sender, now_ns, topic, msg_id, header_raw, payload)
+            if target.mailbox.offer(delivery):
+                touched[key] = target
+            else:
+                delivery.last_error = "the receiver's queue is full"
+                self._dead(target, delivery, "queue-full", now_ns)
+
+    def _pump(self, session: Session, now_ns: int) -> list[Outbound]:
+        """Send an attached session what its window allows, as one DELIVER."""
+        if session.peer is None:
+            return []
+        deliveries = session.mailbox.pull(now_ns)
+        if not deliveries:
+            return []
+        frames = [P.DELIVER]
+        for d in deliveries:
+            frames += (
+                d.sids,
+                encode_stamp(d.seq, d.sender, d.timestamp_ns, d.attempt),
+                d.header,
+                d.payload,
+            )
+            if d.attempt > 1:
+                self.stats.retried += 1
+        self.stats.delivered += len(deliveries)
+        return [(session.peer, frames)]
+
     def _build_routes(self, topic: str) -> tuple[Route, ...]:
-        by_peer: dict[bytes, list[int]] = {}
-        for peer, sid in self._index.match(topic):
-            by_peer.setdefault(peer, []).append(sid)
-        routes = tuple((peer, encode_sids(tuple(sorted(sids)))) for peer, sids in by_peer.items())
+        by_session: dict[SessionKey, list[int]] = {}
+        for key, sid in self._index.match(topic):
+            by_session.setdefault(key, []).append(sid)
+        routes = tuple((key, encode_sids(tuple(sorted(sids)))) for key, sids in by_session.items())
         if len(self._routes) >= _ROUTE_CACHE_LIMIT:
             self._routes.clear()
         self._routes[topic] = routes
         return routes
 
-    # -- lifecycle --------------------------------------------------------------------------
+    def publish_internal(self, topic: str, data: Any, now_ns: int) -> list[Outbound]:
+        """Publish a platform notice (e.g. `$sys.apps.unresponsive`) as `$broker`."""
+        touched: dict[SessionKey, Session] = {}
+        msg_id = new_message_id()
+        header = encode_pub_header(msg_id, topic, client_ts_ns=now_ns)
+        self._route(topic, msg_id, header, pack(data), P.BROKER_ID, now_ns, touched)
+        out: list[Outbound] = []
+        for target in touched.values():
+            out.extend(self._pump(target, now_ns))
+        return out
 
-    def drop_peer(self, peer: bytes) -> None:
-        """Forget a peer's session and subscriptions (BYE, expiry, unreachable)."""
-        session = self._sessions.pop(peer, None)
-        if session is None:
-            return
-        for sid, pattern in session.subscriptions.items():
-            self._index.remove(pattern, (peer, sid))
-        if session.subscriptions:
-            self._routes.clear()
+    # -- acknowledgements -------------------------------------------------------------------
+
+    def _ack(self, session: Session, frames: list[bytes], now_ns: int) -> list[Outbound]:
+        self._expect_frames(frames, 2)
+        seqs = unpack_map(frames[1]).get("seqs")
+        if not isinstance(seqs, list) or not all(type(s) is int for s in seqs):
+            raise ProtocolViolation(Code.BAD_HEADER, "ACK field 'seqs' must be a list of ints")
+        mailbox = session.mailbox
+        for seq in seqs:
+            if mailbox.ack(seq):
+                self.stats.acked += 1
+        return self._pump(session, now_ns)
+
+    def _nack(self, session: Session, frames: list[bytes], now_ns: int) -> list[Outbound]:
+        self._expect_frames(frames, 2)
+        header = unpack_map(frames[1])
+        seq = required_int(header, "seq", 0, 2**63)
+        error = header.get("error", "")
+        error = error[:512] if isinstance(error, str) else ""
+        dead = session.mailbox.nack(seq, now_ns, error or "nacked by the receiver")
+        if dead is not None:
+            self._dead(session, dead, "nacked", now_ns)
+        return self._pump(session, now_ns)
+
+    def _dead(self, session: Session, delivery: Delivery, reason: str, now_ns: int) -> None:
+        entry = self.dlq.add(delivery, reason, session.app_id, session.key[1], now_ns)
+        self.events.append(
+            {
+                "event": "dead-letter",
+                "id": entry,
+                "reason": reason,
+                "app": session.app_id,
+                "topic": delivery.topic,
+                "attempts": delivery.attempt,
+                "error": delivery.last_error,
+            }
+        )
+
+    # -- dead letters -----------------------------------------------------------------------
+
+    def _dead_letters(self, session: Session, frames: list[bytes], now_ns: int) -> list[Outbound]:
+        if not session.authorizer.platform:
+            raise PermissionViolation(Code.COMMAND_DENIED, "DLQ is for platform identities")
+        self._expect_frames(frames, 2)
+        header = unpack_map(frames[1])
+        op = header.get("op")
+        peer = session.peer
+        assert peer is not None
+        if op == "list":
+            body: dict[str, Any] = {
+                "entries": [entry.describe() for entry in self.dlq.entries()],
+                "dropped": self.dlq.dropped,
+            }
+            return [(peer, [P.DLQOK, pack(body)])]
+        if op == "purge":
+            return [(peer, [P.DLQOK, pack({"purged": self.dlq.purge()})])]
+        if op == "replay":
+            entry_id = required_int(header, "id", 1, 2**63)
+            entry = self.dlq.take(entry_id)
+            if entry is None:
+                raise ProtocolViolation(Code.UNKNOWN_DLQ_ENTRY, f"no dead letter {entry_id}")
+            return [(peer, [P.DLQOK, pack({"replayed": entry_id})]), *self._replay(entry, now_ns)]
+        raise ProtocolViolation(Code.BAD_HEADER, "DLQ field 'op' must be list, replay or purge")
+
+    def _replay(self, entry: DeadLetter, now_ns: int) -> list[Outbound]:
+        """Deliver a dead letter again: to its session if it still exists, else by topic."""
+        d = entry.delivery
+        target = self._sessions.get((entry.app_id, entry.session))
+        if target is None:
+            touched: dict[SessionKey, Session] = {}
+            self._route(d.topic, d.msg_id, d.header, d.payload, d.sender, now_ns, touched)
+            return [out for t in touched.values() for out in self._pump(t, now_ns)]
+        self._seq += 1
+        fresh = Delivery(
+            self._seq, d.sids, d.sender, d.timestamp_ns, d.topic, d.msg_id, d.header, d.payload
+        )
+        if not target.mailbox.offer(fresh):
+            fresh.last_error = "the receiver's queue is full"
+            self._dead(target, fresh, "queue-full", now_ns)
+            return []
+        return self._pump(target, now_ns)
+
+    # -- statistics -------------------------------------------------------------------------
+
+    def _stats(self, session: Session, frames: list[bytes], now_ns: int) -> list[Outbound]:
+        if not session.authorizer.platform:
+            raise PermissionViolation(Code.COMMAND_DENIED, "STATS is for platform identities")
+        reset = len(frames) == 2 and unpack_map(frames[1]).get("reset") is True
+        assert session.peer is not None
+        return [(session.peer, [P.STATSOK, pack(self.snapshot(now_ns, reset))])]
 
     def undeliverable(self, peer: bytes, messages: int) -> None:
         """The server could not hand `messages` to `peer` (gone or its queue full)."""
         self.stats.undeliverable += messages
 
-    def housekeeping(self, now_ns: int) -> list[str]:
-        """End sessions silent past the peer timeout; returns the app ids ended."""
-        deadline = now_ns - self._config.peer_timeout_ms * 1_000_000
-        expired = [s for s in self._sessions.values() if s.last_seen_ns < deadline]
-        for session in expired:
-            self.drop_peer(session.peer)
-            self.stats.sessions_expired += 1
-        return [s.app_id for s in expired]
+    # -- time -------------------------------------------------------------------------------
+
+    def housekeeping(self, now_ns: int) -> list[Outbound]:
+        """Timers: unresponsive peers, expired grace periods, ack timeouts and due retries."""
+        out: list[Outbound] = []
+        timeout = self._config.peer_timeout_ms * 1_000_000
+        grace = self._config.delivery.grace_ms * 1_000_000
+        for session in list(self._sessions.values()):
+            if session.peer is not None and now_ns - session.last_seen_ns > timeout:
+                self.stats.unresponsive += 1
+                notice = {
+                    "app": session.app_id,
+                    "session": session.key[1],
+                    "silent_ms": (now_ns - session.last_seen_ns) // 1_000_000,
+                }
+                self.events.append({"event": "unresponsive", **notice})
+                self._detach(session, now_ns)
+                out.extend(self.publish_internal(P.UNRESPONSIVE_TOPIC, notice, now_ns))
+                continue
+            if session.peer is None:
+                if now_ns - session.detached_at_ns > grace and (
+                    len(session.subscriptions) > len(session.durable) or not session.durable
+                ):
+                    self.stats.sessions_expired += 1
+                    self.events.append(
+                        {
+                            "event": "session-expired",
+                            "app": session.app_id,
+                            "session": session.key[1],
+                        }
+                    )
+                    self._end(session, now_ns, "grace period over")
+                continue
+            for dead in session.mailbox.expire(now_ns):
+                self._dead(session, dead, "ack-timeout", now_ns)
+            out.extend(self._pump(session, now_ns))
+        return out
 
     def session_of(self, peer: bytes) -> Session | None:
-        return self._sessions.get(peer)
+        return self._peers.get(peer)
 
     def snapshot(self, now_ns: int, reset: bool = False) -> dict[str, Any]:
         """Plain-data statistics for STATS replies; `reset` restarts latency measurement."""
         apps: dict[str, dict[str, Any]] = {}
+        queued = 0
         for session in self._sessions.values():
-            entry = apps.setdefault(session.app_id, {"sessions": 0, "last_seen_s_ago": None})
+            entry = apps.setdefault(
+                session.app_id, {"sessions": 0, "last_seen_s_ago": None, "queued": 0}
+            )
+            entry["queued"] += len(session.mailbox)
+            queued += len(session.mailbox)
+            if session.peer is None:
+                continue
             entry["sessions"] += 1
             age = round((now_ns - session.last_seen_ns) / 1e9, 1)
             if entry["last_seen_s_ago"] is None or age < entry["last_seen_s_ago"]:
                 entry["last_seen_s_ago"] = age
+        stats = self.stats
         data: dict[str, Any] = {
-            "sessions": len(self._sessions),
+            "sessions": len(self._peers),
+            "sessions_detached": len(self._sessions) - len(self._peers),
             "apps": apps,
             "subscriptions": len(self._index),
-            "published": self.stats.published,
-            "delivered": self.stats.delivered,
-            "undeliverable": self.stats.undeliverable,
-            "errors": {str(k): v for k, v in sorted(self.stats.errors.items())},
-            "sessions_opened": self.stats.sessions_opened,
-            "sessions_expired": self.stats.sessions_expired,
+            "published": stats.published,
+            "delivered": stats.delivered,
+            "acked": stats.acked,
+            "retried": stats.retried,
+            "duplicates": stats.duplicates,
+            "queued": queued,
+            "dlq_size": len(self.dlq),
+            "dlq_dropped": self.dlq.dropped,
+            "dlq_by_reason": dict(self.dlq.by_reason),
+            "undeliverable": stats.undeliverable,
+            "errors": {str(k): v for k, v in sorted(stats.errors.items())},
+            "sessions_opened": stats.sessions_opened,
+            "sessions_resumed": stats.sessions_resumed,
+            "sessions_expired": stats.sessions_expired,
+            "unresponsive": stats.unresponsive,
             "seq": self._seq,
         }
         if self._extra_stats is not None:

@@ -34,6 +34,8 @@ _NOBLOCK = 1
 _RCVMORE = 13
 _DRAIN_LIMIT = 512
 _RESCAN_INTERVAL_NS = 1_000_000_000
+_TIMER_TICK_NS = 50_000_000
+"""How often delivery timers (retries, ack timeouts, grace periods) are looked at."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +122,8 @@ class BrokerServer:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(zap, zmq.POLLIN)
-        heartbeat_ns = self.config.router.heartbeat_ms * 1_000_000
-        next_housekeeping = time.monotonic_ns() + heartbeat_ns
+        tick_ns = _TIMER_TICK_NS
+        next_housekeeping = time.monotonic_ns() + tick_ns
         while not should_stop():
             ready = dict(poller.poll(self.config.poll_ms))
             if zap in ready:
@@ -130,8 +132,8 @@ class BrokerServer:
                 self._drain(sock)
             now = time.monotonic_ns()
             if now >= next_housekeeping:
-                next_housekeeping = now + heartbeat_ns
-                self._housekeeping(now)
+                next_housekeeping = now + tick_ns
+                self._housekeeping(sock)
 
     def close(self) -> None:
         for sock in (self._router_socket, self._zap):
@@ -202,6 +204,8 @@ class BrokerServer:
                 continue
             if outbound:
                 self._send(sock, outbound)
+                if router.events:
+                    self._log_events()
                 if frames[0] == P.PUB:
                     elapsed = clock() - started
                     for _ in range((len(frames) - 1) // 2):
@@ -216,21 +220,31 @@ class BrokerServer:
                 lost = (len(frames) - 1) // 4 if frames[0] == P.DELIVER else 0
                 self.router.undeliverable(peer, lost)
                 if exc.errno == zmq.EHOSTUNREACH:
-                    self.router.drop_peer(peer)
+                    self.router.drop_peer(peer, time.time_ns())
                 continue
             last = len(frames) - 1
             for index, frame in enumerate(frames):
                 send(frame, _SNDMORE if index < last else 0)
 
-    def _housekeeping(self, now_ns: int) -> None:
-        for app_id in self.router.housekeeping(time.time_ns()):
-            event(log, "session-expired", app=app_id)
-        mark_time, mark_count = self._rate_mark
+    def _housekeeping(self, sock: zmq.Socket[bytes]) -> None:
+        """Delivery timers, then the events they produced as log lines, then the rate."""
+        outbound = self.router.housekeeping(time.time_ns())
+        if outbound:
+            self._send(sock, outbound)
+        self._log_events()
         now = time.monotonic()
-        delivered = self.router.stats.delivered
-        if now > mark_time:
+        mark_time, mark_count = self._rate_mark
+        if now - mark_time >= 1.0:
+            delivered = self.router.stats.delivered
             self._rate = (delivered - mark_count) / (now - mark_time)
-        self._rate_mark = (now, delivered)
+            self._rate_mark = (now, delivered)
+
+    def _log_events(self) -> None:
+        for item in self.router.events:
+            name = item.pop("event")
+            level = logging.WARNING if name in ("dead-letter", "unresponsive") else logging.INFO
+            event(log, name, level, **item)
+        self.router.events.clear()
 
     def _extra_stats(self, reset: bool) -> dict[str, Any]:
         usage = resource.getrusage(resource.RUSAGE_SELF)

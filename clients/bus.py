@@ -123,13 +123,20 @@ class Bus:
         *,
         timeout: float = 5.0,
         heartbeat_ms: int | None = None,
+        session: str = "main",
     ) -> Bus:
-        """Connect and say HELLO; arguments default to the PLEXUS_* environment."""
+        """Connect and say HELLO; arguments default to the PLEXUS_* environment.
+
+        `session` names this connection's session: reconnecting with the same name (also
+        from a new process, within the grace period) resumes its subscriptions and gets
+        what was queued meanwhile. Two live connections must use different names.
+        """
         settings = ConnectSettings(
             endpoint=endpoint or _required_env("PLEXUS_ENDPOINT"),
             app_id=app_id or _required_env("PLEXUS_APP_ID"),
             token=token or _credential_from_environment(),
             heartbeat_ms=heartbeat_ms,
+            session=session,
         )
         bus = cls(settings)
         bus._io.start()
@@ -159,8 +166,9 @@ class Bus:
     ) -> str:
         """Publish `data` (anything msgpack can encode) on `topic`; returns the message id.
 
-        With `confirm=True`, waits until the broker accepted the message and raises the
-        broker's error (e.g. `PermissionDenied`) if it refused it.
+        Every publish is kept until the broker confirms it and is resent after a reconnect
+        (the broker drops duplicates by message id). With `confirm=True` this call waits
+        for that confirmation and raises the broker's error (e.g. `PermissionDenied`).
         """
         self._check_open()
         try:
@@ -169,7 +177,7 @@ class Bus:
             raise ProtocolError(exc.detail, int(exc.code)) from None
         msg_id = new_message_id()
         header = encode_pub_header(
-            msg_id, topic, correlation_id, traceparent, sensitive, confirm=confirm
+            msg_id, topic, correlation_id, traceparent, sensitive, confirm=True
         )
         payload = pack(data)
         if len(payload) > P.MAX_PAYLOAD_BYTES or len(header) > P.MAX_HEADER_BYTES:
@@ -182,7 +190,7 @@ class Bus:
         if confirm:
             future = Future()
             self._io.confirm_futures[msg_id] = future
-        self._io.enqueue_publish(header, payload)
+        self._io.enqueue_publish(msg_id, header, payload)
         if future is not None:
             self._wait(future, timeout, f"confirmation of {topic}")
         return msg_id.hex()
@@ -190,12 +198,20 @@ class Bus:
     # -- subscribing ------------------------------------------------------------------------
 
     def subscribe(
-        self, pattern: str, handler: Handler | None = None, *, timeout: float = 5.0
+        self,
+        pattern: str,
+        handler: Handler | None = None,
+        *,
+        durable: bool = False,
+        manual_ack: bool = False,
+        timeout: float = 5.0,
     ) -> Subscription:
         """Receive messages matching `pattern`; waits until the broker accepted it.
 
-        Without `handler`, read with `sub.get(timeout)`; with one, it is called for each
-        message in the bus's dispatcher thread.
+        Without `handler`, read with `sub.get(timeout)` (which acks what it returns unless
+        `manual_ack`); with one, it is called for each message in the bus's dispatcher
+        thread and the message is acked when it returns, nacked (retried) when it raises.
+        A `durable` subscription outlives the session's grace period until unsubscribed.
         """
         self._check_open()
         try:
@@ -203,8 +219,15 @@ class Bus:
         except WireError as exc:
             raise ProtocolError(exc.detail, int(exc.code)) from None
         with self._lock:
-            sid = next(self._sids)
-            sub = Subscription(sid, pattern, handler, _unsubscribe=self.unsubscribe)
+            sid = self._claim_sid(pattern)
+            sub = Subscription(
+                sid,
+                pattern,
+                handler,
+                durable=durable,
+                manual_ack=manual_ack,
+                _unsubscribe=self.unsubscribe,
+            )
             future: Future[None] = Future()
             self._io.sub_futures[sid] = future
             self._subs[sid] = sub
@@ -218,6 +241,17 @@ class Bus:
             sub.active = False
             raise
         return sub
+
+    def _claim_sid(self, pattern: str) -> int:
+        """A resumed session's subscription to the same pattern is taken over (with what
+        the broker kept for it); otherwise the next id no subscription uses."""
+        for sid, kept in list(self._io.resumed_subs.items()):
+            if kept == pattern and sid not in self._subs:
+                return sid
+        sid = next(self._sids)
+        while sid in self._subs or sid in self._io.resumed_subs:
+            sid = next(self._sids)
+        return sid
 
     def unsubscribe(self, sub: Subscription) -> None:
         """Stop receiving for `sub`; messages already queued stay readable."""
@@ -238,6 +272,23 @@ class Bus:
         future = self._io.request_stats(reset_latency)
         stats: dict[str, Any] = self._wait(future, timeout, "broker stats")
         return stats
+
+    def dead_letters(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The dead-letter queue: {"entries": [...], "dropped": n} (platform identities)."""
+        return self._dlq({"op": "list"}, timeout)
+
+    def replay_dead_letter(self, entry_id: int, timeout: float = 5.0) -> dict[str, Any]:
+        """Deliver dead letter `entry_id` again (to its session if it still exists)."""
+        return self._dlq({"op": "replay", "id": entry_id}, timeout)
+
+    def purge_dead_letters(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Drop every dead letter; returns {"purged": n}."""
+        return self._dlq({"op": "purge"}, timeout)
+
+    def _dlq(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        self._check_open()
+        answer: dict[str, Any] = self._wait(self._io.request_dlq(request), timeout, "DLQ")
+        return answer
 
     @property
     def reconnects(self) -> int:
@@ -303,8 +354,12 @@ class Bus:
                 continue
             try:
                 sub.handler(message)
-            except Exception:
+            except Exception as exc:
                 log.exception("handler for %s raised on message %s", sub.pattern, message.id)
+                message.nack(f"{type(exc).__name__}: {exc}")
+            else:
+                if not sub.manual_ack:
+                    message.ack()
 
     def _report_error(self, error: BusError) -> None:
         log.warning("broker reported: %s", error)

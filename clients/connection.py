@@ -15,7 +15,7 @@ import os
 import select
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -28,7 +28,7 @@ from broker import protocol as P
 from broker.codec import decode_envelope, decode_sids, pack, unpack_map
 from broker.errors import Code, WireError
 from clients.errors import AuthenticationError, BusError, error_from_wire
-from clients.message import Message, Subscription
+from clients.message import Message, Receipt, Subscription
 
 log = logging.getLogger("plexus.client")
 
@@ -49,6 +49,7 @@ class ConnectSettings:
     token: str
     heartbeat_ms: int | None = None
     outbox_limit: int = 10_000
+    session: str = P.DEFAULT_SESSION
 
 
 class Connection(threading.Thread):
@@ -71,7 +72,14 @@ class Connection(threading.Thread):
         self.outbox_control: deque[list[bytes]] = deque()
         self.sub_futures: dict[int, Future[None]] = {}
         self.confirm_futures: dict[bytes, Future[None]] = {}
+        self.unconfirmed: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
+        """Publishes the broker has not confirmed yet; resent after a reconnect."""
+        self.settlements: deque[tuple[int, str | None]] = deque()
+        self.resumed_subs: dict[int, str] = {}
+        """Subscriptions a resumed session still has at the broker, not yet re-claimed."""
+        self._orphans: dict[int, list[Message]] = {}
         self.stats_future: Future[dict[str, Any]] | None = None
+        self.dlq_future: Future[dict[str, Any]] | None = None
         self._subs = subscriptions
         self._sent_sids: set[int] = set()
         self._dispatch = dispatch
@@ -95,13 +103,24 @@ class Connection(threading.Thread):
 
     # -- app-thread side --------------------------------------------------------------------
 
-    def enqueue_publish(self, header: bytes, payload: bytes) -> None:
-        """Queue one (header, payload) for the next PUB batch; waits while the outbox is full."""
-        if len(self.outbox) >= self.settings.outbox_limit:
+    def enqueue_publish(self, msg_id: bytes, header: bytes, payload: bytes) -> None:
+        """Queue one (header, payload) for the next PUB batch.
+
+        Waits while too many publishes are unsent or unconfirmed (backpressure), so a
+        broker outage costs memory up to `outbox_limit` messages, never lost messages.
+        """
+        limit = self.settings.outbox_limit
+        if len(self.unconfirmed) >= limit:
             with self._space:
-                while len(self.outbox) >= self.settings.outbox_limit and not self._stopping:
+                while len(self.unconfirmed) >= limit and not self._stopping:
                     self._space.wait(0.05)
+        self.unconfirmed[msg_id] = (header, payload)
         self.outbox.append((header, payload))
+        self.wake()
+
+    def settle(self, seq: int, error: str | None) -> None:
+        """Queue an ACK (error None) or NACK for delivery `seq` (any thread)."""
+        self.settlements.append((seq, error))
         self.wake()
 
     def wake(self) -> None:
@@ -177,7 +196,12 @@ class Connection(threading.Thread):
         return True
 
     def _hello(self) -> None:
-        self._send([P.HELLO, pack({"v": list(P.PROTOCOL_VERSIONS), "client": "plexus-py/0.1"})])
+        hello = {
+            "v": list(P.PROTOCOL_VERSIONS),
+            "client": "plexus-py/0.1",
+            "session": self.settings.session,
+        }
+        self._send([P.HELLO, pack(hello)])
 
     def _loop(self) -> None:
         self._open_socket()
@@ -290,9 +314,7 @@ class Connection(threading.Thread):
         if command == P.DELIVER:
             self._deliver(frames)
         elif command == P.CONFIRM:
-            future = self.confirm_futures.pop(unpack_map(frames[1]).get("id", b""), None)
-            if future is not None:
-                future.set_result(None)
+            self._confirmed(unpack_map(frames[1]).get("ids"))
         elif command == P.PONG:
             return len(frames) > 1 and frames[1] == _CLOSING_PING
         elif command == P.SUBOK:
@@ -300,7 +322,11 @@ class Connection(threading.Thread):
         elif command == P.WELCOME:
             self.welcome = unpack_map(frames[1])
             self._sent_sids.clear()
+            self._remember_resumed(self.welcome.get("subs"))
+            self._resend_unconfirmed()
             self.welcomed.set()
+        elif command == P.DLQOK and self.dlq_future is not None:
+            self.dlq_future.set_result(unpack_map(frames[1]))
         elif command == P.ERROR:
             self._error(unpack_map(frames[1]))
         elif command == P.STATSOK and self.stats_future is not None:
@@ -311,15 +337,67 @@ class Connection(threading.Thread):
         subs = self._subs
         for i in range(1, len(frames) - 3, 4):
             envelope = decode_envelope(frames[i + 1], frames[i + 2], frames[i + 3])
+            live: list[Subscription] = []
+            held: list[int] = []
             for sid in decode_sids(frames[i]):
                 sub = subs.get(sid)
-                if sub is None or not sub.active:
-                    continue
-                message = Message(envelope, sid)
-                if sub.handler is not None:
-                    self._dispatch(sub, message)
-                elif not sub.offer(message):
-                    log.warning("subscription %s overflowed its local queue", sub.pattern)
+                if sub is not None and sub.active:
+                    live.append(sub)
+                elif sid in self.resumed_subs:  # the app has not re-subscribed it yet
+                    held.append(sid)
+            if not live and not held:  # unsubscribed meanwhile: nothing will consume it
+                self.settlements.append((envelope.seq, None))
+                continue
+            receipt = Receipt(envelope.seq, len(live) + len(held), self.settle)
+            for sid in held:
+                self._orphans.setdefault(sid, []).append(Message(envelope, sid, receipt))
+            for sub in live:
+                self._release_orphans(sub)
+                self._hand_over(sub, Message(envelope, sub.sid, receipt))
+
+    def _hand_over(self, sub: Subscription, message: Message) -> None:
+        if sub.handler is not None:
+            self._dispatch(sub, message)
+        elif not sub.offer(message):
+            log.warning("subscription %s overflowed its local queue", sub.pattern)
+
+    def _release_orphans(self, sub: Subscription) -> None:
+        """Deliveries that arrived for a resumed sid before the app re-claimed it, in order."""
+        orphans = self._orphans.pop(sub.sid, None)
+        self.resumed_subs.pop(sub.sid, None)
+        for message in orphans or ():
+            self._hand_over(sub, message)
+
+    def _remember_resumed(self, subs: Any) -> None:
+        self.resumed_subs = {}
+        if not isinstance(subs, list):
+            return
+        for item in subs:
+            if isinstance(item, list) and len(item) == 2 and type(item[0]) is int:
+                sid, pattern = item
+                if sid not in self._subs and isinstance(pattern, str):
+                    self.resumed_subs[sid] = pattern
+
+    def _confirmed(self, ids: Any) -> None:
+        if not isinstance(ids, list):
+            return
+        for msg_id in ids:
+            if not isinstance(msg_id, bytes):
+                continue
+            self.unconfirmed.pop(msg_id, None)
+            future = self.confirm_futures.pop(msg_id, None)
+            if future is not None:
+                future.set_result(None)
+        with self._space:
+            self._space.notify_all()
+
+    def _resend_unconfirmed(self) -> None:
+        """After a (re)HELLO: everything unconfirmed goes out again, in order, first."""
+        if not self.unconfirmed:
+            return
+        queued = {id(item) for item in self.outbox}
+        resend = [item for item in self.unconfirmed.values() if id(item) not in queued]
+        self.outbox.extendleft(reversed(resend))
 
     def _error(self, body: dict[str, Any]) -> None:
         error = error_from_wire(body)
@@ -341,9 +419,15 @@ class Connection(threading.Thread):
         if isinstance(msg_id, bytes) and msg_id in self.confirm_futures:
             self.confirm_futures.pop(msg_id).set_exception(error)
             return
-        if self.stats_future is not None and error.code == int(Code.COMMAND_DENIED):
-            self.stats_future.set_exception(error)
+        if error.code == int(Code.SESSION_TAKEN_OVER):
+            self.failure = error
+            self._fail_pending(error)
             return
+        if error.code in (int(Code.COMMAND_DENIED), int(Code.UNKNOWN_DLQ_ENTRY)):
+            for future in (self.stats_future, self.dlq_future):
+                if future is not None and not future.done():
+                    future.set_exception(error)
+                    return
         self._on_error(error)
 
     def _resolve_sub(self, sid: Any, error: BusError | None) -> None:
@@ -366,9 +450,13 @@ class Connection(threading.Thread):
     def _sync_subscriptions(self) -> None:
         """Make the broker's subscriptions of this session equal the registered ones."""
         wanted = {sid for sid, sub in list(self._subs.items()) if sub.active}
+        for sid in wanted & (self._orphans.keys() | self.resumed_subs.keys()):
+            self._release_orphans(self._subs[sid])
         for sid in wanted - self._sent_sids:
             sub = self._subs.get(sid)
-            if sub is not None and self._send([P.SUB, pack({"sid": sid, "pattern": sub.pattern})]):
+            if sub is not None and self._send(
+                [P.SUB, pack({"sid": sid, "pattern": sub.pattern, "durable": sub.durable})]
+            ):
                 self._sent_sids.add(sid)
         for sid in self._sent_sids - wanted:
             if self._send([P.UNSUB, pack({"sid": sid})]):
@@ -376,6 +464,8 @@ class Connection(threading.Thread):
 
     def _flush(self) -> None:
         """Send queued publishes as PUB batches until the queue or the socket is exhausted."""
+        if self.settlements:
+            self._send_settlements()
         while self.outbox_control:
             if not self._send(self.outbox_control[0]):
                 return
@@ -394,6 +484,26 @@ class Connection(threading.Thread):
         if len(outbox) < self.settings.outbox_limit:
             with self._space:
                 self._space.notify_all()
+
+    def _send_settlements(self) -> None:
+        acks: list[int] = []
+        settlements = self.settlements
+        while settlements:
+            seq, error = settlements.popleft()
+            if error is None:
+                acks.append(seq)
+            else:
+                self._send([P.NACK, pack({"seq": seq, "error": error[:512]})])
+        if acks:
+            self._send([P.ACK, pack({"seqs": acks})])
+
+    def request_dlq(self, request: dict[str, Any]) -> Future[dict[str, Any]]:
+        """Ask the broker to list, replay or purge dead letters (platform identities only)."""
+        future: Future[dict[str, Any]] = Future()
+        self.dlq_future = future
+        self.outbox_control.append([P.DLQ, pack(request)])
+        self.wake()
+        return future
 
     def request_stats(self, reset_latency: bool = False) -> Future[dict[str, Any]]:
         """Ask the broker for STATS (platform identities only)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,12 +23,57 @@ def decode_data(payload: bytes) -> Any:
         return payload
 
 
+class Receipt:
+    """The acknowledgement of one delivery, shared by the messages it became.
+
+    A message matching two subscriptions of one session is one delivery: it is acked when
+    every subscription has consumed it, and nacked (retried) as soon as one fails.
+    """
+
+    __slots__ = ("_lock", "_remaining", "_settle", "done", "seq")
+
+    def __init__(self, seq: int, copies: int, settle: Callable[[int, str | None], None]) -> None:
+        self.seq = seq
+        self._remaining = copies
+        self._settle = settle
+        self._lock = threading.Lock()
+        self.done = False
+
+    def ack(self) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self._remaining -= 1
+            if self._remaining > 0:
+                return
+            self.done = True
+        self._settle(self.seq, None)
+
+    def nack(self, error: str) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self.done = True
+        self._settle(self.seq, error or "nacked")
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """One delivered message. `sender` and `timestamp` come from the broker, never the sender."""
 
     envelope: Envelope
     subscription_id: int
+    receipt: Receipt | None = None
+
+    def ack(self) -> None:
+        """Tell the broker this message is done (automatic after a handler or `get()`)."""
+        if self.receipt is not None:
+            self.receipt.ack()
+
+    def nack(self, error: str = "") -> None:
+        """Ask for a redelivery later (after backoff; dead-lettered after the last retry)."""
+        if self.receipt is not None:
+            self.receipt.nack(error)
 
     @property
     def id(self) -> str:
@@ -75,8 +121,8 @@ class Message:
 class Subscription:
     """Messages matching `pattern`: read with `get()` / iteration, or pushed to `handler`.
 
-    The local queue is bounded (`limit`); deliveries beyond it are counted in `overflowed`
-    and logged, never dropped silently.
+    The local queue is bounded (`limit`); a delivery beyond it is counted in `overflowed`
+    and nacked, so the broker retries it later (and dead-letters it after the last retry).
     """
 
     sid: int
@@ -84,22 +130,28 @@ class Subscription:
     handler: Handler | None = None
     limit: int = 100_000
     overflowed: int = 0
+    durable: bool = False
+    manual_ack: bool = False
     active: bool = True
     _queue: queue.SimpleQueue[Message] = field(default_factory=queue.SimpleQueue)
     _unsubscribe: Callable[[Subscription], None] | None = None
 
     def get(self, timeout: float | None = None) -> Message | None:
-        """The next message, waiting up to `timeout` seconds (None: forever); None on timeout."""
+        """The next message, waiting up to `timeout` seconds (None: forever); None on timeout.
+
+        Handing a message over acknowledges it, unless the subscription has `manual_ack`
+        (then call `message.ack()` or `message.nack()`).
+        """
         try:
-            return self._queue.get(timeout=timeout)
+            message = self._queue.get(timeout=timeout)
         except queue.Empty:
             return None
+        if not self.manual_ack:
+            message.ack()
+        return message
 
     def get_nowait(self) -> Message | None:
-        try:
-            return self._queue.get_nowait()
-        except queue.Empty:
-            return None
+        return self.get(timeout=0) if not self._queue.empty() else None
 
     def __iter__(self) -> Iterator[Message]:
         while self.active or not self._queue.empty():
@@ -118,6 +170,7 @@ class Subscription:
         """Queue a delivery (I/O thread); False when the local queue is full."""
         if self._queue.qsize() >= self.limit:
             self.overflowed += 1
+            message.nack("the subscriber's local queue is full")
             return False
         self._queue.put(message)
         return True

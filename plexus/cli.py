@@ -7,6 +7,7 @@ Errors go to stderr as one line saying what to do, with exit codes from `plexus.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -83,7 +84,9 @@ def operator_bus(home: Path | None) -> Iterator[Bus]:
     store = CredentialStore(paths.creds_dir)
     token = store.mint(P.CLI_ID)
     try:
-        with Bus.connect(state["endpoint"], P.CLI_ID, token, timeout=5.0) as bus:
+        with Bus.connect(
+            state["endpoint"], P.CLI_ID, token, timeout=5.0, session=f"cli-{os.getpid()}"
+        ) as bus:
             yield bus
     except BusError as exc:
         fail(str(exc), _exit_code(exc))
@@ -264,3 +267,48 @@ def subscribe(
             return
     if count is not None and received < count:
         fail(f"got {received} of {count} messages before the timeout", exits.TIMEOUT)
+
+
+@main.group()
+def dlq() -> None:
+    """The dead-letter queue: messages that could not be delivered, with the reason."""
+
+
+@dlq.command("list")
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def dlq_list(home: Path | None, as_json: bool) -> None:
+    """Every dead letter with its reason, attempts, last error, topic and sender."""
+    with operator_bus(home) as bus:
+        answer = bus.dead_letters()
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    entries = answer.get("entries", [])
+    click.echo(f"{len(entries)} dead letters ({answer.get('dropped', 0)} dropped when full)")
+    for entry in entries:
+        click.echo(
+            f"{entry['id']:>6}  {entry['reason']:<12} {entry['topic']:<32} "
+            f"to {entry['app']}/{entry['session']}  from {entry['sender']}  "
+            f"attempts {entry['attempts']}  {entry['last_error']}"
+        )
+
+
+@dlq.command("replay")
+@home_option
+@click.argument("entry_id", type=click.IntRange(min=1))
+def dlq_replay(home: Path | None, entry_id: int) -> None:
+    """Deliver dead letter ENTRY_ID again (to its session if it still exists)."""
+    with operator_bus(home) as bus:
+        bus.replay_dead_letter(entry_id)
+    click.echo(f"replayed {entry_id}")
+
+
+@dlq.command("purge")
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def dlq_purge(home: Path | None, as_json: bool) -> None:
+    """Drop every dead letter."""
+    with operator_bus(home) as bus:
+        answer = bus.purge_dead_letters()
+    click.echo(json.dumps(answer) if as_json else f"purged {answer.get('purged', 0)}")

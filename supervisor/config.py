@@ -11,11 +11,12 @@ stop_grace_s = 5.0         # SIGTERM -> SIGKILL delay when stopping an app
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from broker import protocol as P
+from broker.delivery import DELIVERY_FIELDS, DeliveryConfig
 
 
 class ConfigError(Exception):
@@ -30,6 +31,7 @@ class PlatformConfig:
     peer_timeout_ms: int = P.DEFAULT_PEER_TIMEOUT_MS
     persistence: bool = True
     stop_grace_s: float = 5.0
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
 
 
 _SCHEMA: dict[str, dict[str, tuple[str, type, Any]]] = {
@@ -41,36 +43,69 @@ _SCHEMA: dict[str, dict[str, tuple[str, type, Any]]] = {
         "persistence": ("persistence", bool, None),
         "stop_grace_s": ("stop_grace_s", float, (0.1, 600.0)),
     },
+    "delivery": {
+        "grace_ms": ("grace_ms", int, (0, 7 * 86_400_000)),
+        "retries": ("retries", int, (0, 100)),
+        "backoff_base_ms": ("backoff_base_ms", int, (1, 3_600_000)),
+        "backoff_cap_ms": ("backoff_cap_ms", int, (1, 86_400_000)),
+        "ack_timeout_ms": ("ack_timeout_ms", int, (10, 86_400_000)),
+        "window": ("window", int, (1, 100_000)),
+        "queue_max": ("queue_max", int, (1, 10_000_000)),
+        "queue_max_bytes": ("queue_max_bytes", int, (1024, 2**40)),
+    },
 }
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax") from None
+
+
+def _checked(path: Path, section: str, key: str, raw: Any) -> tuple[str, Any]:
+    """(field name, value) of one config key, or ConfigError naming it and the fix."""
+    schema = _SCHEMA[section]
+    if key not in schema:
+        raise ConfigError(f"{path}: unknown key {section}.{key}; use {sorted(schema)}")
+    name, kind, bounds = schema[key]
+    value = float(raw) if kind is float and type(raw) is int else raw
+    if type(value) is not kind:
+        raise ConfigError(f"{path}: {section}.{key} must be {kind.__name__}")
+    if bounds is not None and not bounds[0] <= value <= bounds[1]:
+        raise ConfigError(f"{path}: {section}.{key} must be in {bounds}")
+    return name, value
 
 
 def load_config(path: Path | None, persistence: bool | None = None) -> PlatformConfig:
     """Read `path` (None: defaults); `persistence=False` from the CLI overrides the file."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax") from None
-        for section, table in data.items():
-            schema = _SCHEMA.get(section)
-            if schema is None or not isinstance(table, dict):
-                raise ConfigError(f"{path}: unknown section [{section}]; use {sorted(_SCHEMA)}")
-            for key, raw in table.items():
-                if key not in schema:
-                    raise ConfigError(f"{path}: unknown key {section}.{key}; use {sorted(schema)}")
-                field, kind, bounds = schema[key]
-                value = float(raw) if kind is float and type(raw) is int else raw
-                if type(value) is not kind:
-                    raise ConfigError(f"{path}: {section}.{key} must be {kind.__name__}")
-                if bounds is not None and not bounds[0] <= value <= bounds[1]:
-                    raise ConfigError(f"{path}: {section}.{key} must be in {bounds}")
-                values[field] = value
+    values: dict[str, dict[str, Any]] = {section: {} for section in _SCHEMA}
+    for section, table in (_read(path) if path is not None else {}).items():
+        if section not in _SCHEMA or not isinstance(table, dict):
+            raise ConfigError(f"{path}: unknown section [{section}]; use {sorted(_SCHEMA)}")
+        for key, raw in table.items():
+            name, value = _checked(path, section, key, raw)  # type: ignore[arg-type]
+            values[section][name] = value
     if persistence is False:
-        values["persistence"] = False
-    config = PlatformConfig(**values)
+        values["platform"]["persistence"] = False
+    config = PlatformConfig(
+        **values["broker"], **values["platform"], delivery=DeliveryConfig(**values["delivery"])
+    )
     if config.peer_timeout_ms <= config.heartbeat_ms:
         raise ConfigError("broker.peer_timeout_ms must exceed broker.heartbeat_ms")
     return config
+
+
+def broker_arguments(config: PlatformConfig) -> list[str]:
+    """The `python -m broker` flags carrying `config`."""
+    args = [
+        "--heartbeat-ms",
+        str(config.heartbeat_ms),
+        "--peer-timeout-ms",
+        str(config.peer_timeout_ms),
+    ]
+    for name in DELIVERY_FIELDS:
+        args += ["--" + name.replace("_", "-"), str(getattr(config.delivery, name))]
+    return args

@@ -25,7 +25,7 @@ from broker.manifests import Manifest, load_manifests
 from broker.paths import PlatformPaths
 from clients.bus import Bus
 from security.credentials import CredentialStore
-from supervisor.config import PlatformConfig
+from supervisor.config import PlatformConfig, broker_arguments
 from supervisor.launch import app_argv, app_environment, credential_pipe
 from supervisor.spawner import Child, Spawner
 
@@ -167,10 +167,7 @@ class Supervisor:
             str(self.paths.home),
             "--apps",
             str(self.apps_dir),
-            "--heartbeat-ms",
-            str(self.config.heartbeat_ms),
-            "--peer-timeout-ms",
-            str(self.config.peer_timeout_ms),
+            *broker_arguments(self.config),
         ]
         self.broker = self.spawner.spawn("broker", argv, os.environ)
         event(log, "broker-launched", pid=self.broker.pid)

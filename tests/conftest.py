@@ -97,6 +97,8 @@ class BrokerHandle:
         Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
 
     def connect(self, app_id: str, **kwargs: Any) -> Bus:
+        """A Bus as `app_id`; each gets its own session unless `session=` says otherwise."""
+        kwargs.setdefault("session", f"test-{len(self.buses)}")
         bus = Bus.connect(self.endpoint, app_id, self.credentials.mint(app_id), **kwargs)
         self.buses.append(bus)
         return bus

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,6 +18,7 @@ from broker.codec import (
     pack,
     unpack_map,
 )
+from broker.delivery import DeliveryConfig
 from broker.errors import Code
 from broker.manifests import Permissions
 from broker.router import Outbound, Router, RouterConfig
@@ -53,7 +55,8 @@ class Peer:
 
     def hello(self, versions: Any = (1,)) -> list[Outbound]:
         offered = list(versions) if isinstance(versions, tuple) else versions
-        return self.send(P.HELLO, pack({"v": offered}))
+        # every connection of these tests is its own session, named after its routing id
+        return self.send(P.HELLO, pack({"v": offered, "session": self.peer.decode()}))
 
     def welcomed(self) -> Peer:
         [(peer, frames)] = self.hello()
@@ -66,7 +69,7 @@ class Peer:
     def subscribed(self, sid: int, pattern: str) -> Peer:
         [(peer, frames)] = self.sub(sid, pattern)
         assert (peer, frames[0]) == (self.peer, P.SUBOK)
-        assert unpack_map(frames[1]) == {"sid": sid, "pattern": pattern}
+        assert unpack_map(frames[1]) == {"sid": sid, "pattern": pattern, "durable": False}
         return self
 
     def unsub(self, sid: int) -> list[Outbound]:
@@ -179,13 +182,15 @@ def test_identity_change_on_one_connection(router: Router) -> None:
     assert error_codes(Peer(router, b"p1", "pub").sub(1, "a")) == [Code.IDENTITY_UNKNOWN]
 
 
-def test_repeated_hello_starts_fresh_session(router: Router) -> None:
+def test_repeated_hello_resumes_the_session(router: Router) -> None:
     pub = Peer(router, b"p0", "pub").welcomed()
     s = Peer(router, b"p1", "sub").welcomed().subscribed(1, "news.>")
-    s.welcomed()
-    assert deliveries(pub.pub(("news.x", b"1")), b"p1") == []
-    s.subscribed(1, "news.>")  # the sid is free again
-    assert len(deliveries(pub.pub(("news.x", b"2")), b"p1")) == 1
+    [(_, frames)] = s.hello()
+    welcome = unpack_map(frames[1])
+    assert welcome["resumed"] is True and welcome["subs"] == [[1, "news.>"]]
+    assert len(deliveries(pub.pub(("news.x", b"1")), b"p1")) == 1  # still subscribed
+    s.subscribed(1, "news.>")  # re-sending the same SUB is accepted, not a duplicate
+    assert error_codes(s.sub(1, "market.>")) == [Code.DUPLICATE_SID]
 
 
 @pytest.mark.parametrize(
@@ -426,7 +431,7 @@ def test_confirm(router: Router) -> None:
     out = pub.pub(("news.a", b""), ("orders.old", b""), ("news.b", b""), confirm=True)
     confirms = [unpack_map(f[1]) for to, f in out if f[0] == P.CONFIRM]
     assert all(to == b"p0" for to, _ in out)
-    assert confirms == [{"id": (1).to_bytes(16, "big")}, {"id": (3).to_bytes(16, "big")}]
+    assert confirms == [{"ids": [(1).to_bytes(16, "big"), (3).to_bytes(16, "big")]}]
     assert error_codes(out) == [Code.PUBLISH_DENIED]
     assert pub.pub(("news.c", b"")) == []  # no confirm asked, none sent
 
@@ -438,13 +443,16 @@ def test_pub_bad_frame_counts(router: Router, extra: int) -> None:
     assert error_codes(pub.send(P.PUB, *frames)) == [Code.BAD_FRAME_COUNT]
 
 
-def test_pub_limits(router: Router) -> None:
+def test_pub_limits() -> None:
+    router = make_router(RouterConfig(delivery=DeliveryConfig(window=2 * P.MAX_PUB_BATCH)))
     pub = Peer(router, b"p0", "pub").welcomed()
     Peer(router, b"p1", "sub").welcomed().subscribed(1, "news.>")
     header = pub.header("news.a")
     too_many = [P.PUB] + [header, b""] * (P.MAX_PUB_BATCH + 1)
     assert error_codes(pub.send(*too_many)) == [Code.TOO_LARGE]
-    most = [P.PUB] + [header, b""] * P.MAX_PUB_BATCH
+    most = [P.PUB]  # distinct ids: repeated ids are dropped as duplicates
+    for _ in range(P.MAX_PUB_BATCH):
+        most += [pub.header("news.a"), b""]
     assert len(deliveries(pub.send(*most), b"p1")) == P.MAX_PUB_BATCH
     out = pub.pub(("news.a", b"x" * (P.MAX_PAYLOAD_BYTES + 1)), ("news.b", b"ok"))
     assert error_codes(out) == [Code.TOO_LARGE]
@@ -473,23 +481,31 @@ def test_bye_drops_subscriptions(router: Router) -> None:
     assert error_codes(s.sub(3, "news.>")) == [Code.NOT_WELCOMED]
 
 
-def test_housekeeping_expires_silent_sessions() -> None:
-    router = make_router(RouterConfig(peer_timeout_ms=10_000))
+def test_housekeeping_detaches_silent_sessions_then_expires_them() -> None:
+    config = RouterConfig(peer_timeout_ms=10_000, delivery=DeliveryConfig(grace_ms=30_000))
+    router = make_router(config)
+    watcher = Peer(router, b"w", "$cli").welcomed().subscribed(1, P.UNRESPONSIVE_TOPIC)
     pub = Peer(router, b"p0", "pub").welcomed()
     quiet = Peer(router, b"p1", "sub").welcomed().subscribed(1, "news.>")
     chatty = Peer(router, b"p2", "sub").welcomed().subscribed(1, "news.>")
     assert router.housekeeping(T0 + 10 * SECOND) == []  # exactly at the timeout: still alive
-    chatty.send(P.PING, now=T0 + 8 * SECOND)
-    pub.send(P.PING, now=T0 + 9 * SECOND)
-    assert router.housekeeping(T0 + 10 * SECOND + 1) == ["sub"]
+    for peer, at in ((chatty, 8), (pub, 9), (watcher, 9)):
+        peer.send(P.PING, now=T0 + at * SECOND)
+    out = router.housekeeping(T0 + 10 * SECOND + 1)
+    [(_, stamp, _, notice)] = deliveries(out, b"w")
+    assert stamp.sender == P.BROKER_ID
+    assert msgpack.unpackb(notice)["app"] == "sub"
+    assert msgpack.unpackb(notice)["session"] == "p1"
     assert router.session_of(b"p1") is None
     assert router.session_of(b"p2") is not None
-    assert router.stats.sessions_expired == 1
+    assert router.stats.unresponsive == 1
     out = pub.send(P.PUB, pub.header("news.x"), b"", now=T0 + 11 * SECOND)
-    assert [to for to, _ in out] == [b"p2"]
+    assert [to for to, _ in out] == [b"p2"]  # the detached session queues it meanwhile
     assert error_codes(quiet.sub(2, "news.>")) == [Code.NOT_WELCOMED]
-    assert sorted(router.housekeeping(T0 + 100 * SECOND)) == ["pub", "sub"]
-    assert router.snapshot(T0)["sessions"] == 0
+    router.housekeeping(T0 + 45 * SECOND)
+    assert router.stats.sessions_expired >= 1
+    expired = [e for e in router.dlq.entries() if e.reason == "expired"]
+    assert [(e.app_id, e.session, e.delivery.topic) for e in expired] == [("sub", "p1", "news.x")]
 
 
 def test_housekeeping_counts_publishes_as_activity() -> None:
@@ -592,3 +608,14 @@ def test_fuzz_router_before_hello(inbound: list[list[bytes]]) -> None:
         out = router.handle(b"x", "both", frames, T0)
         check_outbound(out)
         assert all(to == b"x" for to, _ in out)
+
+
+def test_duplicate_message_ids_are_routed_once_and_confirmed_again(router: Router) -> None:
+    pub = Peer(router, b"p0", "pub").welcomed()
+    Peer(router, b"p1", "sub").welcomed().subscribed(1, "news.>")
+    header = pub.header("news.a", confirm=True)
+    first = pub.send(P.PUB, header, b"once")
+    again = pub.send(P.PUB, header, b"once")  # a resend after a reconnect
+    assert len(deliveries(first, b"p1")) == 1 and deliveries(again, b"p1") == []
+    assert [f[0] for _, f in again] == [P.CONFIRM]
+    assert router.stats.duplicates == 1

@@ -1,0 +1,188 @@
+"""Acknowledged delivery to one session: its queue, in-flight window, retries and timeouts.
+
+Pure and clock-free: every call takes `now_ns`. The lifecycle of one delivery is
+
+    QUEUED --pull--> IN_FLIGHT --ack--> done
+                        | nack / ack timeout / detach
+                        v
+                     RETRY (due after backoff) --pull--> IN_FLIGHT ...
+                        | attempts > 1 + retries
+                        v
+                     DEAD (the caller moves it to the dead-letter queue)
+
+`Mailbox` bounds the queue by count and bytes; `offer` refuses beyond them so the caller
+can dead-letter the message with reason `queue-full` instead of losing it.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+
+from broker import protocol as P
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    """Delivery policy; defaults documented in README ("Delivery")."""
+
+    window: int = 256
+    ack_timeout_ms: int = 30_000
+    retries: int = 3
+    backoff_base_ms: int = 200
+    backoff_cap_ms: int = 10_000
+    queue_max: int = 10_000
+    queue_max_bytes: int = 64 * 2**20
+    grace_ms: int = P.DEFAULT_GRACE_MS
+
+    def backoff_ns(self, attempt: int) -> int:
+        """Delay before attempt `attempt` (2, 3, ...): base * 2^(attempt-2), capped."""
+        delay = self.backoff_base_ms << max(0, attempt - 2)
+        return min(delay, self.backoff_cap_ms) * 1_000_000
+
+
+DELIVERY_FIELDS = (
+    "window",
+    "ack_timeout_ms",
+    "retries",
+    "backoff_base_ms",
+    "backoff_cap_ms",
+    "queue_max",
+    "queue_max_bytes",
+    "grace_ms",
+)
+"""The settings `--config` ([delivery]) and `python -m broker --FIELD` may change."""
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One message on its way to one session (all its matching subscriptions at once)."""
+
+    seq: int
+    sids: bytes
+    sender: str
+    timestamp_ns: int
+    topic: str
+    msg_id: bytes
+    header: bytes
+    payload: bytes
+    attempt: int = 1
+    due_ns: int = 0
+    last_error: str = ""
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + len(self.payload)
+
+
+@dataclass(slots=True)
+class Mailbox:
+    """Queue, in-flight window and retry schedule of one session."""
+
+    config: DeliveryConfig
+    queue: deque[Delivery] = field(default_factory=deque)
+    inflight: dict[int, Delivery] = field(default_factory=dict)
+    retry: list[tuple[int, int, Delivery]] = field(default_factory=list)
+    queued_bytes: int = 0
+
+    def __len__(self) -> int:
+        return len(self.queue) + len(self.inflight) + len(self.retry)
+
+    def offer(self, delivery: Delivery) -> bool:
+        """Queue a new delivery; False when the queue is full (count or bytes)."""
+        if (
+            len(self.queue) >= self.config.queue_max
+            or self.queued_bytes + delivery.size > self.config.queue_max_bytes
+        ):
+            return False
+        self.queue.append(delivery)
+        self.queued_bytes += delivery.size
+        return True
+
+    def pull(self, now_ns: int) -> list[Delivery]:
+        """Deliveries to send now: due retries first, then the queue, up to the window."""
+        room = self.config.window - len(self.inflight)
+        out: list[Delivery] = []
+        retry = self.retry
+        while room > 0 and retry and retry[0][0] <= now_ns:
+            out.append(heapq.heappop(retry)[2])
+            room -= 1
+        queue = self.queue
+        while room > 0 and queue:
+            delivery = queue.popleft()
+            self.queued_bytes -= delivery.size
+            out.append(delivery)
+            room -= 1
+        deadline = now_ns + self.config.ack_timeout_ms * 1_000_000
+        for delivery in out:
+            delivery.due_ns = deadline
+            self.inflight[delivery.seq] = delivery
+        return out
+
+    def ack(self, seq: int) -> bool:
+        return self.inflight.pop(seq, None) is not None
+
+    def nack(self, seq: int, now_ns: int, error: str) -> Delivery | None:
+        """Schedule a retry of an in-flight delivery; returns it when it is out of attempts."""
+        delivery = self.inflight.pop(seq, None)
+        if delivery is None:
+            return None
+        return self._retry_or_dead(delivery, now_ns, error)
+
+    def expire(self, now_ns: int) -> list[Delivery]:
+        """Treat in-flight deliveries past their ack deadline as failed; returns the dead."""
+        late = [d for d in self.inflight.values() if d.due_ns <= now_ns]
+        dead: list[Delivery] = []
+        for delivery in late:
+            del self.inflight[delivery.seq]
+            gone = self._retry_or_dead(delivery, now_ns, "no ack within the ack timeout")
+            if gone is not None:
+                dead.append(gone)
+        return dead
+
+    def detach(self) -> list[Delivery]:
+        """The receiver went away: in-flight deliveries are redelivered on resume, in order.
+
+        That redelivery counts as an attempt (the receiver may have died of the message);
+        deliveries out of attempts are returned for the dead-letter queue.
+        """
+        dead: list[Delivery] = []
+        for delivery in sorted(self.inflight.values(), key=lambda d: d.seq, reverse=True):
+            if delivery.attempt >= 1 + self.config.retries:
+                delivery.last_error = "its receiver disconnected before acknowledging it"
+                dead.append(delivery)
+                continue
+            delivery.attempt += 1
+            self.queue.appendleft(delivery)
+            self.queued_bytes += delivery.size
+        self.inflight.clear()
+        dead.reverse()
+        return dead
+
+    def drain(self) -> list[Delivery]:
+        """Everything still held (for dead-lettering at expiry), oldest first."""
+        held = sorted(
+            [*self.inflight.values(), *(entry[2] for entry in self.retry), *self.queue],
+            key=lambda d: d.seq,
+        )
+        self.inflight.clear()
+        self.retry.clear()
+        self.queue.clear()
+        self.queued_bytes = 0
+        return held
+
+    def next_due_ns(self) -> int | None:
+        """Earliest retry or ack deadline (for the caller's timer)."""
+        candidates = [self.retry[0][0]] if self.retry else []
+        candidates.extend(d.due_ns for d in self.inflight.values())
+        return min(candidates) if candidates else None
+
+    def _retry_or_dead(self, delivery: Delivery, now_ns: int, error: str) -> Delivery | None:
+        delivery.last_error = error
+        if delivery.attempt >= 1 + self.config.retries:
+            return delivery
+        delivery.attempt += 1
+        due = now_ns + self.config.backoff_ns(delivery.attempt)
+        heapq.heappush(self.retry, (due, delivery.seq, delivery))
+        return None

@@ -1,0 +1,92 @@
+"""The dead-letter queue: messages that could not be delivered, with the reason why.
+
+Bounded by count and bytes; when full, the oldest entry is dropped and counted
+(`dropped`), and the broker logs it — never silently. In memory until the persistence
+issue stores it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from broker.delivery import Delivery
+
+REASONS = ("nacked", "ack-timeout", "expired", "queue-full", "rejected")
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One dead-lettered delivery and why it died."""
+
+    entry_id: int
+    reason: str
+    app_id: str
+    session: str
+    dead_at_ns: int
+    delivery: Delivery
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data for `plexus dlq list --json` (payload shown as bytes length)."""
+        d = self.delivery
+        return {
+            "id": self.entry_id,
+            "reason": self.reason,
+            "app": self.app_id,
+            "session": self.session,
+            "topic": d.topic,
+            "sender": d.sender,
+            "message_id": d.msg_id.hex(),
+            "attempts": d.attempt,
+            "last_error": d.last_error,
+            "published_at_ns": d.timestamp_ns,
+            "dead_at_ns": self.dead_at_ns,
+            "payload_bytes": len(d.payload),
+        }
+
+
+class DeadLetterQueue:
+    """Ordered dead letters by entry id, bounded by count and bytes."""
+
+    def __init__(self, max_entries: int = 10_000, max_bytes: int = 64 * 2**20) -> None:
+        self._entries: OrderedDict[int, DeadLetter] = OrderedDict()
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._next_id = 1
+        self.dropped = 0
+        self.by_reason: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, delivery: Delivery, reason: str, app_id: str, session: str, now_ns: int) -> int:
+        """Store a dead delivery; returns its entry id."""
+        assert reason in REASONS, reason
+        entry = DeadLetter(self._next_id, reason, app_id, session, now_ns, delivery)
+        self._next_id += 1
+        self._entries[entry.entry_id] = entry
+        self._bytes += delivery.size
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+        while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
+            _, oldest = self._entries.popitem(last=False)
+            self._bytes -= oldest.delivery.size
+            self.dropped += 1
+        return entry.entry_id
+
+    def entries(self) -> list[DeadLetter]:
+        return list(self._entries.values())
+
+    def take(self, entry_id: int) -> DeadLetter | None:
+        """Remove and return one entry (for replay)."""
+        entry = self._entries.pop(entry_id, None)
+        if entry is not None:
+            self._bytes -= entry.delivery.size
+        return entry
+
+    def purge(self) -> int:
+        count = len(self._entries)
+        self._entries.clear()
+        self._bytes = 0
+        return count

@@ -1,0 +1,196 @@
+"""Reliable delivery with a real broker: retries, dead letters, grace periods, resume,
+slow consumers, unresponsive peers and resends after a broker restart."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import zmq
+
+from broker import protocol as P
+from broker.codec import pack
+from clients.bus import Message
+from tests.conftest import REPO, BrokerHandle, wait_for
+
+FAST = [
+    "--heartbeat-ms",
+    "100",
+    "--peer-timeout-ms",
+    "600",
+    "--grace-ms",
+    "1500",
+    "--backoff-base-ms",
+    "100",
+    "--ack-timeout-ms",
+    "2000",
+]
+
+
+@pytest.fixture
+def fast_broker(short_tmp: Path) -> Iterator[BrokerHandle]:
+    (short_tmp / "apps").mkdir()
+    handle = BrokerHandle(short_tmp / "home", short_tmp / "apps")
+    handle.paths.prepare()
+    handle.credentials.ensure()
+    handle.manifest("pub", '[permissions]\npublish = ["jobs.>"]\n')
+    handle.manifest("sub", '[permissions]\nsubscribe = ["jobs.>"]\n')
+    handle.start(*FAST, "--window", "10", "--queue-max", "100")
+    yield handle
+    handle.close()
+
+
+def raw_session(broker: BrokerHandle, app: str, session: str, pattern: str) -> zmq.Socket[bytes]:
+    """A subscriber that can vanish without BYE (closing the socket says nothing)."""
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.rcvtimeo = 5000
+    sock.plain_username = app.encode()
+    sock.plain_password = broker.credentials.mint(app).encode()
+    sock.connect(broker.endpoint)
+    sock.send_multipart([P.HELLO, pack({"v": [1], "session": session})])
+    assert sock.recv_multipart()[0] == P.WELCOME
+    sock.send_multipart([P.SUB, pack({"sid": 1, "pattern": pattern})])
+    assert sock.recv_multipart()[0] == P.SUBOK
+    return sock
+
+
+def test_failing_handler_is_retried_with_backoff_then_dead_lettered(
+    fast_broker: BrokerHandle,
+) -> None:
+    attempts: list[tuple[int, float]] = []
+
+    def handler(message: Message) -> None:
+        attempts.append((message.attempt, time.monotonic()))
+        raise RuntimeError("cannot process")
+
+    fast_broker.connect("sub").subscribe("jobs.>", handler)
+    fast_broker.connect("pub").publish("jobs.one", {"n": 1}, confirm=True)
+    operator = fast_broker.connect("$cli")
+    entries = wait_for(lambda: operator.dead_letters()["entries"], 10)
+    assert [a for a, _ in attempts] == [1, 2, 3, 4]
+    gaps = [b - a for (_, a), (_, b) in itertools.pairwise(attempts)]
+    assert gaps[0] < gaps[1] < gaps[2], gaps
+    (entry,) = entries
+    assert entry["reason"] == "nacked" and entry["attempts"] == 4
+    assert entry["topic"] == "jobs.one" and entry["sender"] == "pub"
+    assert "cannot process" in entry["last_error"]
+    operator.replay_dead_letter(entry["id"])
+    wait_for(lambda: len(attempts) >= 5, 5)
+    assert attempts[4][0] == 1  # a replay starts a fresh delivery
+
+
+def test_resume_within_grace_gets_everything_in_order(fast_broker: BrokerHandle) -> None:
+    gone = raw_session(fast_broker, "sub", "worker", "jobs.>")
+    gone.close()
+    pub = fast_broker.connect("pub")
+    for i in range(99):  # the session's queue holds 100 (--queue-max), all kept for it
+        pub.publish("jobs.seq", i)
+    pub.publish("jobs.seq", 99, confirm=True)
+    back = fast_broker.connect("sub", session="worker")
+    sub = back.subscribe("jobs.>")
+    got: list[object] = []
+    while len(got) < 100:
+        message = sub.get(5)
+        assert message is not None, f"stalled after {len(got)}: {got[:3]}..{got[-3:]}"
+        got.append(message.data)
+    assert got == list(range(100))
+    assert sub.get(timeout=0.3) is None
+
+
+def test_session_gone_past_grace_dead_letters_its_queue(fast_broker: BrokerHandle) -> None:
+    gone = raw_session(fast_broker, "sub", "absent", "jobs.>")
+    gone.close()
+    pub = fast_broker.connect("pub")
+    for i in range(5):
+        pub.publish("jobs.lost", i, confirm=True)
+    operator = fast_broker.connect("$cli")
+
+    def expired() -> list[dict[str, object]]:
+        return [e for e in operator.dead_letters()["entries"] if e["reason"] == "expired"]
+
+    entries = wait_for(lambda: len(expired()) == 5 and expired(), 10)
+    assert {e["session"] for e in entries} == {"absent"}
+
+
+def test_slow_consumer_overflow_goes_to_the_dlq_and_memory_stays_bounded(
+    fast_broker: BrokerHandle,
+) -> None:
+    slow = fast_broker.connect("sub", session="slow")
+    slow.subscribe("jobs.>", manual_ack=True)  # never acks: window 10, queue 100
+    pub = fast_broker.connect("pub")
+    assert fast_broker.process is not None
+    broker_proc = psutil.Process(fast_broker.process.pid)
+    payload = b"x" * 4096
+    for i in range(2000):
+        pub.publish("jobs.flood", payload, confirm=(i % 500 == 499))
+    rss_mid = broker_proc.memory_info().rss
+    for i in range(3000):
+        pub.publish("jobs.flood", payload, confirm=(i % 500 == 499))
+    stats = fast_broker.connect("$cli").broker_stats()
+    assert stats["dlq_by_reason"]["queue-full"] >= 5000 - 110
+    assert stats["queued"] <= 110
+    assert broker_proc.memory_info().rss - rss_mid < 16 * 2**20  # bounded dead letters too
+
+
+def test_frozen_subscriber_is_declared_unresponsive(fast_broker: BrokerHandle) -> None:
+    watcher = fast_broker.connect("$cli").subscribe("$sys.apps.unresponsive")
+    env = {
+        **os.environ,
+        "PLEXUS_ENDPOINT": fast_broker.endpoint,
+        "PLEXUS_APP_ID": "sub",
+        "PLEXUS_TOKEN": fast_broker.credentials.mint("sub"),
+    }
+    code = (
+        "import sys, time\n"
+        "from clients.bus import Bus\n"
+        "bus = Bus.connect(session='frozen')\n"
+        "bus.subscribe('jobs.>')\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        child.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        notice = watcher.get(timeout=5)
+        assert notice is not None
+        assert notice.data["app"] == "sub" and notice.data["session"] == "frozen"
+        assert notice.sender == "$broker"
+        assert time.monotonic() - stopped < 0.6 + 0.5  # peer timeout + one timer tick margin
+    finally:
+        child.kill()
+        child.wait(5)
+
+
+def test_publish_during_broker_outage_is_resent_and_deduplicated(
+    fast_broker: BrokerHandle,
+) -> None:
+    pub = fast_broker.connect("pub")
+    pub.publish("jobs.before", 0, confirm=True)
+    fast_broker.kill()
+    outcome: list[str] = []
+
+    def publish_while_down() -> None:
+        outcome.append(pub.publish("jobs.during", 1, confirm=True, timeout=20))
+
+    thread = threading.Thread(target=publish_while_down)
+    thread.start()
+    time.sleep(0.3)  # the publish is queued while nothing listens
+    fast_broker.start(*FAST)
+    thread.join(25)
+    assert outcome, "the publish made during the outage was never confirmed"
+    stats = fast_broker.connect("$cli").broker_stats()
+    assert stats["published"] == 1  # resent once into the new broker, not lost
