@@ -85,6 +85,8 @@ class Mailbox:
     inflight: dict[int, Delivery] = field(default_factory=dict)
     retry: list[tuple[int, int, Delivery]] = field(default_factory=list)
     queued_bytes: int = 0
+    auto_ack: bool = False
+    """At-most-once session (HELLO `ack: false`): a delivery is done once it is sent."""
 
     def __len__(self) -> int:
         return len(self.queue) + len(self.inflight) + len(self.retry)
@@ -102,7 +104,7 @@ class Mailbox:
 
     def pull(self, now_ns: int) -> list[Delivery]:
         """Deliveries to send now: due retries first, then the queue, up to the window."""
-        room = self.config.window - len(self.inflight)
+        room = len(self.queue) if self.auto_ack else self.config.window - len(self.inflight)
         out: list[Delivery] = []
         retry = self.retry
         while room > 0 and retry and retry[0][0] <= now_ns:
@@ -114,6 +116,8 @@ class Mailbox:
             self.queued_bytes -= delivery.size
             out.append(delivery)
             room -= 1
+        if self.auto_ack:
+            return out
         deadline = now_ns + self.config.ack_timeout_ms * 1_000_000
         for delivery in out:
             delivery.due_ns = deadline

@@ -207,6 +207,9 @@ class Router:
                 Code.UNSUPPORTED_VERSION,
                 f"client offers versions {offered[:8]}, broker speaks {list(P.PROTOCOL_VERSIONS)}",
             )
+        acked = header.get("ack", True)
+        if not isinstance(acked, bool):
+            raise ProtocolViolation(Code.BAD_HEADER, "HELLO field 'ack' must be a boolean")
         name = header.get("session", P.DEFAULT_SESSION)
         if not isinstance(name, str) or not 0 < len(name) <= _SESSION_NAME_LIMIT:
             raise ProtocolViolation(Code.BAD_HEADER, "HELLO field 'session' must be 1-64 chars")
@@ -248,6 +251,7 @@ class Router:
                 self._dead(session, dead, "ack-timeout", now_ns)
         session.peer = peer
         session.last_seen_ns = now_ns
+        session.mailbox.auto_ack = not acked
         self._peers[peer] = session
         welcome = {
             "v": max(common),
@@ -435,24 +439,29 @@ class Router:
                 self._dead(target, delivery, "queue-full", now_ns)
 
     def _pump(self, session: Session, now_ns: int) -> list[Outbound]:
-        """Send an attached session what its window allows, as one DELIVER."""
-        if session.peer is None:
+        """Send an attached session what its window allows, in DELIVERs of ≤ window each."""
+        peer = session.peer
+        if peer is None:
             return []
         deliveries = session.mailbox.pull(now_ns)
         if not deliveries:
             return []
-        frames = [P.DELIVER]
-        for d in deliveries:
-            frames += (
-                d.sids,
-                encode_stamp(d.seq, d.sender, d.timestamp_ns, d.attempt),
-                d.header,
-                d.payload,
-            )
-            if d.attempt > 1:
-                self.stats.retried += 1
+        out: list[Outbound] = []
+        chunk = self._config.delivery.window
+        for start in range(0, len(deliveries), chunk):
+            frames = [P.DELIVER]
+            for d in deliveries[start : start + chunk]:
+                frames += (
+                    d.sids,
+                    encode_stamp(d.seq, d.sender, d.timestamp_ns, d.attempt),
+                    d.header,
+                    d.payload,
+                )
+                if d.attempt > 1:
+                    self.stats.retried += 1
+            out.append((peer, frames))
         self.stats.delivered += len(deliveries)
-        return [(session.peer, frames)]
+        return out
 
     def _build_routes(self, topic: str) -> tuple[Route, ...]:
         by_session: dict[SessionKey, list[int]] = {}

@@ -16,6 +16,7 @@ from the broker's own histogram: reset at each window start, read at its end (ST
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from typing import Literal
 
 import msgpack
 import zmq
+from msgpack import unpackb
 
 from broker import protocol as P
 from broker.codec import encode_pub_header, new_message_id, pack
@@ -53,12 +55,17 @@ def _creds_for(endpoint: str) -> CredentialStore:
     return CredentialStore(Path(endpoint.removeprefix("ipc://")).parent / "creds")
 
 
-def _hello(sock: zmq.Socket[bytes], app_id: str, endpoint: str, timeout_s: float) -> None:
+def _hello(
+    sock: zmq.Socket[bytes], app_id: str, endpoint: str, timeout_s: float, acked: bool = False
+) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.plain_username = app_id.encode()
     sock.plain_password = _creds_for(endpoint).mint(app_id).encode()
     sock.connect(endpoint)
-    sock.send_multipart([P.HELLO, pack({"v": [1], "client": "perf"})])
+    session = f"perf-{os.getpid()}-{id(sock)}"
+    sock.send_multipart(
+        [P.HELLO, pack({"v": [1], "client": "perf", "session": session, "ack": acked})]
+    )
     if not sock.poll(int(timeout_s * 1000)):
         raise RuntimeError(f"no WELCOME from {endpoint} for {app_id}")
     reply = sock.recv_multipart()
@@ -156,7 +163,8 @@ def start_broker(config: BrokerConfig) -> BrokerHandle:
 class _Apps:
     """One authenticated DEALER per pair, usable as SyncPublisher and SyncSubscriber."""
 
-    def __init__(self, spec: WorkerSpec, app_id: str) -> None:
+    def __init__(self, spec: WorkerSpec, app_id: str, acked: bool = False) -> None:
+        self.acked = acked
         self.ctx = zmq.Context()
         self.topics = [topic_for(p) for p in spec.pairs]
         self.socks: list[zmq.Socket[bytes]] = []
@@ -164,7 +172,7 @@ class _Apps:
         self.out_poller = zmq.Poller()
         for _ in spec.pairs:
             sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
-            _hello(sock, app_id, spec.endpoint, READY_TIMEOUT_S)
+            _hello(sock, app_id, spec.endpoint, READY_TIMEOUT_S, acked)
             self.socks.append(sock)
             self.out_poller.register(sock, zmq.POLLOUT)
             self.poller.register(sock, zmq.POLLIN)
@@ -199,9 +207,13 @@ class _Apps:
                     frames = sock.recv_multipart(NOBLOCK)
                 except zmq.Again:
                     break
-                if frames[0] == P.DELIVER:
-                    for i in range(4, len(frames), 4):
-                        sink(frames[i])
+                if frames[0] != P.DELIVER:
+                    continue
+                for i in range(4, len(frames), 4):
+                    sink(frames[i])
+                if self.acked:  # one ACK per DELIVER, as the Python client batches them
+                    seqs = [unpackb(frames[i])[0] for i in range(2, len(frames), 4)]
+                    sock.send_multipart([P.ACK, pack({"seqs": seqs})])
 
     def close(self) -> None:
         for sock in self.socks:
@@ -213,6 +225,10 @@ class _Apps:
 
 def publisher_worker(spec: WorkerSpec, ctl: WorkerControl) -> None:
     """Connect and HELLO one DEALER per pair as `bench-pub`, then follow the schedule."""
+    run_publisher(spec, ctl)
+
+
+def run_publisher(spec: WorkerSpec, ctl: WorkerControl) -> None:
     apps = _Apps(spec, "bench-pub")
     try:
         ctl.ready()
@@ -226,8 +242,16 @@ def publisher_worker(spec: WorkerSpec, ctl: WorkerControl) -> None:
 
 
 def subscriber_worker(spec: WorkerSpec, ctl: WorkerControl) -> None:
-    """Connect, HELLO and SUB (confirmed) one DEALER per pair as `bench-sub`, then count."""
-    apps = _Apps(spec, "bench-sub")
+    """Connect, HELLO and SUB (confirmed) one DEALER per pair as `bench-sub`, then count.
+
+    Sessions say `ack: false` (at-most-once, the bus issue's semantics); the adapter
+    `plexus_acked` runs the same workload with every delivery acknowledged.
+    """
+    run_subscriber(spec, ctl, acked=False)
+
+
+def run_subscriber(spec: WorkerSpec, ctl: WorkerControl, acked: bool) -> None:
+    apps = _Apps(spec, "bench-sub", acked)
     try:
         apps.subscribe_all()
         ctl.ready()

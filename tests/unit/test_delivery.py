@@ -226,3 +226,11 @@ class SessionsMachine(RuleBasedStateMachine):
 
 TestSessions = SessionsMachine.TestCase
 TestSessions.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+def test_auto_ack_mailbox_sends_everything_and_keeps_nothing_in_flight() -> None:
+    box = Mailbox(DeliveryConfig(window=2), auto_ack=True)
+    for seq in range(1, 6):
+        box.offer(delivery(seq))
+    assert [d.seq for d in box.pull(0)] == [1, 2, 3, 4, 5]
+    assert box.inflight == {} and len(box) == 0
