@@ -132,6 +132,7 @@ def encode_pub_header(
     sensitive: bool = False,
     client_ts_ns: int | None = None,
     confirm: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> bytes:
     """The header a client sends with each published payload."""
     header: dict[str, Any] = {"id": msg_id, "topic": topic}
@@ -144,6 +145,8 @@ def encode_pub_header(
     if confirm:
         header["cf"] = True
     header["ts"] = client_ts_ns if client_ts_ns is not None else time.time_ns()
+    if extra:
+        header.update(extra)
     return pack(header)
 
 
@@ -209,6 +212,12 @@ class Envelope:
     traceparent: str | None
     sensitive: bool
     payload: bytes
+    reply_to: str | None = None
+    """Reply id of a request (header `reply`): the responder answers `to` it."""
+    in_reply_to: str | None = None
+    """On a reply: the reply id of the request it answers (header `to`)."""
+    error: str | None = None
+    """On a reply: the responder's failure, instead of a result (header `err`)."""
 
 
 def decode_envelope(stamp_raw: bytes, header_raw: bytes, payload: bytes) -> Envelope:
@@ -227,6 +236,9 @@ def decode_envelope(stamp_raw: bytes, header_raw: bytes, payload: bytes) -> Enve
         traceparent=header.get("tp"),
         sensitive=bool(header.get("sens", False)),
         payload=payload,
+        reply_to=header.get("reply") if isinstance(header.get("reply"), str) else None,
+        in_reply_to=header.get("to") if isinstance(header.get("to"), str) else None,
+        error=header.get("err") if isinstance(header.get("err"), str) else None,
     )
 
 

@@ -44,9 +44,12 @@ class Code(IntEnum):
     SUBSCRIBE_DENIED = 301
     RESERVED_TOPIC = 302
     COMMAND_DENIED = 303
+    REQUEST_DENIED = 304
 
     QUEUE_FULL = 400
     UNKNOWN_DLQ_ENTRY = 401
+    NO_RESPONDERS = 402
+    UNKNOWN_REPLY = 403
 
     STORAGE_UNAVAILABLE = 500
 
@@ -128,10 +131,15 @@ ERRORS: dict[Code, ErrorSpec] = {
             "Add a covering pattern to [permissions].subscribe in the manifest.",
         ),
         ErrorSpec(Code.RESERVED_TOPIC, "Topics starting with '$sys.' belong to the platform."),
+        ErrorSpec(Code.REQUEST_DENIED, "Add a matching pattern to [permissions].request."),
         ErrorSpec(Code.COMMAND_DENIED, "This command is reserved for platform identities ($...)."),
         ErrorSpec(
             Code.QUEUE_FULL, "The receiver is too slow; consume faster or raise queue limits."
         ),
+        ErrorSpec(
+            Code.NO_RESPONDERS, "Start an app that serves this topic (bus.serve) or check it."
+        ),
+        ErrorSpec(Code.UNKNOWN_REPLY, "Reply only to requests you received, before they expire."),
         ErrorSpec(
             Code.UNKNOWN_DLQ_ENTRY, "List the dead letters (`plexus dlq list`) for valid ids."
         ),

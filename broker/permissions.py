@@ -58,6 +58,17 @@ class Authorizer:
             return False
         return any(pattern_matches(p, topic) for p in self.permissions.publish)
 
+    def check_request(self, topic: str) -> None:
+        """Raise PermissionViolation unless some `request` pattern matches `topic`."""
+        if any(pattern_matches(p, topic) for p in self.permissions.request):
+            return
+        raise PermissionViolation(
+            Code.REQUEST_DENIED,
+            f"app {self.app_id!r} may not send requests to {topic!r}; add "
+            f'request = ["{topic}"] (or a wildcard covering it) to its manifest',
+            topic=topic,
+        )
+
     def check_subscribe(self, pattern: str) -> None:
         """Raise PermissionViolation unless some subscribe pattern covers `pattern`."""
         if any(pattern_covers(p, pattern) for p in self.permissions.subscribe):

@@ -19,6 +19,8 @@ STATS: Final = b"STATS"
 ACK: Final = b"ACK"
 NACK: Final = b"NACK"
 DLQ: Final = b"DLQ"
+REQ: Final = b"REQ"
+REP: Final = b"REP"
 
 # Commands, broker -> client
 WELCOME: Final = b"WELCOME"
@@ -31,7 +33,9 @@ STATSOK: Final = b"STATSOK"
 CONFIRM: Final = b"CONFIRM"
 DLQOK: Final = b"DLQOK"
 
-CLIENT_COMMANDS: Final = frozenset({HELLO, SUB, UNSUB, PUB, PING, BYE, STATS, ACK, NACK, DLQ})
+CLIENT_COMMANDS: Final = frozenset(
+    {HELLO, SUB, UNSUB, PUB, PING, BYE, STATS, ACK, NACK, DLQ, REQ, REP}
+)
 
 # Limits a peer must respect; anything beyond them is a protocol error, never a crash.
 MAX_HEADER_BYTES: Final = 8 * 1024
@@ -61,5 +65,8 @@ DEFAULT_PEER_TIMEOUT_MS: Final = 10_000
 DEFAULT_GRACE_MS: Final = 30_000
 """How long a disconnected session keeps its subscriptions and queues its messages."""
 DEFAULT_SESSION: Final = "main"
+REPLY_SID: Final = 0
+"""Subscription id of replies delivered to a requester (never a real subscription)."""
+DEFAULT_REQUEST_TTL_MS: Final = 60_000
 BROKER_ID: Final = "$broker"
 UNRESPONSIVE_TOPIC: Final = "$sys.apps.unresponsive"

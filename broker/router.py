@@ -39,6 +39,7 @@ from broker.dlq import DeadLetter, DeadLetterQueue
 from broker.errors import (
     AuthFailure,
     Code,
+    DeliveryFailure,
     PermissionViolation,
     ProtocolViolation,
     WireError,
@@ -76,6 +77,8 @@ class Session:
     detached_at_ns: int = 0
     subscriptions: dict[int, str] = field(default_factory=dict)
     durable: set[int] = field(default_factory=set)
+    serving: set[int] = field(default_factory=set)
+    """Subscriptions that answer requests (each request goes to one serving subscription)."""
 
     @property
     def app_id(self) -> str:
@@ -129,12 +132,27 @@ class Router:
         self._sessions: dict[SessionKey, Session] = {}
         self._peers: dict[bytes, Session] = {}
         self._index: TopicIndex[tuple[SessionKey, int]] = TopicIndex(self._config.route_cache)
+        self._services: TopicIndex[tuple[SessionKey, int]] = TopicIndex(self._config.route_cache)
+        self._pending_replies: OrderedDict[str, tuple[SessionKey, int]] = OrderedDict()
+        self._requests_routed = 0
         self._routes: dict[str, tuple[Route, ...]] = {}
         self._valid_topics: set[str] = set()
         self._seen_ids: OrderedDict[tuple[str, bytes], None] = OrderedDict()
         self._seq = 0
         self.dlq = DeadLetterQueue(self._config.dlq_max)
         self.stats = RouterStats()
+        self._handlers: dict[bytes, Callable[[Session, list[bytes], int], list[Outbound]]] = {
+            P.NACK: self._nack,
+            P.SUB: self._subscribe,
+            P.UNSUB: self._unsubscribe,
+            P.PING: self._ping,
+            P.BYE: self._bye,
+            P.REQ: self._request,
+            P.REP: self._reply,
+            P.DLQ: self._dead_letters,
+            P.STATS: self._stats,
+        }
+        """Commands of a welcomed session (PUB, ACK and HELLO are dispatched before)."""
         self.events: list[Event] = []
         """Things worth a log line (expiry, unresponsive, dead letters); the server drains it."""
 
@@ -153,23 +171,18 @@ class Router:
             if command not in P.CLIENT_COMMANDS:
                 raise ProtocolViolation(Code.UNKNOWN_COMMAND, f"unknown command {command[:16]!r}")
             session = self._session(peer, app_id, now_ns)
-            if command == P.NACK:
-                return self._nack(session, frames, now_ns)
-            if command == P.SUB:
-                return self._subscribe(session, frames, now_ns)
-            if command == P.UNSUB:
-                return self._unsubscribe(session, frames)
-            if command == P.PING:
-                echo = frames[1] if len(frames) == 2 and len(frames[1]) <= 64 else b"\x80"
-                return [(peer, [P.PONG, echo])]
-            if command == P.BYE:
-                self._end(session, now_ns, "bye")
-                return []
-            if command == P.DLQ:
-                return self._dead_letters(session, frames, now_ns)
-            return self._stats(session, frames, now_ns)
+            return self._handlers[command](session, frames, now_ns)
         except WireError as exc:
             return [self.error(peer, exc)]
+
+    def _ping(self, session: Session, frames: list[bytes], now_ns: int) -> list[Outbound]:
+        assert session.peer is not None
+        echo = frames[1] if len(frames) == 2 and len(frames[1]) <= 64 else b"\x80"
+        return [(session.peer, [P.PONG, echo])]
+
+    def _bye(self, session: Session, frames: list[bytes], now_ns: int) -> list[Outbound]:
+        self._end(session, now_ns, "bye")
+        return []
 
     def error(self, peer: bytes, exc: WireError) -> Outbound:
         """The ERROR message for `exc`, counted."""
@@ -213,14 +226,7 @@ class Router:
         name = header.get("session", P.DEFAULT_SESSION)
         if not isinstance(name, str) or not 0 < len(name) <= _SESSION_NAME_LIMIT:
             raise ProtocolViolation(Code.BAD_HEADER, "HELLO field 'session' must be 1-64 chars")
-        if not app_id:
-            raise AuthFailure(Code.IDENTITY_UNKNOWN, "connection has no authenticated app id")
-        if app_id.startswith(P.RESERVED_PREFIX):
-            permissions: Permissions | None = PLATFORM_PERMISSIONS
-        else:
-            permissions = self._permissions_for(app_id)
-        if permissions is None:
-            raise AuthFailure(Code.MANIFEST_MISSING, f"no manifest for app {app_id!r}")
+        permissions = self._permissions_of(app_id)
         out: list[Outbound] = []
         previous = self._peers.pop(peer, None)
         if previous is not None and previous.key != (app_id, name):
@@ -270,6 +276,16 @@ class Router:
         out.extend(self._pump(session, now_ns))
         return out
 
+    def _permissions_of(self, app_id: str) -> Permissions:
+        if not app_id:
+            raise AuthFailure(Code.IDENTITY_UNKNOWN, "connection has no authenticated app id")
+        if app_id.startswith(P.RESERVED_PREFIX):
+            return PLATFORM_PERMISSIONS
+        permissions = self._permissions_for(app_id)
+        if permissions is None:
+            raise AuthFailure(Code.MANIFEST_MISSING, f"no manifest for app {app_id!r}")
+        return permissions
+
     def _detach(self, session: Session, now_ns: int) -> None:
         """The connection is gone; the session waits for a resume until its grace ends."""
         if session.peer is not None:
@@ -283,8 +299,7 @@ class Router:
         """End a session: non-durable subscriptions go, what they held is dead-lettered."""
         self._detach(session, now_ns)
         for sid in [sid for sid in session.subscriptions if sid not in session.durable]:
-            self._index.remove(session.subscriptions.pop(sid), (session.key, sid))
-            self._routes.clear()
+            self._forget_subscription(session, sid, session.subscriptions.pop(sid))
         held = session.mailbox.drain()
         if session.durable:
             for delivery in held:  # durable subscriptions keep their messages
@@ -310,6 +325,7 @@ class Router:
         sid = required_int(header, "sid", 1, P.MAX_SID)
         pattern = required_text(header, "pattern")
         durable = header.get("durable", False) is True
+        serve = header.get("serve", False) is True
         peer = session.peer
         assert peer is not None
         try:
@@ -332,19 +348,30 @@ class Router:
         session.subscriptions[sid] = pattern
         if durable:
             session.durable.add(sid)
-        self._index.insert(pattern, (session.key, sid))
-        self._routes.clear()
+        if serve:
+            session.serving.add(sid)
+            self._services.insert(pattern, (session.key, sid))
+        else:
+            self._index.insert(pattern, (session.key, sid))
+            self._routes.clear()
         return [(peer, [P.SUBOK, pack({"sid": sid, "pattern": pattern, "durable": durable})])]
 
-    def _unsubscribe(self, session: Session, frames: list[bytes]) -> list[Outbound]:
+    def _forget_subscription(self, session: Session, sid: int, pattern: str) -> None:
+        if sid in session.serving:
+            session.serving.discard(sid)
+            self._services.remove(pattern, (session.key, sid))
+        else:
+            self._index.remove(pattern, (session.key, sid))
+            self._routes.clear()
+
+    def _unsubscribe(self, session: Session, frames: list[bytes], now_ns: int) -> list[Outbound]:
         self._expect_frames(frames, 2)
         sid = required_int(unpack_map(frames[1]), "sid", 1, P.MAX_SID)
         pattern = session.subscriptions.pop(sid, None)
         if pattern is None:
             raise ProtocolViolation(Code.UNKNOWN_SID, f"no subscription {sid}", sid=sid)
         session.durable.discard(sid)
-        self._index.remove(pattern, (session.key, sid))
-        self._routes.clear()
+        self._forget_subscription(session, sid, pattern)
         assert session.peer is not None
         return [(session.peer, [P.UNSUBOK, pack({"sid": sid})])]
 
@@ -484,6 +511,84 @@ class Router:
             out.extend(self._pump(target, now_ns))
         return out
 
+    # -- request / reply --------------------------------------------------------------------
+
+    def _request(self, session: Session, frames: list[bytes], now_ns: int) -> list[Outbound]:
+        """Hand a request to one serving subscription (round robin); remember who asked."""
+        self._expect_frames(frames, 3)
+        header_raw, payload = frames[1], frames[2]
+        fields = unpack_map(header_raw)
+        header = decode_pub_header(header_raw)
+        try:
+            validate_topic(header.topic)
+            session.authorizer.check_request(header.topic)
+            reply = fields.get("reply")
+            if not isinstance(reply, str) or not 0 < len(reply) <= 64:
+                raise ProtocolViolation(Code.BAD_HEADER, "REQ field 'reply' must be 1-64 chars")
+            if len(payload) > P.MAX_PAYLOAD_BYTES:
+                raise ProtocolViolation(Code.TOO_LARGE, "request payload exceeds the limit")
+            servers = sorted(self._services.match(header.topic))
+            if not servers:
+                raise DeliveryFailure(
+                    Code.NO_RESPONDERS, f"no app serves {header.topic!r} right now"
+                )
+        except WireError as exc:
+            exc.ref["id"] = header.msg_id
+            raise
+        key, sid = servers[self._requests_routed % len(servers)]
+        self._requests_routed += 1
+        ttl = fields.get("ttl_ms", P.DEFAULT_REQUEST_TTL_MS)
+        ttl = ttl if type(ttl) is int and 0 < ttl <= 3_600_000 else P.DEFAULT_REQUEST_TTL_MS
+        # the reply id is 128 random bits chosen by the requester: only the responder sees it
+        self._pending_replies[reply] = (session.key, now_ns + ttl * 1_000_000)
+        if len(self._pending_replies) > _DEDUPE_LIMIT:
+            self._pending_replies.popitem(last=False)
+        target = self._sessions[key]
+        self._seq += 1
+        delivery = Delivery(
+            self._seq,
+            encode_sids((sid,)),
+            session.app_id,
+            now_ns,
+            header.topic,
+            header.msg_id,
+            header_raw,
+            payload,
+        )
+        return self._enqueue(target, delivery, now_ns)
+
+    def _reply(self, session: Session, frames: list[bytes], now_ns: int) -> list[Outbound]:
+        """Deliver a responder's answer to the session that asked (reply sid 0)."""
+        self._expect_frames(frames, 3)
+        header_raw, payload = frames[1], frames[2]
+        fields = unpack_map(header_raw)
+        header = decode_pub_header(header_raw)
+        token = fields.get("to")
+        pending = self._pending_replies.pop(token, None) if isinstance(token, str) else None
+        if pending is None or pending[1] < now_ns or pending[0] not in self._sessions:
+            raise DeliveryFailure(
+                Code.UNKNOWN_REPLY, "no pending request for this reply", id=header.msg_id
+            )
+        self._seq += 1
+        delivery = Delivery(
+            self._seq,
+            encode_sids((P.REPLY_SID,)),
+            session.app_id,
+            now_ns,
+            header.topic,
+            header.msg_id,
+            header_raw,
+            payload,
+        )
+        return self._enqueue(self._sessions[pending[0]], delivery, now_ns)
+
+    def _enqueue(self, target: Session, delivery: Delivery, now_ns: int) -> list[Outbound]:
+        if not target.mailbox.offer(delivery):
+            delivery.last_error = "the receiver's queue is full"
+            self._dead(target, delivery, "queue-full", now_ns)
+            return []
+        return self._pump(target, now_ns)
+
     # -- acknowledgements -------------------------------------------------------------------
 
     def _ack(self, session: Session, frames: list[bytes], now_ns: int) -> list[Outbound]:
@@ -560,11 +665,7 @@ class Router:
         fresh = Delivery(
             self._seq, d.sids, d.sender, d.timestamp_ns, d.topic, d.msg_id, d.header, d.payload
         )
-        if not target.mailbox.offer(fresh):
-            fresh.last_error = "the receiver's queue is full"
-            self._dead(target, fresh, "queue-full", now_ns)
-            return []
-        return self._pump(target, now_ns)
+        return self._enqueue(target, fresh, now_ns)
 
     # -- statistics -------------------------------------------------------------------------
 
@@ -584,6 +685,9 @@ class Router:
     def housekeeping(self, now_ns: int) -> list[Outbound]:
         """Timers: unresponsive peers, expired grace periods, ack timeouts and due retries."""
         out: list[Outbound] = []
+        pending = self._pending_replies
+        while pending and next(iter(pending.values()))[1] < now_ns:
+            pending.popitem(last=False)
         timeout = self._config.peer_timeout_ms * 1_000_000
         grace = self._config.delivery.grace_ms * 1_000_000
         for session in list(self._sessions.values()):

@@ -50,17 +50,30 @@ class BrokerConfig:
 
 
 class ManifestCatalog:
-    """App permissions by id, re-reading the apps dir when an unknown app appears."""
+    """App permissions by id, re-reading the apps dir when an unknown app appears.
+
+    A miss re-reads the directory when it changed (its mtime) or a second has passed, so
+    a manifest added for an external app is seen at once, and unknown ids cannot make
+    the broker re-read the directory more than once a second otherwise.
+    """
 
     def __init__(self, apps_dir: Path | None, clock: Callable[[], int] = time.monotonic_ns) -> None:
         self._apps_dir = apps_dir
         self._clock = clock
         self._manifests: dict[str, Manifest] = {}
         self._last_scan = -_RESCAN_INTERVAL_NS
+        self._scanned_stamp = 0
         self.rescan()
+
+    def _dir_stamp(self) -> int:
+        try:
+            return self._apps_dir.stat().st_mtime_ns if self._apps_dir else 0
+        except OSError:
+            return 0
 
     def rescan(self) -> None:
         self._last_scan = self._clock()
+        self._scanned_stamp = self._dir_stamp()
         if self._apps_dir is None:
             return
         try:
@@ -70,7 +83,10 @@ class ManifestCatalog:
 
     def permissions(self, app_id: str) -> Permissions | None:
         manifest = self._manifests.get(app_id)
-        if manifest is None and self._clock() - self._last_scan >= _RESCAN_INTERVAL_NS:
+        if manifest is None and (
+            self._dir_stamp() != self._scanned_stamp
+            or self._clock() - self._last_scan >= _RESCAN_INTERVAL_NS
+        ):
             self.rescan()
             manifest = self._manifests.get(app_id)
         return manifest.permissions if manifest else None

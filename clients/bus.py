@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import queue
+import secrets
 import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -36,8 +37,10 @@ from clients.errors import (
     ClosedError,
     DeliveryError,
     InternalError,
+    NoResponders,
     PermissionDenied,
     ProtocolError,
+    RequestTimeout,
     StorageError,
 )
 from clients.message import Handler, Message, Subscription
@@ -51,8 +54,10 @@ __all__ = [
     "DeliveryError",
     "InternalError",
     "Message",
+    "NoResponders",
     "PermissionDenied",
     "ProtocolError",
+    "RequestTimeout",
     "StorageError",
     "Subscription",
 ]
@@ -205,6 +210,7 @@ class Bus:
         durable: bool = False,
         manual_ack: bool = False,
         timeout: float = 5.0,
+        serve: bool = False,
     ) -> Subscription:
         """Receive messages matching `pattern`; waits until the broker accepted it.
 
@@ -226,6 +232,7 @@ class Bus:
                 handler,
                 durable=durable,
                 manual_ack=manual_ack,
+                serve=serve,
                 _unsubscribe=self.unsubscribe,
             )
             future: Future[None] = Future()
@@ -252,6 +259,71 @@ class Bus:
         while sid in self._subs or sid in self._io.resumed_subs:
             sid = next(self._sids)
         return sid
+
+    def serve(self, pattern: str, handler: Handler, *, timeout: float = 5.0) -> Subscription:
+        """Answer requests on topics matching `pattern`: `handler(message)` returns the reply.
+
+        Each request goes to one serving subscription (round robin among the apps serving
+        it). If the handler raises, the requester gets a `DeliveryError` with the reason.
+        """
+        return self.subscribe(pattern, handler, timeout=timeout, serve=True)
+
+    def request(
+        self,
+        topic: str,
+        data: Any,
+        timeout: float = 5.0,
+        *,
+        correlation_id: str | None = None,
+    ) -> Message:
+        """Send a request to one app serving `topic` and wait for its reply.
+
+        Raises `NoResponders` at once when nobody serves `topic`, `RequestTimeout` when no
+        reply came within `timeout`, `PermissionDenied` outside the manifest's `request`.
+        """
+        self._check_open()
+        try:
+            validate_topic(topic)
+        except WireError as exc:
+            raise ProtocolError(exc.detail, int(exc.code)) from None
+        msg_id = new_message_id()
+        reply = secrets.token_hex(16)
+        header = encode_pub_header(
+            msg_id,
+            topic,
+            correlation_id,
+            extra={"reply": reply, "ttl_ms": max(1, int(timeout * 1000))},
+        )
+        future: Future[Message] = Future()
+        self._io.request_futures[reply] = future
+        self._io.request_ids[msg_id] = reply
+        self._io.send_control([P.REQ, header, pack(data)])
+        try:
+            message = future.result(timeout)
+        except FutureTimeout:
+            raise RequestTimeout(
+                f"no reply to {topic} within {timeout:g}s",
+                hint="the responder may be slow or stuck; raise the timeout or check it",
+            ) from None
+        finally:
+            self._io.request_futures.pop(reply, None)
+            self._io.request_ids.pop(msg_id, None)
+        if message.envelope.error is not None:
+            raise DeliveryError(
+                f"the responder {message.sender!r} failed: {message.envelope.error}",
+                hint="see the responder's log",
+            )
+        return message
+
+    def _answer(self, request: Message, result: Any, error: str | None) -> None:
+        """Send a responder's REP for `request` (dispatcher thread)."""
+        extra: dict[str, Any] = {"to": request.envelope.reply_to or ""}
+        if error is not None:
+            extra["err"] = error[:1024]
+        header = encode_pub_header(
+            new_message_id(), request.topic, request.correlation_id, extra=extra
+        )
+        self._io.send_control([P.REP, header, pack(result)])
 
     def unsubscribe(self, sub: Subscription) -> None:
         """Stop receiving for `sub`; messages already queued stay readable."""
@@ -353,13 +425,19 @@ class Bus:
             if not sub.active or sub.handler is None:
                 continue
             try:
-                sub.handler(message)
+                result = sub.handler(message)
             except Exception as exc:
                 log.exception("handler for %s raised on message %s", sub.pattern, message.id)
-                message.nack(f"{type(exc).__name__}: {exc}")
-            else:
-                if not sub.manual_ack:
+                if sub.serve:  # the failure is the answer; retrying a request is the caller's call
+                    self._answer(message, None, f"{type(exc).__name__}: {exc}")
                     message.ack()
+                else:
+                    message.nack(f"{type(exc).__name__}: {exc}")
+                continue
+            if sub.serve:
+                self._answer(message, result, None)
+            if not sub.manual_ack:
+                message.ack()
 
     def _report_error(self, error: BusError) -> None:
         log.warning("broker reported: %s", error)

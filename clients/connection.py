@@ -25,7 +25,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from broker import protocol as P
-from broker.codec import decode_envelope, decode_sids, pack, unpack_map
+from broker.codec import Envelope, decode_envelope, decode_sids, pack, unpack_map
 from broker.errors import Code, WireError
 from clients.errors import AuthenticationError, BusError, error_from_wire
 from clients.message import Message, Receipt, Subscription
@@ -37,6 +37,7 @@ _NOBLOCK = 1
 _RCVMORE = 13
 _DRAIN_LIMIT = 256
 _CLOSING_PING = pack({"closing": True})
+_REPLY_SIDS = pack([P.REPLY_SID])
 _MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 
 
@@ -75,6 +76,9 @@ class Connection(threading.Thread):
         self.unconfirmed: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
         """Publishes the broker has not confirmed yet; resent after a reconnect."""
         self.settlements: deque[tuple[int, str | None]] = deque()
+        self.request_futures: dict[str, Future[Message]] = {}
+        """Pending requests by reply id (set by the I/O thread when the reply arrives)."""
+        self.request_ids: dict[bytes, str] = {}
         self.resumed_subs: dict[int, str] = {}
         """Subscriptions a resumed session still has at the broker, not yet re-claimed."""
         self._orphans: dict[int, list[Message]] = {}
@@ -337,6 +341,9 @@ class Connection(threading.Thread):
         subs = self._subs
         for i in range(1, len(frames) - 3, 4):
             envelope = decode_envelope(frames[i + 1], frames[i + 2], frames[i + 3])
+            if frames[i] == _REPLY_SIDS:
+                self._replied(envelope)
+                continue
             live: list[Subscription] = []
             held: list[int] = []
             for sid in decode_sids(frames[i]):
@@ -354,6 +361,13 @@ class Connection(threading.Thread):
             for sub in live:
                 self._release_orphans(sub)
                 self._hand_over(sub, Message(envelope, sub.sid, receipt))
+
+    def _replied(self, envelope: Envelope) -> None:
+        """A reply to one of our requests: resolve its future, acknowledge at once."""
+        self.settlements.append((envelope.seq, None))
+        future = self.request_futures.pop(envelope.in_reply_to or "", None)
+        if future is not None and not future.done():
+            future.set_result(Message(envelope, P.REPLY_SID))
 
     def _hand_over(self, sub: Subscription, message: Message) -> None:
         if sub.handler is not None:
@@ -416,6 +430,11 @@ class Connection(threading.Thread):
             self._resolve_sub(sid, error)
             return
         msg_id = error.ref.get("id")
+        if isinstance(msg_id, bytes) and msg_id in self.request_ids:
+            pending = self.request_futures.pop(self.request_ids.pop(msg_id), None)
+            if pending is not None and not pending.done():
+                pending.set_exception(error)
+            return
         if isinstance(msg_id, bytes) and msg_id in self.confirm_futures:
             self.confirm_futures.pop(msg_id).set_exception(error)
             return
@@ -455,7 +474,17 @@ class Connection(threading.Thread):
         for sid in wanted - self._sent_sids:
             sub = self._subs.get(sid)
             if sub is not None and self._send(
-                [P.SUB, pack({"sid": sid, "pattern": sub.pattern, "durable": sub.durable})]
+                [
+                    P.SUB,
+                    pack(
+                        {
+                            "sid": sid,
+                            "pattern": sub.pattern,
+                            "durable": sub.durable,
+                            "serve": sub.serve,
+                        }
+                    ),
+                ]
             ):
                 self._sent_sids.add(sid)
         for sid in self._sent_sids - wanted:
@@ -496,6 +525,11 @@ class Connection(threading.Thread):
                 self._send([P.NACK, pack({"seq": seq, "error": error[:512]})])
         if acks:
             self._send([P.ACK, pack({"seqs": acks})])
+
+    def send_control(self, frames: list[bytes]) -> None:
+        """Queue one non-PUB command (REQ, REP, ...) for the I/O thread (any thread)."""
+        self.outbox_control.append(frames)
+        self.wake()
 
     def request_dlq(self, request: dict[str, Any]) -> Future[dict[str, Any]]:
         """Ask the broker to list, replay or purge dead letters (platform identities only)."""

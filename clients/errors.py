@@ -5,9 +5,11 @@
     ├── AuthenticationError     2xx: wrong, missing or revoked credential; no manifest
     ├── PermissionDenied        3xx: the manifest does not allow it
     ├── DeliveryError           4xx: the message could not be delivered
+    │   └── NoResponders        402: nobody serves the requested topic
     ├── StorageError            5xx: persistence problems
     ├── InternalError           6xx: a bug in the broker
     ├── BrokerUnavailable       local: no broker answered in time
+    ├── RequestTimeout          local: no reply within the request's timeout
     └── ClosedError             local: the Bus was closed
 
 `error_from_wire` is the one mapping from an ERROR header to an exception.
@@ -52,6 +54,14 @@ class DeliveryError(BusError):
     category = "delivery"
 
 
+class NoResponders(DeliveryError):
+    """A request found no app serving its topic (code 402)."""
+
+
+class RequestTimeout(BusError):
+    """No reply arrived within the request's timeout (local)."""
+
+
 class StorageError(BusError):
     category = "storage"
 
@@ -82,7 +92,7 @@ def error_from_wire(body: dict[str, Any]) -> BusError:
     """The exception for an ERROR header received from the broker."""
     code = body.get("code")
     code = code if isinstance(code, int) else 600
-    cls = _BY_HUNDREDS.get(code // 100, InternalError)
+    cls = NoResponders if code == 402 else _BY_HUNDREDS.get(code // 100, InternalError)
     name = body.get("name", "ERROR")
     message = f"{name} ({code}): {body.get('message', '')}"
     ref = body.get("ref")

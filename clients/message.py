@@ -132,6 +132,7 @@ class Subscription:
     overflowed: int = 0
     durable: bool = False
     manual_ack: bool = False
+    serve: bool = False
     active: bool = True
     _queue: queue.SimpleQueue[Message] = field(default_factory=queue.SimpleQueue)
     _unsubscribe: Callable[[Subscription], None] | None = None

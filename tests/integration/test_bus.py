@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import msgpack
 import pytest
@@ -10,7 +11,16 @@ import zmq
 
 from broker import protocol as P
 from broker.codec import new_message_id, pack
-from clients.bus import AuthenticationError, Bus, Message, PermissionDenied, ProtocolError
+from clients.bus import (
+    AuthenticationError,
+    Bus,
+    DeliveryError,
+    Message,
+    NoResponders,
+    PermissionDenied,
+    ProtocolError,
+    RequestTimeout,
+)
 from tests.conftest import BrokerHandle, wait_for
 
 
@@ -266,3 +276,40 @@ def test_oversized_payload_is_refused_before_sending(broker: BrokerHandle) -> No
         bus.publish("market.big", b"x" * (P.MAX_PAYLOAD_BYTES + 1))
     assert refused.value.code == 104
     bus.publish("market.small", b"x" * 1000, confirm=True)
+
+
+def test_request_reply(broker: BrokerHandle) -> None:
+    broker.manifest("quoter", '[permissions]\nsubscribe = ["pricing.>"]\n')
+    broker.manifest("trader", '[permissions]\nrequest = ["pricing.>"]\n')
+    quoter = broker.connect("quoter")
+
+    def quote(message: Message) -> dict[str, object]:
+        if message.data["sym"] == "BAD":
+            raise ValueError("unknown symbol")
+        return {"sym": message.data["sym"], "px": 187.2, "asked_by": message.sender}
+
+    quoter.serve("pricing.>", quote)
+    trader = broker.connect("trader")
+    reply = trader.request("pricing.quote", {"sym": "AAPL"}, timeout=5, correlation_id="q-1")
+    assert reply.data == {"sym": "AAPL", "px": 187.2, "asked_by": "trader"}
+    assert reply.sender == "quoter" and reply.correlation_id == "q-1"
+    with pytest.raises(DeliveryError, match="unknown symbol"):
+        trader.request("pricing.quote", {"sym": "BAD"}, timeout=5)
+    with pytest.raises(NoResponders) as nobody:
+        broker.manifest("t2", '[permissions]\nrequest = ["ref.>"]\n')
+        broker.connect("t2").request("ref.data", {}, timeout=5)
+    assert nobody.value.code == 402
+    with pytest.raises(PermissionDenied):
+        trader.request("orders.new", {}, timeout=5)
+
+
+def test_request_timeout(broker: BrokerHandle) -> None:
+    broker.manifest("sleepy", '[permissions]\nsubscribe = ["slow.>"]\n')
+    broker.manifest("asker", '[permissions]\nrequest = ["slow.>"]\n')
+    release = threading.Event()
+    broker.connect("sleepy").serve("slow.>", lambda m: release.wait(5))
+    started = time.monotonic()
+    with pytest.raises(RequestTimeout):
+        broker.connect("asker").request("slow.op", {}, timeout=0.5)
+    assert 0.5 <= time.monotonic() - started < 2
+    release.set()
