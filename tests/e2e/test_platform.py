@@ -275,3 +275,18 @@ def test_run_refuses_bad_manifests_and_config() -> None:
             "run", "--home", str(root / "home"), "--apps", str(apps), "--config", str(config)
         )
         assert result.returncode == 6 and "heartbeat_ms" in result.stderr
+
+
+def test_dlq_commands_list_replay_and_purge(platform: Platform) -> None:
+    home = str(platform.home)
+    listed = plexus_cli("dlq", "list", "--home", home, "--json")
+    assert listed.returncode == 0, listed.stderr
+    before = json.loads(listed.stdout)
+    assert set(before) == {"entries", "dropped"}
+    missing = plexus_cli("dlq", "replay", "--home", home, "999999")
+    assert missing.returncode != 0 and "999999" in missing.stderr
+    bad = plexus_cli("dlq", "replay", "--home", home, "zero")
+    assert bad.returncode == 2
+    purged = plexus_cli("dlq", "purge", "--home", home, "--json")
+    assert purged.returncode == 0 and "purged" in json.loads(purged.stdout)
+    assert json.loads(plexus_cli("dlq", "list", "--home", home, "--json").stdout)["entries"] == []

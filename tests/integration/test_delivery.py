@@ -4,6 +4,7 @@ slow consumers, unresponsive peers and resends after a broker restart."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -20,7 +22,7 @@ import zmq
 from broker import protocol as P
 from broker.codec import pack
 from clients.bus import Message
-from tests.conftest import REPO, BrokerHandle, wait_for
+from tests.conftest import REPO, BrokerHandle, plexus_cli, wait_for
 
 FAST = [
     "--heartbeat-ms",
@@ -45,6 +47,14 @@ def fast_broker(short_tmp: Path) -> Iterator[BrokerHandle]:
     handle.manifest("pub", '[permissions]\npublish = ["jobs.>"]\n')
     handle.manifest("sub", '[permissions]\nsubscribe = ["jobs.>"]\n')
     handle.start(*FAST, "--window", "10", "--queue-max", "100")
+    # what `plexus run` would record, so the real CLI can talk to this broker
+    handle.paths.write_state(
+        {
+            "pid": handle.process.pid if handle.process else None,
+            "endpoint": handle.endpoint,
+            "apps_dir": str(handle.apps),
+        }
+    )
     yield handle
     handle.close()
 
@@ -75,8 +85,15 @@ def test_failing_handler_is_retried_with_backoff_then_dead_lettered(
 
     fast_broker.connect("sub").subscribe("jobs.>", handler)
     fast_broker.connect("pub").publish("jobs.one", {"n": 1}, confirm=True)
-    operator = fast_broker.connect("$cli")
-    entries = wait_for(lambda: operator.dead_letters()["entries"], 10)
+    home = str(fast_broker.home)
+
+    def listed() -> list[dict[str, Any]]:
+        result = plexus_cli("dlq", "list", "--home", home, "--json")
+        assert result.returncode == 0, result.stderr
+        entries: list[dict[str, Any]] = json.loads(result.stdout)["entries"]
+        return entries
+
+    entries = wait_for(listed, 10)
     assert [a for a, _ in attempts] == [1, 2, 3, 4]
     gaps = [b - a for (_, a), (_, b) in itertools.pairwise(attempts)]
     assert gaps[0] < gaps[1] < gaps[2], gaps
@@ -84,7 +101,8 @@ def test_failing_handler_is_retried_with_backoff_then_dead_lettered(
     assert entry["reason"] == "nacked" and entry["attempts"] == 4
     assert entry["topic"] == "jobs.one" and entry["sender"] == "pub"
     assert "cannot process" in entry["last_error"]
-    operator.replay_dead_letter(entry["id"])
+    replayed = plexus_cli("dlq", "replay", "--home", home, str(entry["id"]))
+    assert replayed.returncode == 0, replayed.stderr
     wait_for(lambda: len(attempts) >= 5, 5)
     assert attempts[4][0] == 1  # a replay starts a fresh delivery
 
