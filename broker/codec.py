@@ -93,6 +93,8 @@ class PubHeader:
     msg_id: bytes
     topic: str
     confirm: bool = False
+    dest: str | None = None
+    """Direct send: only subscriptions of this app id receive the message."""
 
 
 def decode_pub_header(raw: bytes) -> PubHeader:
@@ -121,7 +123,8 @@ def pub_fields(header: dict[str, Any]) -> PubHeader:
     confirm = header.get("cf", False)
     if not isinstance(confirm, bool):
         raise ProtocolViolation(Code.BAD_HEADER, "header field 'cf' must be a boolean")
-    return PubHeader(msg_id, topic, confirm)
+    dest = _optional_text(header, "dest")
+    return PubHeader(msg_id, topic, confirm, dest)
 
 
 def encode_pub_header(

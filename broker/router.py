@@ -253,8 +253,7 @@ class Router:
                 )
                 out.append(self.error(session.peer, taken))
                 self._peers.pop(session.peer, None)
-            for dead in session.mailbox.detach():
-                self._dead(session, dead, "ack-timeout", now_ns)
+            self._requeue_in_flight(session, now_ns)
         session.peer = peer
         session.last_seen_ns = now_ns
         session.mailbox.auto_ack = not acked
@@ -292,6 +291,10 @@ class Router:
             self._peers.pop(session.peer, None)
         session.peer = None
         session.detached_at_ns = now_ns
+        self._requeue_in_flight(session, now_ns)
+
+    def _requeue_in_flight(self, session: Session, now_ns: int) -> None:
+        """Unacknowledged deliveries go back to the queue front; out of attempts: dead."""
         for dead in session.mailbox.detach():
             self._dead(session, dead, "ack-timeout", now_ns)
 
@@ -300,14 +303,10 @@ class Router:
         self._detach(session, now_ns)
         for sid in [sid for sid in session.subscriptions if sid not in session.durable]:
             self._forget_subscription(session, sid, session.subscriptions.pop(sid))
-        held = session.mailbox.drain()
-        if session.durable:
-            for delivery in held:  # durable subscriptions keep their messages
-                session.mailbox.queue.append(delivery)
-                session.mailbox.queued_bytes += delivery.size
+        if session.durable:  # the session lives on for its durable subscriptions, queue kept
             return
         del self._sessions[session.key]
-        for delivery in held:
+        for delivery in session.mailbox.drain():
             delivery.last_error = f"session ended ({why})"
             self._dead(session, delivery, "expired", now_ns)
 
@@ -432,7 +431,9 @@ class Router:
                 seen.popitem(last=False)
             if header.confirm:
                 confirmed.append(header.msg_id)
-            self._route(topic, header.msg_id, header_raw, payload, sender, now_ns, touched)
+            self._route(
+                topic, header.msg_id, header_raw, payload, sender, now_ns, touched, header.dest
+            )
         if confirmed:
             replies.append((peer, [P.CONFIRM, pack({"ids": confirmed})]))
         for target in touched.values():
@@ -448,8 +449,10 @@ class Router:
         sender: str,
         now_ns: int,
         touched: dict[SessionKey, Session],
+        dest: str | None = None,
     ) -> None:
-        """Queue one accepted message for every session with a matching subscription."""
+        """Queue one accepted message for every session with a matching subscription
+        (only sessions of app `dest` for a direct send)."""
         self._seq += 1
         self.stats.published += 1
         routes = self._routes.get(topic)
@@ -457,6 +460,8 @@ class Router:
             routes = self._build_routes(topic)
         sessions = self._sessions
         for key, sids in routes:
+            if dest is not None and key[0] != dest:
+                continue
             target = sessions[key]
             delivery = Delivery(self._seq, sids, sender, now_ns, topic, msg_id, header_raw, payload)
             if target.mailbox.offer(delivery):
@@ -703,9 +708,8 @@ class Router:
                 out.extend(self.publish_internal(P.UNRESPONSIVE_TOPIC, notice, now_ns))
                 continue
             if session.peer is None:
-                if now_ns - session.detached_at_ns > grace and (
-                    len(session.subscriptions) > len(session.durable) or not session.durable
-                ):
+                transient = any(sid not in session.durable for sid in session.subscriptions)
+                if now_ns - session.detached_at_ns > grace and (transient or not session.durable):
                     self.stats.sessions_expired += 1
                     self.events.append(
                         {

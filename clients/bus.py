@@ -168,12 +168,15 @@ class Bus:
         sensitive: bool = False,
         confirm: bool = False,
         timeout: float = 5.0,
+        to: str | None = None,
     ) -> str:
         """Publish `data` (anything msgpack can encode) on `topic`; returns the message id.
 
         Every publish is kept until the broker confirms it and is resent after a reconnect
         (the broker drops duplicates by message id). With `confirm=True` this call waits
         for that confirmation and raises the broker's error (e.g. `PermissionDenied`).
+        With `to="app-id"` it is a direct send: only that app's subscriptions matching
+        `topic` receive it.
         """
         self._check_open()
         try:
@@ -182,7 +185,13 @@ class Bus:
             raise ProtocolError(exc.detail, int(exc.code)) from None
         msg_id = new_message_id()
         header = encode_pub_header(
-            msg_id, topic, correlation_id, traceparent, sensitive, confirm=True
+            msg_id,
+            topic,
+            correlation_id,
+            traceparent,
+            sensitive,
+            confirm=True,
+            extra={"dest": to} if to is not None else None,
         )
         payload = pack(data)
         if len(payload) > P.MAX_PAYLOAD_BYTES or len(header) > P.MAX_HEADER_BYTES:

@@ -313,3 +313,18 @@ def test_request_timeout(broker: BrokerHandle) -> None:
         broker.connect("asker").request("slow.op", {}, timeout=0.5)
     assert 0.5 <= time.monotonic() - started < 2
     release.set()
+
+
+def test_direct_send_reaches_only_the_named_app(broker: BrokerHandle) -> None:
+    broker.manifest("desk1", '[permissions]\nsubscribe = ["chat.>"]\n')
+    desk1 = broker.connect("desk1").subscribe("chat.>")
+    other = broker.connect("sub").subscribe("market.>")
+    both = broker.connect("both")
+    everyone = both.subscribe("chat.>")
+    both.publish("chat.private", "for desk1 only", to="desk1", confirm=True)
+    message = desk1.get(5)
+    assert message is not None and message.data == "for desk1 only"
+    both.publish("chat.public", "for all", confirm=True)
+    public = everyone.get(5)
+    assert public is not None and public.data == "for all"  # the direct one never came
+    assert other.get(timeout=0.1) is None

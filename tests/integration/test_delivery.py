@@ -212,3 +212,25 @@ def test_publish_during_broker_outage_is_resent_and_deduplicated(
     assert outcome, "the publish made during the outage was never confirmed"
     stats = fast_broker.connect("$cli").broker_stats()
     assert stats["published"] == 1  # resent once into the new broker, not lost
+
+
+def test_durable_subscription_outlives_the_grace_period(fast_broker: BrokerHandle) -> None:
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.rcvtimeo = 5000
+    sock.plain_username = b"sub"
+    sock.plain_password = fast_broker.credentials.mint("sub").encode()
+    sock.connect(fast_broker.endpoint)
+    sock.send_multipart([P.HELLO, pack({"v": [1], "session": "keeper"})])
+    assert sock.recv_multipart()[0] == P.WELCOME
+    sock.send_multipart([P.SUB, pack({"sid": 1, "pattern": "jobs.>", "durable": True})])
+    assert sock.recv_multipart()[0] == P.SUBOK
+    sock.close()
+    operator = fast_broker.connect("$cli")
+    wait_for(lambda: operator.broker_stats()["sessions_detached"] >= 1, 5)
+    time.sleep(2.0)  # past the 1.5 s grace period: a non-durable session would be gone
+    fast_broker.connect("pub").publish("jobs.kept", "still here", confirm=True)
+    back = fast_broker.connect("sub", session="keeper")
+    message = back.subscribe("jobs.>", durable=True).get(5)
+    assert message is not None and message.data == "still here"
+    assert operator.broker_stats()["dlq_size"] == 0
