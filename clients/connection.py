@@ -114,12 +114,12 @@ class Connection(threading.Thread):
         broker outage costs memory up to `outbox_limit` messages, never lost messages.
         """
         limit = self.settings.outbox_limit
-        if len(self.unconfirmed) >= limit:
-            with self._space:
-                while len(self.unconfirmed) >= limit and not self._stopping:
-                    self._space.wait(0.05)
-        self.unconfirmed[msg_id] = (header, payload)
-        self.outbox.append((header, payload))
+        with self._space:  # also guards `unconfirmed` against the I/O thread's resend
+            while len(self.unconfirmed) >= limit and not self._stopping:
+                self._space.wait(0.05)
+            item = (header, payload)
+            self.unconfirmed[msg_id] = item
+            self.outbox.append(item)
         self.wake()
 
     def settle(self, seq: int, error: str | None) -> None:
@@ -395,23 +395,24 @@ class Connection(threading.Thread):
     def _confirmed(self, ids: Any) -> None:
         if not isinstance(ids, list):
             return
+        with self._space:
+            for msg_id in ids:
+                if isinstance(msg_id, bytes):
+                    self.unconfirmed.pop(msg_id, None)
+            self._space.notify_all()
         for msg_id in ids:
-            if not isinstance(msg_id, bytes):
-                continue
-            self.unconfirmed.pop(msg_id, None)
-            future = self.confirm_futures.pop(msg_id, None)
+            future = self.confirm_futures.pop(msg_id, None) if isinstance(msg_id, bytes) else None
             if future is not None:
                 future.set_result(None)
-        with self._space:
-            self._space.notify_all()
 
     def _resend_unconfirmed(self) -> None:
         """After a (re)HELLO: everything unconfirmed goes out again, in order, first."""
-        if not self.unconfirmed:
-            return
-        queued = {id(item) for item in self.outbox}
-        resend = [item for item in self.unconfirmed.values() if id(item) not in queued]
-        self.outbox.extendleft(reversed(resend))
+        with self._space:
+            if not self.unconfirmed:
+                return
+            queued = {id(item) for item in self.outbox}
+            resend = [item for item in self.unconfirmed.values() if id(item) not in queued]
+            self.outbox.extendleft(reversed(resend))
 
     def _error(self, body: dict[str, Any]) -> None:
         error = error_from_wire(body)
