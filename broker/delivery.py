@@ -134,6 +134,13 @@ class Mailbox:
             return None
         return self._retry_or_dead(delivery, now_ns, error)
 
+    def reject(self, seq: int, error: str) -> Delivery | None:
+        """Take an in-flight delivery out for good (the receiver can never process it)."""
+        delivery = self.inflight.pop(seq, None)
+        if delivery is not None:
+            delivery.last_error = error
+        return delivery
+
     def expire(self, now_ns: int) -> list[Delivery]:
         """Treat in-flight deliveries past their ack deadline as failed; returns the dead."""
         late = [d for d in self.inflight.values() if d.due_ns <= now_ns]

@@ -613,6 +613,11 @@ class Router:
         seq = required_int(header, "seq", 0, 2**63)
         error = header.get("error", "")
         error = error[:512] if isinstance(error, str) else ""
+        if header.get("requeue", True) is False:
+            rejected = session.mailbox.reject(seq, error or "rejected by the receiver")
+            if rejected is not None:
+                self._dead(session, rejected, "rejected", now_ns)
+            return self._pump(session, now_ns)
         dead = session.mailbox.nack(seq, now_ns, error or "nacked by the receiver")
         if dead is not None:
             self._dead(session, dead, "nacked", now_ns)

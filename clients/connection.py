@@ -75,7 +75,8 @@ class Connection(threading.Thread):
         self.confirm_futures: dict[bytes, Future[None]] = {}
         self.unconfirmed: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
         """Publishes the broker has not confirmed yet; resent after a reconnect."""
-        self.settlements: deque[tuple[int, str | None]] = deque()
+        self.settlements: deque[tuple[int, str | None, bool]] = deque()
+        """(seq, None, _) acks; (seq, error, requeue) nacks or, without requeue, rejects."""
         self.request_futures: dict[str, Future[Message]] = {}
         """Pending requests by reply id (set by the I/O thread when the reply arrives)."""
         self.request_ids: dict[bytes, str] = {}
@@ -122,9 +123,9 @@ class Connection(threading.Thread):
             self.outbox.append(item)
         self.wake()
 
-    def settle(self, seq: int, error: str | None) -> None:
+    def settle(self, seq: int, error: str | None, requeue: bool = True) -> None:
         """Queue an ACK (error None) or NACK for delivery `seq` (any thread)."""
-        self.settlements.append((seq, error))
+        self.settlements.append((seq, error, requeue))
         self.wake()
 
     def wake(self) -> None:
@@ -353,7 +354,7 @@ class Connection(threading.Thread):
                 elif sid in self.resumed_subs:  # the app has not re-subscribed it yet
                     held.append(sid)
             if not live and not held:  # unsubscribed meanwhile: nothing will consume it
-                self.settlements.append((envelope.seq, None))
+                self.settlements.append((envelope.seq, None, True))
                 continue
             receipt = Receipt(envelope.seq, len(live) + len(held), self.settle)
             for sid in held:
@@ -364,7 +365,7 @@ class Connection(threading.Thread):
 
     def _replied(self, envelope: Envelope) -> None:
         """A reply to one of our requests: resolve its future, acknowledge at once."""
-        self.settlements.append((envelope.seq, None))
+        self.settlements.append((envelope.seq, None, True))
         future = self.request_futures.pop(envelope.in_reply_to or "", None)
         if future is not None and not future.done():
             future.set_result(Message(envelope, P.REPLY_SID))
@@ -519,11 +520,12 @@ class Connection(threading.Thread):
         acks: list[int] = []
         settlements = self.settlements
         while settlements:
-            seq, error = settlements.popleft()
+            seq, error, requeue = settlements.popleft()
             if error is None:
                 acks.append(seq)
             else:
-                self._send([P.NACK, pack({"seq": seq, "error": error[:512]})])
+                nack = {"seq": seq, "error": error[:512], "requeue": requeue}
+                self._send([P.NACK, pack(nack)])
         if acks:
             self._send([P.ACK, pack({"seqs": acks})])
 

@@ -32,7 +32,9 @@ class Receipt:
 
     __slots__ = ("_lock", "_remaining", "_settle", "done", "seq")
 
-    def __init__(self, seq: int, copies: int, settle: Callable[[int, str | None], None]) -> None:
+    def __init__(
+        self, seq: int, copies: int, settle: Callable[[int, str | None, bool], None]
+    ) -> None:
         self.seq = seq
         self._remaining = copies
         self._settle = settle
@@ -47,14 +49,14 @@ class Receipt:
             if self._remaining > 0:
                 return
             self.done = True
-        self._settle(self.seq, None)
+        self._settle(self.seq, None, True)
 
-    def nack(self, error: str) -> None:
+    def nack(self, error: str, requeue: bool = True) -> None:
         with self._lock:
             if self.done:
                 return
             self.done = True
-        self._settle(self.seq, error or "nacked")
+        self._settle(self.seq, error or "nacked", requeue)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,11 @@ class Message:
         """Ask for a redelivery later (after backoff; dead-lettered after the last retry)."""
         if self.receipt is not None:
             self.receipt.nack(error)
+
+    def reject(self, reason: str = "") -> None:
+        """This message can never be processed: dead-letter it now (reason `rejected`)."""
+        if self.receipt is not None:
+            self.receipt.nack(reason or "rejected by the receiver", requeue=False)
 
     @property
     def id(self) -> str:

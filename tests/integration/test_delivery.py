@@ -234,3 +234,19 @@ def test_durable_subscription_outlives_the_grace_period(fast_broker: BrokerHandl
     message = back.subscribe("jobs.>", durable=True).get(5)
     assert message is not None and message.data == "still here"
     assert operator.broker_stats()["dlq_size"] == 0
+
+
+def test_rejected_message_is_dead_lettered_at_once(fast_broker: BrokerHandle) -> None:
+    seen: list[int] = []
+
+    def handler(message: Message) -> None:
+        seen.append(message.attempt)
+        message.reject("schema version 9 is unknown")
+
+    fast_broker.connect("sub").subscribe("jobs.>", handler, manual_ack=True)
+    fast_broker.connect("pub").publish("jobs.poison", {"v": 9}, confirm=True)
+    operator = fast_broker.connect("$cli")
+    (entry,) = wait_for(lambda: operator.dead_letters()["entries"], 5)
+    assert entry["reason"] == "rejected" and entry["attempts"] == 1
+    assert entry["last_error"] == "schema version 9 is unknown"
+    assert seen == [1]
