@@ -29,23 +29,26 @@ def pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def unpack_map(raw: bytes, what: str = "header") -> dict[str, Any]:
-    """Decode an untrusted msgpack map with string keys, bounded in size and depth."""
+def unpack_map(raw: bytes, what: str = "header", limit: int = MAX_HEADER_BYTES) -> dict[str, Any]:
+    """Decode an untrusted msgpack map with string keys, bounded in size and depth.
+
+    `limit` is the most bytes accepted; peers' headers get the protocol's 8 KiB, while a
+    client reading the broker's own bulky answers (STATSOK, DLQOK, WELCOME) allows more.
+    """
     if not isinstance(raw, bytes):
         raise ProtocolViolation(Code.MALFORMED_FRAME, f"{what} frame is not bytes")
-    if len(raw) > MAX_HEADER_BYTES:
-        raise ProtocolViolation(
-            Code.TOO_LARGE, f"{what} is {len(raw)} bytes, limit {MAX_HEADER_BYTES}"
-        )
+    if len(raw) > limit:
+        raise ProtocolViolation(Code.TOO_LARGE, f"{what} is {len(raw)} bytes, limit {limit}")
+    small = limit <= MAX_HEADER_BYTES
     try:
         value = msgpack.unpackb(
             raw,
             raw=False,
             strict_map_key=True,
-            max_str_len=MAX_HEADER_BYTES,
-            max_bin_len=MAX_HEADER_BYTES,
-            max_array_len=1024,
-            max_map_len=64,
+            max_str_len=limit,
+            max_bin_len=limit,
+            max_array_len=1024 if small else limit,
+            max_map_len=64 if small else limit,
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises a zoo of types (ValueError, StackError, ...)

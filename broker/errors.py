@@ -95,7 +95,10 @@ ERRORS: dict[Code, ErrorSpec] = {
         ErrorSpec(
             Code.MALFORMED_FRAME, "Send frames as docs/protocol.md describes; fix the client."
         ),
-        ErrorSpec(Code.UNKNOWN_COMMAND, "Use one of HELLO, SUB, UNSUB, PUB, PING, BYE, STATS."),
+        ErrorSpec(
+            Code.UNKNOWN_COMMAND,
+            "Use HELLO, SUB, UNSUB, PUB, ACK, NACK, REQ, REP, PING, BYE (STATS, DLQ).",
+        ),
         ErrorSpec(Code.BAD_HEADER, "The header must be a msgpack map with the documented fields."),
         ErrorSpec(Code.BAD_FRAME_COUNT, "Send the number of frames the command requires."),
         ErrorSpec(

@@ -42,6 +42,10 @@ MAX_HEADER_BYTES: Final = 8 * 1024
 MAX_PAYLOAD_BYTES: Final = 1024 * 1024
 MAX_FRAME_BYTES: Final = MAX_PAYLOAD_BYTES + 64 * 1024
 """Set as ZMQ_MAXMSGSIZE: libzmq disconnects a peer that sends a larger frame."""
+MAX_REPLY_BYTES: Final = 64 * 1024 * 1024
+"""Largest broker answer (STATSOK, DLQOK, WELCOME) a client decodes."""
+MAX_ACK_BATCH: Final = 512
+"""Most sequence numbers a client puts in one ACK (the header must stay under 8 KiB)."""
 MAX_PUB_BATCH: Final = 1024
 """Most (header, payload) pairs one PUB may carry."""
 MAX_FRAMES: Final = 1 + 2 * MAX_PUB_BATCH

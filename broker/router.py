@@ -246,14 +246,16 @@ class Router:
             self.stats.sessions_opened += 1
         else:
             self.stats.sessions_resumed += 1
-            if session.peer is not None and session.peer != peer:
-                taken = AuthFailure(
-                    Code.SESSION_TAKEN_OVER,
-                    f"session {name!r} of {app_id!r} was resumed by another connection",
-                )
-                out.append(self.error(session.peer, taken))
-                self._peers.pop(session.peer, None)
-            self._requeue_in_flight(session, now_ns)
+            session.authorizer = Authorizer(app_id, permissions)  # the manifest may have changed
+            if session.peer != peer:  # a new connection: what the old one held comes again
+                if session.peer is not None:
+                    taken = AuthFailure(
+                        Code.SESSION_TAKEN_OVER,
+                        f"session {name!r} of {app_id!r} was resumed by another connection",
+                    )
+                    out.append(self.error(session.peer, taken))
+                    self._peers.pop(session.peer, None)
+                self._requeue_in_flight(session, now_ns)
         session.peer = peer
         session.last_seen_ns = now_ns
         session.mailbox.auto_ack = not acked
@@ -532,7 +534,11 @@ class Router:
                 raise ProtocolViolation(Code.BAD_HEADER, "REQ field 'reply' must be 1-64 chars")
             if len(payload) > P.MAX_PAYLOAD_BYTES:
                 raise ProtocolViolation(Code.TOO_LARGE, "request payload exceeds the limit")
-            servers = sorted(self._services.match(header.topic))
+            servers = sorted(
+                (key, sid)
+                for key, sid in self._services.match(header.topic)
+                if self._sessions[key].peer is not None  # a gone responder cannot answer
+            )
             if not servers:
                 raise DeliveryFailure(
                     Code.NO_RESPONDERS, f"no app serves {header.topic!r} right now"
@@ -568,6 +574,15 @@ class Router:
         header_raw, payload = frames[1], frames[2]
         fields = unpack_map(header_raw)
         header = decode_pub_header(header_raw)
+        if len(payload) > P.MAX_PAYLOAD_BYTES:
+            raise ProtocolViolation(
+                Code.TOO_LARGE, "reply payload exceeds the limit", id=header.msg_id
+            )
+        try:
+            validate_topic(header.topic)
+        except WireError as exc:
+            exc.ref["id"] = header.msg_id
+            raise
         token = fields.get("to")
         pending = self._pending_replies.pop(token, None) if isinstance(token, str) else None
         if pending is None or pending[1] < now_ns or pending[0] not in self._sessions:
@@ -624,7 +639,16 @@ class Router:
         return self._pump(session, now_ns)
 
     def _dead(self, session: Session, delivery: Delivery, reason: str, now_ns: int) -> None:
+        dropped = self.dlq.dropped
         entry = self.dlq.add(delivery, reason, session.app_id, session.key[1], now_ns)
+        if self.dlq.dropped > dropped:
+            self.events.append(
+                {
+                    "event": "dlq-full",
+                    "dropped_total": self.dlq.dropped,
+                    "hint": "purge or replay dead letters (plexus dlq)",
+                }
+            )
         self.events.append(
             {
                 "event": "dead-letter",

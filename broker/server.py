@@ -258,7 +258,7 @@ class BrokerServer:
     def _log_events(self) -> None:
         for item in self.router.events:
             name = item.pop("event")
-            level = logging.WARNING if name in ("dead-letter", "unresponsive") else logging.INFO
+            level = logging.INFO if name == "session-expired" else logging.WARNING
             event(log, name, level, **item)
         self.router.events.clear()
 

@@ -214,7 +214,7 @@ class Connection(threading.Thread):
         poller = zmq.Poller()
         self._register(poller)
         closing_ping_sent = False
-        while True:
+        while self.failure is None:
             heartbeat = self._heartbeat_s()
             timeout_ms = max(1, int(heartbeat * 1000 / 2))
             events = dict(poller.poll(timeout_ms))
@@ -325,17 +325,17 @@ class Connection(threading.Thread):
         elif command == P.SUBOK:
             self._resolve_sub(unpack_map(frames[1]).get("sid"), None)
         elif command == P.WELCOME:
-            self.welcome = unpack_map(frames[1])
+            self.welcome = unpack_map(frames[1], "WELCOME", P.MAX_REPLY_BYTES)
             self._sent_sids.clear()
             self._remember_resumed(self.welcome.get("subs"))
             self._resend_unconfirmed()
             self.welcomed.set()
         elif command == P.DLQOK and self.dlq_future is not None:
-            self.dlq_future.set_result(unpack_map(frames[1]))
+            self.dlq_future.set_result(unpack_map(frames[1], "DLQOK", P.MAX_REPLY_BYTES))
         elif command == P.ERROR:
             self._error(unpack_map(frames[1]))
         elif command == P.STATSOK and self.stats_future is not None:
-            self.stats_future.set_result(unpack_map(frames[1]))
+            self.stats_future.set_result(unpack_map(frames[1], "STATSOK", P.MAX_REPLY_BYTES))
         return False
 
     def _deliver(self, frames: list[bytes]) -> None:
@@ -416,13 +416,21 @@ class Connection(threading.Thread):
             self.outbox.extendleft(reversed(resend))
 
     def _error(self, body: dict[str, Any]) -> None:
+        """Route an ERROR to what it concerns: the session, a SUB, a message, a request."""
         error = error_from_wire(body)
+        if self.failure is not None:
+            return  # this connection is finished (credential refused, session taken over)
         if error.code == int(Code.NOT_WELCOMED):
-            self.welcomed.clear()
-            self._hello()
+            if self.welcomed.is_set():  # one HELLO per lost session, not one per refusal
+                self.welcomed.clear()
+                self._hello()
             return
-        if not self.welcomed.is_set():  # HELLO refused: the connection cannot be used
-            self.failure = error
+        code = error.code or 0
+        hello_refused = code // 100 == 2 or code == int(Code.UNSUPPORTED_VERSION)
+        if error.code == int(Code.SESSION_TAKEN_OVER) or (
+            hello_refused and not self.welcomed.is_set()
+        ):
+            self.failure = error  # the loop ends; the next call on the Bus raises it
             self._fail_pending(error)
             self.welcomed.set()
             return
@@ -432,17 +440,7 @@ class Connection(threading.Thread):
             self._resolve_sub(sid, error)
             return
         msg_id = error.ref.get("id")
-        if isinstance(msg_id, bytes) and msg_id in self.request_ids:
-            pending = self.request_futures.pop(self.request_ids.pop(msg_id), None)
-            if pending is not None and not pending.done():
-                pending.set_exception(error)
-            return
-        if isinstance(msg_id, bytes) and msg_id in self.confirm_futures:
-            self.confirm_futures.pop(msg_id).set_exception(error)
-            return
-        if error.code == int(Code.SESSION_TAKEN_OVER):
-            self.failure = error
-            self._fail_pending(error)
+        if isinstance(msg_id, bytes) and self._fail_message(msg_id, error):
             return
         if error.code in (int(Code.COMMAND_DENIED), int(Code.UNKNOWN_DLQ_ENTRY)):
             for future in (self.stats_future, self.dlq_future):
@@ -450,6 +448,22 @@ class Connection(threading.Thread):
                     future.set_exception(error)
                     return
         self._on_error(error)
+
+    def _fail_message(self, msg_id: bytes, error: BusError) -> bool:
+        """A publish or request was refused: it is final (never resent); True if awaited."""
+        with self._space:
+            self.unconfirmed.pop(msg_id, None)
+        reply = self.request_ids.pop(msg_id, None)
+        if reply is not None:
+            pending = self.request_futures.pop(reply, None)
+            if pending is not None and not pending.done():
+                pending.set_exception(error)
+            return True
+        confirm = self.confirm_futures.pop(msg_id, None)
+        if confirm is not None:
+            confirm.set_exception(error)
+            return True
+        return False
 
     def _resolve_sub(self, sid: Any, error: BusError | None) -> None:
         future = self.sub_futures.pop(sid, None) if isinstance(sid, int) else None
@@ -526,8 +540,8 @@ class Connection(threading.Thread):
             else:
                 nack = {"seq": seq, "error": error[:512], "requeue": requeue}
                 self._send([P.NACK, pack(nack)])
-        if acks:
-            self._send([P.ACK, pack({"seqs": acks})])
+        for start in range(0, len(acks), P.MAX_ACK_BATCH):
+            self._send([P.ACK, pack({"seqs": acks[start : start + P.MAX_ACK_BATCH]})])
 
     def send_control(self, frames: list[bytes]) -> None:
         """Queue one non-PUB command (REQ, REP, ...) for the I/O thread (any thread)."""

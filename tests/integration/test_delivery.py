@@ -21,7 +21,7 @@ import zmq
 
 from broker import protocol as P
 from broker.codec import pack
-from clients.bus import Message
+from clients.bus import AuthenticationError, Message
 from tests.conftest import REPO, BrokerHandle, plexus_cli, wait_for
 
 FAST = [
@@ -250,3 +250,28 @@ def test_rejected_message_is_dead_lettered_at_once(fast_broker: BrokerHandle) ->
     assert entry["reason"] == "rejected" and entry["attempts"] == 1
     assert entry["last_error"] == "schema version 9 is unknown"
     assert seen == [1]
+
+
+def test_a_taken_over_session_stays_with_the_newer_connection(fast_broker: BrokerHandle) -> None:
+    first = fast_broker.connect("sub", session="desk")
+    first.subscribe("jobs.>")
+    second = fast_broker.connect("sub", session="desk")
+    sub = second.subscribe("jobs.>")
+    time.sleep(1.0)  # several heartbeats: the old client must not take the session back
+    fast_broker.connect("pub").publish("jobs.x", 1, confirm=True)
+    message = sub.get(5)
+    assert message is not None and message.data == 1
+    with pytest.raises(AuthenticationError) as taken:
+        first.publish("jobs.y", 2)
+    assert taken.value.code == 203
+    assert fast_broker.connect("$cli").broker_stats()["sessions_resumed"] == 1
+
+
+def test_big_dead_letter_listing_is_readable(fast_broker: BrokerHandle) -> None:
+    slow = fast_broker.connect("sub", session="slow")
+    slow.subscribe("jobs.>", manual_ack=True)
+    pub = fast_broker.connect("pub")
+    for i in range(400):  # window 10 + queue 100 kept, ~290 dead letters
+        pub.publish("jobs.many", i, confirm=(i == 399))
+    listing = fast_broker.connect("$cli").dead_letters()
+    assert len(listing["entries"]) >= 280
