@@ -31,6 +31,12 @@ class PlatformConfig:
     peer_timeout_ms: int = P.DEFAULT_PEER_TIMEOUT_MS
     persistence: bool = True
     stop_grace_s: float = 5.0
+    restart_backoff_s: float = 0.5
+    restart_backoff_cap_s: float = 30.0
+    restart_budget: int = 5
+    restart_window_s: float = 60.0
+    settle_s: float = 1.0
+    cpu_window_s: float = 5.0
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
 
 
@@ -42,6 +48,12 @@ _SCHEMA: dict[str, dict[str, tuple[str, type, Any]]] = {
     "platform": {
         "persistence": ("persistence", bool, None),
         "stop_grace_s": ("stop_grace_s", float, (0.1, 600.0)),
+        "restart_backoff_s": ("restart_backoff_s", float, (0.01, 600.0)),
+        "restart_backoff_cap_s": ("restart_backoff_cap_s", float, (0.01, 3600.0)),
+        "restart_budget": ("restart_budget", int, (0, 1000)),
+        "restart_window_s": ("restart_window_s", float, (1.0, 86400.0)),
+        "settle_s": ("settle_s", float, (0.0, 600.0)),
+        "cpu_window_s": ("cpu_window_s", float, (0.5, 3600.0)),
     },
     "delivery": {
         "grace_ms": ("grace_ms", int, (0, 7 * 86_400_000)),

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +25,18 @@ from broker import protocol as P
 from broker.logs import event
 from broker.manifests import Manifest, load_manifests
 from broker.paths import PlatformPaths
-from clients.bus import Bus
+from clients.bus import Bus, BusError, Message, Subscription
 from security.credentials import CredentialStore
 from supervisor.config import PlatformConfig, broker_arguments
 from supervisor.launch import app_argv, app_environment, credential_pipe
+from supervisor.lifecycle import Action, Input, Lifecycle, RestartPolicy, State
+from supervisor.monitor import Usage, check_limits, kill_leftovers
 from supervisor.spawner import Child, Spawner
 
 log = logging.getLogger("plexus.supervisor")
+
+CONTROL_TOPIC = "$sys.supervisor.apps"
+"""Requests the supervisor serves: {"op": "list"|"start"|"stop"|"restart", "app": id}."""
 
 
 class PlatformRunning(Exception):
@@ -38,30 +45,50 @@ class PlatformRunning(Exception):
 
 @dataclass
 class AppRecord:
-    """What the supervisor knows of one app, as shown by `plexus status`."""
+    """What the supervisor knows of one app, as shown by `plexus status` and `plexus apps`."""
 
     manifest: Manifest
+    life: Lifecycle
     child: Child | None = None
     token: str | None = None
-    state: str = "STOPPED"
-    started_at: float = 0.0
-    exit_status: int | None = None
-    restarts: int = 0
+    usage: Usage = field(default_factory=Usage)
+    stop_deadline: float = 0.0
+    wanted: bool = True
+    """False after an operator stop: `after` ordering and restarts leave it alone."""
 
-    def as_dict(self) -> dict[str, Any]:
+    @property
+    def app_id(self) -> str:
+        return self.manifest.app_id
+
+    def as_dict(self, now: float) -> dict[str, Any]:
+        running = self.life.state in (State.RUNNING, State.STARTING, State.STOPPING)
         return {
-            "pid": self.child.pid if self.child else None,
-            "state": self.state,
-            "started_at": self.started_at,
-            "exit_status": self.exit_status,
-            "restarts": self.restarts,
+            "pid": self.child.pid if self.child and running else None,
+            "state": self.life.state.value,
+            "restarts": self.life.restart_count,
+            "started_at": self.life.started_at if running else None,
+            "uptime_s": round(now - self.life.started_at, 1)
+            if running and self.life.started_at
+            else None,
+            "exit_status": self.life.last_status,
+            "exit_reason": self.life.last_reason,
+            "cpu_percent": self.usage.cpu_percent if running else None,
+            "rss_mb": self.usage.rss_mb if running else None,
             "external": self.manifest.external,
+            "limits": {
+                "memory_mb": self.manifest.limits.memory_mb,
+                "cpu_percent": self.manifest.limits.cpu_percent,
+            },
         }
 
 
 @dataclass
 class Supervisor:
-    """Starts, watches and stops the processes of one platform."""
+    """Starts, watches, restarts, limits and stops the processes of one platform.
+
+    One thread (the caller of `run`) does everything; the bus dispatcher thread only
+    hands operator commands over through `_commands`.
+    """
 
     paths: PlatformPaths
     apps_dir: Path
@@ -74,71 +101,80 @@ class Supervisor:
     bus: Bus | None = None
     _supervisor_token: str = ""
     started_at: float = 0.0
+    _commands: queue.SimpleQueue[tuple[dict[str, Any], Future[dict[str, Any]]]] = field(
+        default_factory=queue.SimpleQueue
+    )
+    _unresponsive: Subscription | None = None
 
     @property
     def credentials(self) -> CredentialStore:
         return CredentialStore(self.paths.creds_dir)
 
     def start(self) -> None:
-        """Broker, then apps; raises PlatformRunning or ManifestError before starting anything."""
+        """Broker, then apps (in parallel, `after` respected); raises before starting anything
+        on a running platform or a bad manifest."""
         self._refuse_second_platform()
         manifests = load_manifests(self.apps_dir)
         self.paths.prepare()
         self.credentials.ensure()
         self.credentials.revoke_all()
-        self.apps = {app_id: AppRecord(m) for app_id, m in manifests.items()}
+        self.apps = {
+            app_id: AppRecord(m, Lifecycle(self._policy(m))) for app_id, m in manifests.items()
+        }
         self.started_at = self.clock()
         self._start_broker()
         self._supervisor_token = self.credentials.mint(P.SUPERVISOR_ID)
         self.bus = Bus.connect(
-            self.paths.bus_endpoint(), P.SUPERVISOR_ID, self._supervisor_token, timeout=15.0
+            self.paths.bus_endpoint(),
+            P.SUPERVISOR_ID,
+            self._supervisor_token,
+            timeout=15.0,
+            session="supervisor",
         )
+        self._unresponsive = self.bus.subscribe(P.UNRESPONSIVE_TOPIC)
+        self.bus.serve(CONTROL_TOPIC, self._control)
         for record in self.apps.values():
-            if not record.manifest.external:
-                self._launch(record)
+            record.wanted = not record.manifest.external
+        self._start_ready_apps()
         self._write_state()
         event(log, "platform-started", apps=len(self.apps), home=str(self.paths.home))
 
-    def run(self, should_stop: Callable[[], bool], tick: float = 0.2) -> None:
-        """Watch children until `should_stop()`; then stop everything."""
-        next_state = 0.0
+    def run(self, should_stop: Callable[[], bool], tick: float = 0.05) -> None:
+        """Watch children until `should_stop()` (the caller then calls `stop`)."""
+        next_sample = 0.0
         while not should_stop():
             self.poll()
             now = time.monotonic()
-            if now >= next_state:
+            if now >= next_sample:
+                self._sample()
                 self._write_state()
-                next_state = now + 1.0
+                next_sample = now + 1.0
             time.sleep(tick)
 
     def poll(self) -> None:
-        """Notice exited children: restart a dead broker, record app exits."""
+        """One round: exits, timers, unresponsive notices, operator commands, start order."""
+        now = self.clock()
         if self.broker is not None and self.broker.poll() is not None:
             event(log, "broker-exited", logging.ERROR, status=self.broker.poll())
             self.broker_restarts += 1
             self._start_broker()
         for record in self.apps.values():
-            child = record.child
-            if child is None or record.state != "RUNNING":
-                continue
-            status = child.poll()
-            if status is not None:
-                record.state = "EXITED"
-                record.exit_status = status
-                self._revoke(record)
-                event(log, "app-exited", app=record.manifest.app_id, pid=child.pid, status=status)
+            self._poll_app(record, now)
+        self._take_unresponsive_notices(now)
+        self._take_commands(now)
+        self._start_ready_apps()
 
     def stop(self) -> None:
         """Stop apps (SIGTERM, then SIGKILL after the grace period), then the broker."""
+        now = self.clock()
         running = [r for r in self.apps.values() if r.child and r.child.poll() is None]
         for record in running:
-            assert record.child is not None
-            record.state = "STOPPING"
-            self.spawner.signal_group(record.child, signal.SIGTERM)
+            record.wanted = False
+            self._act(record, record.life.handle(Input.STOP, now), now)
         for record in running:
             assert record.child is not None
-            record.exit_status = self.spawner.stop(record.child, self.config.stop_grace_s)
-            record.state = "STOPPED"
-            self._revoke(record)
+            status = self.spawner.stop(record.child, self.config.stop_grace_s)
+            self._exited(record, status, self.clock())
         if self.bus is not None:
             self.bus.close()
         if self.broker is not None:
@@ -146,6 +182,180 @@ class Supervisor:
         self.credentials.revoke_all()
         self.paths.state_file.unlink(missing_ok=True)
         event(log, "platform-stopped")
+
+    # -- one app ----------------------------------------------------------------------------
+
+    def _policy(self, manifest: Manifest) -> RestartPolicy:
+        c = self.config
+        return RestartPolicy(
+            mode=manifest.restart,
+            backoff_base_s=c.restart_backoff_s,
+            backoff_cap_s=c.restart_backoff_cap_s,
+            budget=c.restart_budget,
+            budget_window_s=c.restart_window_s,
+            settle_s=c.settle_s,
+        )
+
+    def _poll_app(self, record: AppRecord, now: float) -> None:
+        life = record.life
+        child = record.child
+        if child is not None and life.state in (State.STARTING, State.RUNNING, State.STOPPING):
+            status = child.poll()
+            if status is not None:
+                self._exited(record, status, now)
+                return
+            if life.state is State.STOPPING and now >= record.stop_deadline:
+                self.spawner.signal_group(child, signal.SIGKILL)
+        timer = life.next_timer()
+        if timer is not None and now >= timer:
+            kind = Input.DUE if life.state is State.BACKOFF else Input.SETTLED
+            self._act(record, life.handle(kind, now), now)
+
+    def _exited(self, record: AppRecord, status: int | None, now: float) -> None:
+        """The process ended: clean up its tree and credential, let the policy decide."""
+        was = record.life.state
+        stragglers = kill_leftovers(record.usage.seen)
+        record.usage = Usage()
+        self._revoke(record)
+        actions = record.life.handle(Input.EXITED, now, status)
+        pid = record.child.pid if record.child else None
+        kind = "exit" if status == 0 or was is State.STOPPING else "crash"
+        self._announce(
+            kind,
+            record,
+            pid=pid,
+            status=status,
+            reason=record.life.last_reason,
+            stragglers_killed=stragglers,
+            next_state=record.life.state.value,
+        )
+        if record.life.state is State.BACKOFF:
+            self._announce(
+                "restart-scheduled",
+                record,
+                delay_s=round(record.life.due_at - now, 3),
+                restarts=record.life.restart_count,
+            )
+        self._act(record, actions, now)
+
+    def _act(self, record: AppRecord, actions: list[Action], now: float) -> None:
+        for action in actions:
+            if action is Action.SPAWN:
+                self._launch(record, now)
+            elif action is Action.TERMINATE and record.child is not None:
+                self.spawner.signal_group(record.child, signal.SIGTERM)
+                record.stop_deadline = now + self.config.stop_grace_s
+            elif action is Action.ANNOUNCE_FATAL:
+                self._announce(
+                    "fatal",
+                    record,
+                    restarts=record.life.restart_count,
+                    reason=record.life.last_reason,
+                    budget=f"{self.config.restart_budget} restarts in "
+                    f"{self.config.restart_window_s:g} s",
+                )
+
+    def _start_ready_apps(self) -> None:
+        """Start wanted, stopped apps whose `after` dependencies are running."""
+        now = self.clock()
+        for record in self.apps.values():
+            if not record.wanted or record.life.state is not State.STOPPED:
+                continue
+            deps = [self.apps[d].life.state for d in record.manifest.after]
+            if all(state is State.RUNNING for state in deps):
+                self._act(record, record.life.handle(Input.START, now), now)
+
+    def _sample(self) -> None:
+        """Measure every running app; kill the ones over a limit; publish the metrics."""
+        now = self.clock()
+        metrics: dict[str, Any] = {}
+        for record in self.apps.values():
+            if record.child is None or record.life.state not in (State.RUNNING, State.STARTING):
+                continue
+            record.usage.sample(record.child.pid)
+            metrics[record.app_id] = {
+                "cpu_percent": record.usage.cpu_percent,
+                "rss_mb": record.usage.rss_mb,
+            }
+            breach = check_limits(
+                record.usage, record.manifest.limits, now, self.config.cpu_window_s
+            )
+            if breach is not None:
+                self._announce(
+                    "limit-kill",
+                    record,
+                    pid=record.child.pid,
+                    limit_kind=breach.kind,
+                    measured=breach.measured,
+                    limit=breach.limit,
+                    reason=breach.describe(),
+                )
+                self._act(
+                    record, record.life.handle(Input.KILL, now, reason=breach.describe()), now
+                )
+        if self.bus is not None and metrics:
+            self._publish("$sys.metrics.apps", metrics)
+
+    def _take_unresponsive_notices(self, now: float) -> None:
+        if self._unresponsive is None:
+            return
+        while (notice := self._unresponsive.get_nowait()) is not None:
+            app = notice.data.get("app") if isinstance(notice.data, dict) else None
+            record = self.apps.get(app) if isinstance(app, str) else None
+            if record is None or record.life.state is not State.RUNNING:
+                continue
+            reason = f"unresponsive: silent for {notice.data.get('silent_ms')} ms"
+            self._announce(
+                "hang-kill", record, pid=record.child.pid if record.child else None, reason=reason
+            )
+            self._act(record, record.life.handle(Input.KILL, now, reason=reason), now)
+
+    # -- operator commands (plexus apps ...) --------------------------------------------------
+
+    def _control(self, message: Message) -> dict[str, Any]:
+        """Bus dispatcher thread: hand the command to the main loop and wait for it."""
+        request = message.data if isinstance(message.data, dict) else {}
+        future: Future[dict[str, Any]] = Future()
+        self._commands.put((request, future))
+        return future.result(10.0)
+
+    def _take_commands(self, now: float) -> None:
+        while True:
+            try:
+                request, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(self._command(request, now))
+            except Exception as exc:  # an answer, never a dead supervisor
+                future.set_result({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+
+    def _command(self, request: dict[str, Any], now: float) -> dict[str, Any]:
+        op, app = request.get("op"), request.get("app")
+        if op == "list":
+            return {"ok": True, "apps": {a: r.as_dict(now) for a, r in self.apps.items()}}
+        record = self.apps.get(app) if isinstance(app, str) else None
+        if record is None:
+            return {"ok": False, "error": f"no app {app!r}; see `plexus apps list`"}
+        if record.manifest.external:
+            return {"ok": False, "error": f"{app} is external: start it yourself"}
+        if op == "stop":
+            record.wanted = False
+            self._act(record, record.life.handle(Input.STOP, now), now)
+        elif op == "start":
+            record.wanted = True
+            self._act(record, record.life.handle(Input.START, now, reason="operator"), now)
+        elif op == "restart":
+            record.wanted = True
+            if record.child is not None and record.child.poll() is None:
+                self._act(
+                    record, record.life.handle(Input.KILL, now, reason="operator restart"), now
+                )
+            else:
+                self._act(record, record.life.handle(Input.START, now, reason="operator"), now)
+        else:
+            return {"ok": False, "error": f"unknown op {op!r}: use list, start, stop, restart"}
+        return {"ok": True, "app": app, "state": record.life.state.value}
 
     # -- internals --------------------------------------------------------------------------
 
@@ -172,7 +382,7 @@ class Supervisor:
         self.broker = self.spawner.spawn("broker", argv, os.environ)
         event(log, "broker-launched", pid=self.broker.pid)
 
-    def _launch(self, record: AppRecord) -> None:
+    def _launch(self, record: AppRecord, now: float) -> None:
         manifest = record.manifest
         token = self.credentials.mint(manifest.app_id)
         fd = credential_pipe(token)
@@ -181,19 +391,29 @@ class Supervisor:
             record.child = self.spawner.spawn(manifest.app_id, app_argv(manifest), env, [fd])
         except OSError as exc:
             self.credentials.revoke(manifest.app_id, token)
-            record.state = "FATAL"
-            event(log, "app-launch-failed", logging.ERROR, app=manifest.app_id, error=str(exc))
+            self._announce("launch-failed", record, reason=str(exc))
+            self._act(record, record.life.handle(Input.SPAWN_FAILED, now, reason=str(exc)), now)
             return
         finally:
             os.close(fd)
         record.token = token
-        record.state = "RUNNING"
-        record.started_at = self.clock()
-        event(log, "app-launched", app=manifest.app_id, pid=record.child.pid)
-        if self.bus is not None:
-            self.bus.publish(
-                "$sys.apps.launched", {"app": manifest.app_id, "pid": record.child.pid}
-            )
+        record.life.handle(Input.SPAWNED, now)
+        self._announce("launch", record, pid=record.child.pid, restarts=record.life.restart_count)
+
+    def _announce(self, kind: str, record: AppRecord, **fields: Any) -> None:
+        """A lifecycle event: a log line and `$sys.audit.apps.<kind>` for the audit service."""
+        body = {"app": record.app_id, "event": kind, "at": self.clock(), **fields}
+        level = logging.INFO if kind in ("launch", "exit", "restart-scheduled") else logging.WARNING
+        event(log, f"app-{kind}", level, **{k: v for k, v in body.items() if k != "event"})
+        self._publish(f"$sys.audit.apps.{kind}", body)
+
+    def _publish(self, topic: str, data: Any) -> None:
+        if self.bus is None:
+            return
+        try:
+            self.bus.publish(topic, data)
+        except BusError as exc:  # the bus being down must not stop supervision
+            event(log, "publish-failed", logging.WARNING, topic=topic, error=str(exc))
 
     def _revoke(self, record: AppRecord) -> None:
         if record.token is not None:
@@ -201,6 +421,7 @@ class Supervisor:
             record.token = None
 
     def _write_state(self) -> None:
+        now = self.clock()
         self.paths.write_state(
             {
                 "pid": os.getpid(),
@@ -213,6 +434,6 @@ class Supervisor:
                     "pid": self.broker.pid if self.broker else None,
                     "restarts": self.broker_restarts,
                 },
-                "apps": {app_id: r.as_dict() for app_id, r in self.apps.items()},
+                "apps": {app_id: r.as_dict(now) for app_id, r in self.apps.items()},
             }
         )

@@ -122,11 +122,15 @@ def test_apps_in_separate_processes_exchange_messages(platform: Platform) -> Non
         lines = [line for line in platform.lines(name) if line["topic"] == "market.E2E.prices"]
         assert [line["data"]["seq"] for line in lines] == list(range(COUNT)), name
         assert {line["sender"] for line in lines} == {"producer"}
-    status = platform.status()
+    def all_running() -> dict[str, Any] | None:
+        status = platform.status()
+        states = [status["apps"][a]["state"] for a in ("producer", "narrow", "wide")]
+        return status if states == ["RUNNING"] * 3 else None
+
+    status = wait_for(all_running, 10)
     pids = {app["pid"] for app in status["apps"].values() if app["pid"]}
     assert len(pids) == 4  # four launched apps, four processes
     assert status["supervisor_pid"] not in pids and status["broker"]["pid"] not in pids
-    assert all(status["apps"][a]["state"] == "RUNNING" for a in ("producer", "narrow", "wide"))
     assert status["apps"]["outsider"]["pid"] is None  # external: not launched
 
 
