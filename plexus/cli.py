@@ -36,7 +36,7 @@ from plexus import exits
 from plexus.status import collect_status, render_status
 from security.credentials import CredentialStore
 from supervisor.config import ConfigError, load_config
-from supervisor.supervisor import PlatformRunning, Supervisor
+from supervisor.supervisor import CONTROL_TOPIC, PlatformRunning, Supervisor
 
 DEMO_APPS = Path(__file__).resolve().parent.parent / "examples" / "apps"
 
@@ -312,3 +312,67 @@ def dlq_purge(home: Path | None, as_json: bool) -> None:
     with operator_bus(home) as bus:
         answer = bus.purge_dead_letters()
     click.echo(json.dumps(answer) if as_json else f"purged {answer.get('purged', 0)}")
+
+
+@main.group()
+def apps() -> None:
+    """The supervised apps: list them, start, stop or restart one."""
+
+
+def _apps_request(home: Path | None, op: str, app: str | None = None) -> dict[str, Any]:
+    with operator_bus(home) as bus:
+        reply = bus.request(CONTROL_TOPIC, {"op": op, "app": app}, timeout=15.0)
+    answer: dict[str, Any] = reply.data if isinstance(reply.data, dict) else {}
+    if not answer.get("ok"):
+        fail(str(answer.get("error", "the supervisor refused")), exits.BAD_INPUT)
+    return answer
+
+
+@apps.command("list")
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def apps_list(home: Path | None, as_json: bool) -> None:
+    """Every app with its pid, state, restarts, uptime, CPU, RSS and last exit reason."""
+    listed = _apps_request(home, "list")["apps"]
+    if as_json:
+        click.echo(json.dumps(listed, indent=2))
+        return
+    click.echo(
+        f"{'APP':<16}{'PID':>8} {'STATE':<9}{'RESTARTS':>9}{'UPTIME':>9}{'CPU%':>7}"
+        f"{'RSS MiB':>9}  LAST EXIT"
+    )
+    for name, app in listed.items():
+        uptime = f"{app['uptime_s']:.0f}s" if app.get("uptime_s") is not None else "-"
+        click.echo(
+            f"{name:<16}{_cell(app['pid']):>8} {app['state']:<9}{app['restarts']:>9}"
+            f"{uptime:>9}{_cell(app['cpu_percent']):>7}{_cell(app['rss_mb']):>9}  "
+            f"{app.get('exit_reason') or '-'}"
+        )
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+@apps.command("start")
+@home_option
+@click.argument("app_id")
+def apps_start(home: Path | None, app_id: str) -> None:
+    """Start APP_ID (also one that went FATAL)."""
+    click.echo(f"{app_id}: {_apps_request(home, 'start', app_id)['state']}")
+
+
+@apps.command("stop")
+@home_option
+@click.argument("app_id")
+def apps_stop(home: Path | None, app_id: str) -> None:
+    """Stop APP_ID (SIGTERM, SIGKILL after the grace period); it stays stopped."""
+    click.echo(f"{app_id}: {_apps_request(home, 'stop', app_id)['state']}")
+
+
+@apps.command("restart")
+@home_option
+@click.argument("app_id")
+def apps_restart(home: Path | None, app_id: str) -> None:
+    """Stop APP_ID and start it again."""
+    click.echo(f"{app_id}: {_apps_request(home, 'restart', app_id)['state']}")

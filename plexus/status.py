@@ -11,7 +11,8 @@ _SAMPLE_S = 0.2
 
 
 def _processes(pids: dict[str, int]) -> dict[str, dict[str, float]]:
-    """CPU % (sampled over a short window, children included) and RSS MiB per name."""
+    """CPU % (sampled over a short window, children included) and RSS MiB per name
+    (the broker; apps are sampled by the supervisor every second)."""
     procs: dict[str, list[psutil.Process]] = {}
     for name, pid in pids.items():
         try:
@@ -39,26 +40,21 @@ def collect_status(state: dict[str, Any], stats: dict[str, Any]) -> dict[str, An
     """The `plexus status --json` document (field names are a documented contract)."""
     now = time.time()
     apps_state: dict[str, dict[str, Any]] = state.get("apps", {})
-    pids = {name: info["pid"] for name, info in apps_state.items() if info.get("pid")}
     broker_pid = state.get("broker", {}).get("pid")
-    if broker_pid:
-        pids["$broker"] = broker_pid
-    measured = _processes(pids)
+    measured = _processes({"$broker": broker_pid} if broker_pid else {})
     sessions: dict[str, Any] = stats.get("apps", {})
     apps = {}
     for name, info in sorted(apps_state.items()):
         connected = sessions.get(name, {})
-        started = info.get("started_at") or 0.0
         apps[name] = {
             "pid": info.get("pid"),
             "state": info.get("state"),
             "restarts": info.get("restarts", 0),
+            "uptime_s": info.get("uptime_s"),
             "exit_status": info.get("exit_status"),
-            "uptime_s": round(now - started, 1)
-            if started and info.get("state") == "RUNNING"
-            else None,
-            "cpu_percent": measured.get(name, {}).get("cpu_percent"),
-            "rss_mb": measured.get(name, {}).get("rss_mb"),
+            "exit_reason": info.get("exit_reason") or None,
+            "cpu_percent": info.get("cpu_percent"),  # sampled by the supervisor, tree included
+            "rss_mb": info.get("rss_mb"),
             "connections": connected.get("sessions", 0),
             "last_heartbeat_s_ago": connected.get("last_seen_s_ago"),
         }
@@ -106,14 +102,15 @@ def render_status(report: dict[str, Any]) -> str:
         f"clients   {report['clients']}  subscriptions {report['subscriptions']}  "
         f"auth failures {report['auth_failures']}",
         "",
-        f"{'APP':<16}{'PID':>8} {'STATE':<9}{'RESTARTS':>9}{'CPU%':>7}{'RSS MiB':>9}"
-        f"{'CONN':>6}{'HEARTBEAT':>11}",
+        f"{'APP':<16}{'PID':>8} {'STATE':<9}{'RESTARTS':>9}{'UPTIME':>8}{'CPU%':>7}"
+        f"{'RSS MiB':>9}{'CONN':>6}{'HEARTBEAT':>11}  LAST EXIT",
     ]
     for name, app in report["apps"].items():
         beat = app["last_heartbeat_s_ago"]
         lines.append(
             f"{name:<16}{_cell(app['pid']):>8} {_cell(app['state']):<9}{app['restarts']:>9}"
-            f"{_cell(app['cpu_percent']):>7}{_cell(app['rss_mb']):>9}{app['connections']:>6}"
-            f"{(f'{beat}s ago' if beat is not None else '-'):>11}"
+            f"{_cell(app['uptime_s']):>8}{_cell(app['cpu_percent']):>7}{_cell(app['rss_mb']):>9}"
+            f"{app['connections']:>6}{(f'{beat}s ago' if beat is not None else '-'):>11}"
+            f"  {app['exit_reason'] or '-'}"
         )
     return "\n".join(lines)

@@ -122,6 +122,7 @@ def test_apps_in_separate_processes_exchange_messages(platform: Platform) -> Non
         lines = [line for line in platform.lines(name) if line["topic"] == "market.E2E.prices"]
         assert [line["data"]["seq"] for line in lines] == list(range(COUNT)), name
         assert {line["sender"] for line in lines} == {"producer"}
+
     def all_running() -> dict[str, Any] | None:
         status = platform.status()
         states = [status["apps"][a]["state"] for a in ("producer", "narrow", "wide")]
