@@ -28,6 +28,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	bash perf/setup.sh $(PY)
 	$(PY) -m perf.bench_routing $(ARGS)
+	$(PY) -m perf.bench_supervisor
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
