@@ -30,7 +30,7 @@ from security.credentials import CredentialStore
 from supervisor.config import PlatformConfig, broker_arguments
 from supervisor.launch import app_argv, app_environment, credential_pipe
 from supervisor.lifecycle import Action, Input, Lifecycle, RestartPolicy, State
-from supervisor.monitor import Usage, check_limits, kill_leftovers
+from supervisor.monitor import Usage, check_limits, kill_leftovers, process_table
 from supervisor.spawner import Child, Spawner
 
 log = logging.getLogger("plexus.supervisor")
@@ -139,7 +139,7 @@ class Supervisor:
         self._write_state()
         event(log, "platform-started", apps=len(self.apps), home=str(self.paths.home))
 
-    def run(self, should_stop: Callable[[], bool], tick: float = 0.05) -> None:
+    def run(self, should_stop: Callable[[], bool], tick: float = 0.1) -> None:
         """Watch children until `should_stop()` (the caller then calls `stop`)."""
         next_sample = 0.0
         while not should_stop():
@@ -269,10 +269,11 @@ class Supervisor:
         """Measure every running app; kill the ones over a limit; publish the metrics."""
         now = self.clock()
         metrics: dict[str, Any] = {}
+        table = process_table()
         for record in self.apps.values():
             if record.child is None or record.life.state not in (State.RUNNING, State.STARTING):
                 continue
-            record.usage.sample(record.child.pid)
+            record.usage.sample(record.child.pid, table)
             metrics[record.app_id] = {
                 "cpu_percent": record.usage.cpu_percent,
                 "rss_mb": record.usage.rss_mb,
