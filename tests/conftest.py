@@ -62,6 +62,17 @@ class BrokerHandle:
     process: subprocess.Popen[bytes] | None = None
     buses: list[Bus] = field(default_factory=list)
 
+    @classmethod
+    def prepared(cls, root: Path, manifests: dict[str, str]) -> BrokerHandle:
+        """A home and an apps dir under `root`, with one manifest per (app id, body)."""
+        (root / "apps").mkdir()
+        handle = cls(root / "home", root / "apps")
+        handle.paths.prepare()
+        handle.credentials.ensure()
+        for app_id, body in manifests.items():
+            handle.manifest(app_id, body)
+        return handle
+
     @property
     def paths(self) -> PlatformPaths:
         return PlatformPaths.resolve(self.home)
@@ -124,16 +135,14 @@ def short_tmp() -> Iterator[Path]:
 
 @pytest.fixture
 def broker(short_tmp: Path) -> Iterator[BrokerHandle]:
-    home, apps = short_tmp / "home", short_tmp / "apps"
-    apps.mkdir()
-    handle = BrokerHandle(home, apps)
-    handle.paths.prepare()
-    handle.credentials.ensure()
-    handle.manifest("pub", '[permissions]\npublish = ["market.>", "orders.*"]\n')
-    handle.manifest("sub", '[permissions]\nsubscribe = ["market.>", "orders.*"]\n')
-    handle.manifest(
-        "both",
-        '[permissions]\npublish = ["market.>", "chat.>"]\nsubscribe = ["market.>", "chat.>"]\n',
+    handle = BrokerHandle.prepared(
+        short_tmp,
+        {
+            "pub": '[permissions]\npublish = ["market.>", "orders.*"]\n',
+            "sub": '[permissions]\nsubscribe = ["market.>", "orders.*"]\n',
+            "both": '[permissions]\npublish = ["market.>", "chat.>"]\n'
+            'subscribe = ["market.>", "chat.>"]\n',
+        },
     )
     handle.start()
     yield handle

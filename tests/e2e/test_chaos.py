@@ -22,12 +22,13 @@ WINDOW = 64
 
 @pytest.fixture
 def chaos_broker(short_tmp: Path) -> Iterator[BrokerHandle]:
-    (short_tmp / "apps").mkdir()
-    handle = BrokerHandle(short_tmp / "home", short_tmp / "apps")
-    handle.paths.prepare()
-    handle.credentials.ensure()
-    handle.manifest("pub", '[permissions]\npublish = ["jobs.>"]\n')
-    handle.manifest("worker", '[permissions]\nsubscribe = ["jobs.>"]\n')
+    handle = BrokerHandle.prepared(
+        short_tmp,
+        {
+            "pub": '[permissions]\npublish = ["jobs.>"]\n',
+            "worker": '[permissions]\nsubscribe = ["jobs.>"]\n',
+        },
+    )
     handle.start(
         "--heartbeat-ms",
         "200",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -245,16 +246,8 @@ def test_stats_are_for_platform_identities_only(broker: BrokerHandle) -> None:
     assert isinstance(msgpack.packb(stats), bytes)
 
 
-def test_busy_publisher_that_receives_nothing_keeps_its_session(short_tmp: object) -> None:
-    import time
-    from pathlib import Path
-
-    root = Path(str(short_tmp))
-    (root / "apps").mkdir()
-    handle = BrokerHandle(root / "home", root / "apps")
-    handle.paths.prepare()
-    handle.credentials.ensure()
-    handle.manifest("pub", '[permissions]\npublish = ["market.>"]\n')
+def test_busy_publisher_that_receives_nothing_keeps_its_session(short_tmp: Path) -> None:
+    handle = BrokerHandle.prepared(short_tmp, {"pub": '[permissions]\npublish = ["market.>"]\n'})
     handle.start("--heartbeat-ms", "100", "--peer-timeout-ms", "500")
     try:
         pub = handle.connect("pub")

@@ -40,12 +40,13 @@ FAST = [
 
 @pytest.fixture
 def fast_broker(short_tmp: Path) -> Iterator[BrokerHandle]:
-    (short_tmp / "apps").mkdir()
-    handle = BrokerHandle(short_tmp / "home", short_tmp / "apps")
-    handle.paths.prepare()
-    handle.credentials.ensure()
-    handle.manifest("pub", '[permissions]\npublish = ["jobs.>"]\n')
-    handle.manifest("sub", '[permissions]\nsubscribe = ["jobs.>"]\n')
+    handle = BrokerHandle.prepared(
+        short_tmp,
+        {
+            "pub": '[permissions]\npublish = ["jobs.>"]\n',
+            "sub": '[permissions]\nsubscribe = ["jobs.>"]\n',
+        },
+    )
     handle.start(*FAST, "--window", "10", "--queue-max", "100")
     # what `plexus run` would record, so the real CLI can talk to this broker
     handle.paths.write_state(
