@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from perf import procutil
 from perf.model import WorkerReport, WorkerSpec, topic_for
 from perf.systems import BrokerConfig, BrokerHandle, WorkerControl
+from perf.systems._tcp_server import TcpServerBroker
 from perf.workload import publish_schedule, start_timeout_s, subscribe_schedule
 
 NAME = "mosquitto"
@@ -35,15 +36,10 @@ def unavailable_reason() -> str | None:
     return procutil.peer_unavailable("mosquitto", "paho", "paho-mqtt")
 
 
-class MosquittoBroker(BrokerHandle):
-    """mosquitto with a generated config in the run's temp dir."""
+def start_broker(config: BrokerConfig) -> BrokerHandle:
+    """Write the config, start mosquitto, wait until its port accepts connections."""
 
-    def __init__(self, config: BrokerConfig) -> None:
-        binary = procutil.find_binary("mosquitto")
-        if binary is None:
-            raise RuntimeError("mosquitto not found")
-        port = procutil.free_port()
-        self.endpoint = f"mqtt://127.0.0.1:{port}"
+    def argv(binary: str, port: int) -> list[str]:
         conf = config.workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {port} 127.0.0.1\n"
@@ -55,26 +51,9 @@ class MosquittoBroker(BrokerHandle):
             "log_type error\n"
             "log_type warning\n"
         )
-        argv = [binary, "-c", str(conf)]
-        self._proc = procutil.spawn_bounded(
-            argv, config.max_seconds, config.workdir / "mosquitto.log"
-        )
-        try:
-            procutil.wait_tcp(port, 15.0, self._proc)
-        except Exception:
-            self.stop()
-            raise
+        return [binary, "-c", str(conf)]
 
-    def pids(self) -> list[int]:
-        return procutil.child_pids(self._proc.pid)
-
-    def stop(self) -> None:
-        procutil.stop_process(self._proc)
-
-
-def start_broker(config: BrokerConfig) -> BrokerHandle:
-    """Write the config, start mosquitto, wait until its port accepts connections."""
-    return MosquittoBroker(config)
+    return TcpServerBroker(config, "mosquitto", "mqtt", argv)
 
 
 class _Clients:

@@ -17,6 +17,7 @@ from typing import Any
 from perf import procutil
 from perf.model import NS_PER_S, Phase, PhaseTally, Schedule, WorkerReport, WorkerSpec, topic_for
 from perf.systems import BrokerConfig, BrokerHandle, WorkerControl
+from perf.systems._tcp_server import TcpServerBroker
 from perf.workload import Pacer, Recorder, count_sent, encode, start_timeout_s
 
 NAME = "nats"
@@ -30,33 +31,14 @@ def unavailable_reason() -> str | None:
     return procutil.peer_unavailable("nats-server", "nats", "nats-py")
 
 
-class NatsBroker(BrokerHandle):
-    """nats-server on a free loopback port, logging into the run's temp dir."""
-
-    def __init__(self, config: BrokerConfig) -> None:
-        binary = procutil.find_binary("nats-server")
-        if binary is None:
-            raise RuntimeError("nats-server not found")
-        port = procutil.free_port()
-        self.endpoint = f"nats://127.0.0.1:{port}"
-        argv = [binary, "-a", "127.0.0.1", "-p", str(port)]
-        self._proc = procutil.spawn_bounded(argv, config.max_seconds, config.workdir / "nats.log")
-        try:
-            procutil.wait_tcp(port, 15.0, self._proc)
-        except Exception:
-            self.stop()
-            raise
-
-    def pids(self) -> list[int]:
-        return procutil.child_pids(self._proc.pid)
-
-    def stop(self) -> None:
-        procutil.stop_process(self._proc)
-
-
 def start_broker(config: BrokerConfig) -> BrokerHandle:
     """Start nats-server and wait until its port accepts connections."""
-    return NatsBroker(config)
+    return TcpServerBroker(
+        config,
+        "nats-server",
+        "nats",
+        lambda binary, port: [binary, "-a", "127.0.0.1", "-p", str(port)],
+    )
 
 
 async def _sleep_until(t_ns: int) -> None:
