@@ -1,7 +1,8 @@
 """Runs one platform: the broker first, then every app of the manifests directory.
 
 The main loop only polls children and acts on the stop request a signal handler recorded.
-This first supervisor restarts the broker when it dies (apps reconnect by themselves) and
+The broker is a supervised child like the apps, through the same life-cycle machine with
+policy `always` (apps reconnect and resend by themselves after it comes back), and
 records app exits; restart policies, limits and monitoring build on it.
 """
 
@@ -97,7 +98,18 @@ class Supervisor:
     clock: Callable[[], float] = time.time
     apps: dict[str, AppRecord] = field(default_factory=dict)
     broker: Child | None = None
-    broker_restarts: int = 0
+    broker_life: Lifecycle = field(
+        default_factory=lambda: Lifecycle(
+            RestartPolicy(
+                mode="always",
+                backoff_base_s=0.1,
+                backoff_cap_s=5.0,
+                budget=10,
+                budget_window_s=60.0,
+                settle_s=0.5,
+            )
+        )
+    )
     bus: Bus | None = None
     _supervisor_token: str = ""
     started_at: float = 0.0
@@ -154,10 +166,7 @@ class Supervisor:
     def poll(self) -> None:
         """One round: exits, timers, unresponsive notices, operator commands, start order."""
         now = self.clock()
-        if self.broker is not None and self.broker.poll() is not None:
-            event(log, "broker-exited", logging.ERROR, status=self.broker.poll())
-            self.broker_restarts += 1
-            self._start_broker()
+        self._poll_broker(now)
         for record in self.apps.values():
             self._poll_app(record, now)
         self._take_unresponsive_notices(now)
@@ -369,6 +378,36 @@ class Supervisor:
                 "stop it or pass another --home"
             )
 
+    def _poll_broker(self, now: float) -> None:
+        """The broker's exit and timers, through its life cycle (restart with backoff)."""
+        life = self.broker_life
+        if self.broker is not None and life.state in (State.STARTING, State.RUNNING):
+            status = self.broker.poll()
+            if status is not None:
+                actions = life.handle(Input.EXITED, now, status)
+                event(
+                    log,
+                    "broker-exited",
+                    logging.ERROR,
+                    status=status,
+                    reason=life.last_reason,
+                    next_state=life.state.value,
+                )
+                if Action.ANNOUNCE_FATAL in actions:
+                    event(
+                        log,
+                        "broker-fatal",
+                        logging.CRITICAL,
+                        restarts=life.restart_count,
+                        hint="see the broker's log lines above; restart the platform",
+                    )
+                return
+        timer = life.next_timer()
+        if timer is not None and now >= timer:
+            kind = Input.DUE if life.state is State.BACKOFF else Input.SETTLED
+            if Action.SPAWN in life.handle(kind, now):
+                self._start_broker()
+
     def _start_broker(self) -> None:
         argv = [
             sys.executable,
@@ -380,8 +419,11 @@ class Supervisor:
             str(self.apps_dir),
             *broker_arguments(self.config),
         ]
+        if self.broker_life.state is not State.STARTING:
+            self.broker_life.handle(Input.START, self.clock())
         self.broker = self.spawner.spawn("broker", argv, os.environ)
-        event(log, "broker-launched", pid=self.broker.pid)
+        self.broker_life.handle(Input.SPAWNED, self.clock())
+        event(log, "broker-launched", pid=self.broker.pid, restarts=self.broker_life.restart_count)
 
     def _launch(self, record: AppRecord, now: float) -> None:
         manifest = record.manifest
@@ -433,7 +475,8 @@ class Supervisor:
                 "persistence": self.config.persistence,
                 "broker": {
                     "pid": self.broker.pid if self.broker else None,
-                    "restarts": self.broker_restarts,
+                    "restarts": self.broker_life.restart_count,
+                    "state": self.broker_life.state.value,
                 },
                 "apps": {app_id: r.as_dict(now) for app_id, r in self.apps.items()},
             }
