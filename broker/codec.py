@@ -98,6 +98,8 @@ class PubHeader:
     confirm: bool = False
     dest: str | None = None
     """Direct send: only subscriptions of this app id receive the message."""
+    sensitive: bool = False
+    """Stored only encrypted (header `sens`)."""
 
 
 def decode_pub_header(raw: bytes) -> PubHeader:
@@ -127,7 +129,7 @@ def pub_fields(header: dict[str, Any]) -> PubHeader:
     if not isinstance(confirm, bool):
         raise ProtocolViolation(Code.BAD_HEADER, "header field 'cf' must be a boolean")
     dest = _optional_text(header, "dest")
-    return PubHeader(msg_id, topic, confirm, dest)
+    return PubHeader(msg_id, topic, confirm, dest, sensitive)
 
 
 def encode_pub_header(

@@ -70,6 +70,12 @@ class Delivery:
     attempt: int = 1
     due_ns: int = 0
     last_error: str = ""
+    stored_seq: int = 0
+    """Event seq of the stored message (0: not stored, e.g. a request)."""
+    durable_sids: bytes = b""
+    """Packed ids of the durable subscriptions among `sids`: the store tracks the delivery
+    as pending until it is acknowledged or dead-lettered (empty: not tracked)."""
+    sensitive: bool = False
 
     @property
     def size(self) -> int:
@@ -124,8 +130,9 @@ class Mailbox:
             self.inflight[delivery.seq] = delivery
         return out
 
-    def ack(self, seq: int) -> bool:
-        return self.inflight.pop(seq, None) is not None
+    def ack(self, seq: int) -> Delivery | None:
+        """The acknowledged in-flight delivery, None for an unknown seq."""
+        return self.inflight.pop(seq, None)
 
     def nack(self, seq: int, now_ns: int, error: str) -> Delivery | None:
         """Schedule a retry of an in-flight delivery; returns it when it is out of attempts."""

@@ -1,8 +1,8 @@
 """The dead-letter queue: messages that could not be delivered, with the reason why.
 
 Bounded by count and bytes; when full, the oldest entry is dropped and counted
-(`dropped`), and the broker logs it — never silently. In memory until the persistence
-issue stores it.
+(`dropped`), and the broker logs it — never silently. The broker reports every change
+on its event stream; persistence stores the entries and a restarted broker restores them.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ class DeadLetterQueue:
         self._bytes = 0
         self._next_id = 1
         self.dropped = 0
+        self.evicted: list[int] = []
+        """Ids dropped for room since the caller last cleared this list."""
         self.by_reason: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -73,7 +75,15 @@ class DeadLetterQueue:
             _, oldest = self._entries.popitem(last=False)
             self._bytes -= oldest.delivery.size
             self.dropped += 1
+            self.evicted.append(oldest.entry_id)
         return entry.entry_id
+
+    def restore(self, entry: DeadLetter) -> None:
+        """Put back an entry read from the store (broker restart), keeping its id."""
+        self._entries[entry.entry_id] = entry
+        self._bytes += entry.delivery.size
+        self._next_id = max(self._next_id, entry.entry_id + 1)
+        self.by_reason[entry.reason] = self.by_reason.get(entry.reason, 0) + 1
 
     def entries(self) -> list[DeadLetter]:
         return list(self._entries.values())
@@ -84,6 +94,9 @@ class DeadLetterQueue:
         if entry is not None:
             self._bytes -= entry.delivery.size
         return entry
+
+    def ids(self) -> list[int]:
+        return list(self._entries)
 
     def purge(self) -> int:
         count = len(self._entries)

@@ -6,7 +6,8 @@ Tree of the exceptions raised by the pure broker modules::
     ├── ProtocolViolation     the peer sent something malformed (1xx)
     ├── AuthFailure           identity problems (2xx)
     ├── PermissionViolation   the manifest does not allow it (3xx)
-    └── DeliveryFailure       the message could not be delivered (4xx)
+    ├── DeliveryFailure       the message could not be delivered (4xx)
+    └── StorageFailure        the store cannot do it or found damage (5xx)
 
 The catalogue `ERRORS` is the one mapping from a numeric code to its name, category and
 advice; `error_body` turns a code into the ERROR header every client receives.
@@ -52,6 +53,10 @@ class Code(IntEnum):
     UNKNOWN_REPLY = 403
 
     STORAGE_UNAVAILABLE = 500
+    PERSISTENCE_OFF = 501
+    STORED_DATA_CORRUPT = 502
+    STORAGE_FULL = 503
+    KEY_UNAVAILABLE = 504
 
     INTERNAL = 600
 
@@ -146,7 +151,26 @@ ERRORS: dict[Code, ErrorSpec] = {
         ErrorSpec(
             Code.UNKNOWN_DLQ_ENTRY, "List the dead letters (`plexus dlq list`) for valid ids."
         ),
-        ErrorSpec(Code.STORAGE_UNAVAILABLE, "Start the platform with persistence enabled."),
+        ErrorSpec(
+            Code.STORAGE_UNAVAILABLE,
+            "The persistence service is not answering; check `plexus status` and its log.",
+        ),
+        ErrorSpec(
+            Code.PERSISTENCE_OFF,
+            "The platform runs with --no-persistence; restart it without that flag.",
+        ),
+        ErrorSpec(
+            Code.STORED_DATA_CORRUPT,
+            "A stored record failed its integrity check; restore the segment from backup.",
+        ),
+        ErrorSpec(
+            Code.STORAGE_FULL,
+            "The store hit its size limit; raise [persistence].max_size or lower max_age.",
+        ),
+        ErrorSpec(
+            Code.KEY_UNAVAILABLE,
+            "The key that encrypted this record is missing; restore HOME/keys from backup.",
+        ),
         ErrorSpec(
             Code.INTERNAL, "A bug in Plexus: report it with the broker log around this time."
         ),
@@ -178,6 +202,10 @@ class PermissionViolation(WireError):
 
 class DeliveryFailure(WireError):
     """A message could not be handed to a receiver."""
+
+
+class StorageFailure(WireError):
+    """Persistence is off, unavailable, full, or a stored record failed its check."""
 
 
 def error_body(code: Code, detail: str, ref: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -22,9 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker import events as E
 from broker import protocol as P
 from broker.codec import (
     decode_pub_header,
+    decode_sids,
     encode_pub_header,
     encode_sids,
     encode_stamp,
@@ -42,9 +44,11 @@ from broker.errors import (
     DeliveryFailure,
     PermissionViolation,
     ProtocolViolation,
+    StorageFailure,
     WireError,
     error_body,
 )
+from broker.events import EventLog
 from broker.manifests import Permissions
 from broker.permissions import PLATFORM_PERMISSIONS, Authorizer
 from broker.topics import TopicIndex, pattern_tokens, validate_topic
@@ -55,8 +59,9 @@ Outbound = tuple[bytes, list[bytes]]
 SessionKey = tuple[str, str]
 """(app id, session name)."""
 
-Route = tuple[SessionKey, bytes]
-"""(session, packed ids of its subscriptions matching a topic)."""
+Route = tuple[SessionKey, bytes, bytes]
+"""(session, packed ids of its subscriptions matching a topic, the durable ones among
+them or b"" when none is durable)."""
 
 _ROUTE_CACHE_LIMIT = 8192
 _VALID_TOPIC_LIMIT = 65536
@@ -125,6 +130,8 @@ class Router:
         permissions_for: PermissionsLookup,
         config: RouterConfig | None = None,
         extra_stats: Callable[[bool], dict[str, Any]] | None = None,
+        event_log: EventLog | None = None,
+        first_delivery_seq: int = 0,
     ) -> None:
         self._config = config or RouterConfig()
         self._permissions_for = permissions_for
@@ -137,8 +144,14 @@ class Router:
         self._requests_routed = 0
         self._routes: dict[str, tuple[Route, ...]] = {}
         self._valid_topics: set[str] = set()
-        self._seen_ids: OrderedDict[tuple[str, bytes], None] = OrderedDict()
-        self._seq = 0
+        self._seen_ids: OrderedDict[tuple[str, bytes], int] = OrderedDict()
+        """(sender, message id) -> event seq of recent publishes, to drop resends."""
+        self._seq = first_delivery_seq
+        """Delivery seqs: a restarted broker starts above the last one (wall-clock µs), so
+        a late ACK meant for its predecessor can never acknowledge a new delivery."""
+        self._last_ts = 0
+        self.log = event_log or EventLog(epoch=0, retain=False)
+        """The event stream (persistence and audit consume it)."""
         self.dlq = DeadLetterQueue(self._config.dlq_max)
         self.stats = RouterStats()
         self._handlers: dict[bytes, Callable[[Session, list[bytes], int], list[Outbound]]] = {
@@ -349,6 +362,7 @@ class Router:
         session.subscriptions[sid] = pattern
         if durable:
             session.durable.add(sid)
+        self.log.append(E.SUB, now_ns, session.app_id, session.key[1], sid, pattern, durable)
         if serve:
             session.serving.add(sid)
             self._services.insert(pattern, (session.key, sid))
@@ -371,14 +385,16 @@ class Router:
         pattern = session.subscriptions.pop(sid, None)
         if pattern is None:
             raise ProtocolViolation(Code.UNKNOWN_SID, f"no subscription {sid}", sid=sid)
-        session.durable.discard(sid)
+        if sid in session.durable:
+            session.durable.discard(sid)
+            self.log.append(E.UNSUB, now_ns, session.app_id, session.key[1], sid)
         self._forget_subscription(session, sid, pattern)
         assert session.peer is not None
         return [(session.peer, [P.UNSUBOK, pack({"sid": sid})])]
 
     # -- publishing -------------------------------------------------------------------------
 
-    def _publish(  # noqa: PLR0912 - the hot path stays one flat loop, no call per message
+    def _publish(  # noqa: PLR0912, PLR0915 - the hot path stays one flat loop
         self, session: Session, frames: list[bytes], now_ns: int
     ) -> list[Outbound]:
         count = len(frames) - 1
@@ -397,6 +413,8 @@ class Router:
         touched: dict[SessionKey, Session] = {}
         sender = session.app_id
         seen = self._seen_ids
+        log = self.log
+        now_ns = self._stamp_time(now_ns)
         for i in range(1, count, 2):
             header_raw = frames[i]
             payload = frames[i + 1]
@@ -418,29 +436,53 @@ class Router:
                     raise ProtocolViolation(
                         Code.TOO_LARGE, f"payload of {len(payload)} bytes exceeds the limit"
                     )
+                if log.full:
+                    raise StorageFailure(
+                        Code.STORAGE_UNAVAILABLE,
+                        "persistence is behind; the publish was not accepted, retry it",
+                    )
             except WireError as exc:
                 exc.ref["id"] = header.msg_id
                 replies.append(self.error(peer, exc))
                 continue
             seen_key = (sender, header.msg_id)
-            if seen_key in seen:  # a resend after reconnect: confirm again, route once
+            stored = seen.get(seen_key)
+            if stored is None:
+                stored = self._route(
+                    topic,
+                    header.msg_id,
+                    header_raw,
+                    payload,
+                    sender,
+                    now_ns,
+                    touched,
+                    header.dest,
+                    header.sensitive,
+                )
+                seen[seen_key] = stored
+                if len(seen) > _DEDUPE_LIMIT:
+                    seen.popitem(last=False)
+            else:  # a resend after reconnect: confirm again (once stored), route once
                 self.stats.duplicates += 1
-                if header.confirm:
-                    confirmed.append(header.msg_id)
-                continue
-            seen[seen_key] = None
-            if len(seen) > _DEDUPE_LIMIT:
-                seen.popitem(last=False)
-            if header.confirm:
+            if header.confirm and not log.confirm_later(stored, peer, header.msg_id):
                 confirmed.append(header.msg_id)
-            self._route(
-                topic, header.msg_id, header_raw, payload, sender, now_ns, touched, header.dest
-            )
         if confirmed:
             replies.append((peer, [P.CONFIRM, pack({"ids": confirmed})]))
         for target in touched.values():
             replies.extend(self._pump(target, now_ns))
         return replies
+
+    def _stamp_time(self, now_ns: int) -> int:
+        """Broker timestamps never go backwards, so stored seq order is time order."""
+        self._last_ts = max(self._last_ts, now_ns)
+        return self._last_ts
+
+    def confirm_stored(self, watermark: int) -> list[Outbound]:
+        """Persistence stored events up to `watermark`: the CONFIRMs that waited for it."""
+        return [
+            (peer, [P.CONFIRM, pack({"ids": ids})])
+            for peer, ids in self.log.acknowledge(watermark).items()
+        ]
 
     def _route(
         self,
@@ -452,25 +494,48 @@ class Router:
         now_ns: int,
         touched: dict[SessionKey, Session],
         dest: str | None = None,
-    ) -> None:
+        sensitive: bool = False,
+        store: bool = True,
+    ) -> int:
         """Queue one accepted message for every session with a matching subscription
-        (only sessions of app `dest` for a direct send)."""
+        (only sessions of app `dest` for a direct send); returns its event seq."""
         self._seq += 1
         self.stats.published += 1
         routes = self._routes.get(topic)
         if routes is None:
             routes = self._build_routes(topic)
         sessions = self._sessions
-        for key, sids in routes:
+        stored_seq = self.log.last_seq + 1 if store else 0
+        targets: list[list[Any]] = []
+        for key, sids, durable in routes:
             if dest is not None and key[0] != dest:
                 continue
             target = sessions[key]
-            delivery = Delivery(self._seq, sids, sender, now_ns, topic, msg_id, header_raw, payload)
+            delivery = Delivery(
+                self._seq,
+                sids,
+                sender,
+                now_ns,
+                topic,
+                msg_id,
+                header_raw,
+                payload,
+                stored_seq=stored_seq,
+                sensitive=sensitive,
+            )
+            if durable and store and not target.mailbox.auto_ack:
+                delivery.durable_sids = durable
+                targets.append([key[0], key[1], durable])
             if target.mailbox.offer(delivery):
                 touched[key] = target
             else:
                 delivery.last_error = "the receiver's queue is full"
                 self._dead(target, delivery, "queue-full", now_ns)
+        if store:
+            self.log.append(
+                E.MSG, now_ns, sender, topic, msg_id, sensitive, header_raw, payload, targets
+            )
+        return stored_seq
 
     def _pump(self, session: Session, now_ns: int) -> list[Outbound]:
         """Send an attached session what its window allows, in DELIVERs of ≤ window each."""
@@ -501,11 +566,19 @@ class Router:
         by_session: dict[SessionKey, list[int]] = {}
         for key, sid in self._index.match(topic):
             by_session.setdefault(key, []).append(sid)
-        routes = tuple((key, encode_sids(tuple(sorted(sids)))) for key, sids in by_session.items())
+        routes = tuple(
+            (key, encode_sids(tuple(sorted(sids))), self._durable_sids(key, sids))
+            for key, sids in by_session.items()
+        )
         if len(self._routes) >= _ROUTE_CACHE_LIMIT:
             self._routes.clear()
         self._routes[topic] = routes
         return routes
+
+    def _durable_sids(self, key: SessionKey, sids: list[int]) -> bytes:
+        durable = self._sessions[key].durable
+        kept = tuple(sorted(sid for sid in sids if sid in durable))
+        return encode_sids(kept) if kept else b""
 
     def publish_internal(self, topic: str, data: Any, now_ns: int) -> list[Outbound]:
         """Publish a platform notice (e.g. `$sys.apps.unresponsive`) as `$broker`."""
@@ -617,9 +690,15 @@ class Router:
         if not isinstance(seqs, list) or not all(type(s) is int for s in seqs):
             raise ProtocolViolation(Code.BAD_HEADER, "ACK field 'seqs' must be a list of ints")
         mailbox = session.mailbox
+        stored: list[int] = []
         for seq in seqs:
-            if mailbox.ack(seq):
+            delivery = mailbox.ack(seq)
+            if delivery is not None:
                 self.stats.acked += 1
+                if delivery.durable_sids:
+                    stored.append(delivery.stored_seq)
+        if stored:
+            self.log.append(E.ACK, now_ns, session.app_id, session.key[1], stored)
         return self._pump(session, now_ns)
 
     def _nack(self, session: Session, frames: list[bytes], now_ns: int) -> list[Outbound]:
@@ -641,6 +720,29 @@ class Router:
     def _dead(self, session: Session, delivery: Delivery, reason: str, now_ns: int) -> None:
         dropped = self.dlq.dropped
         entry = self.dlq.add(delivery, reason, session.app_id, session.key[1], now_ns)
+        d = delivery
+        self.log.append(
+            E.DEAD,
+            now_ns,
+            entry,
+            session.app_id,
+            session.key[1],
+            reason,
+            d.attempt,
+            d.last_error,
+            d.stored_seq if d.durable_sids else 0,
+            d.sender,
+            d.timestamp_ns,
+            d.topic,
+            d.msg_id,
+            d.sensitive,
+            d.header,
+            d.payload,
+            d.sids,
+        )
+        if self.dlq.evicted:
+            self.log.append(E.DLQ_PURGE, now_ns, self.dlq.evicted[:])
+            self.dlq.evicted.clear()
         if self.dlq.dropped > dropped:
             self.events.append(
                 {
@@ -678,6 +780,9 @@ class Router:
             }
             return [(peer, [P.DLQOK, pack(body)])]
         if op == "purge":
+            ids = self.dlq.ids()
+            if ids:
+                self.log.append(E.DLQ_PURGE, now_ns, ids)
             return [(peer, [P.DLQOK, pack({"purged": self.dlq.purge()})])]
         if op == "replay":
             entry_id = required_int(header, "id", 1, 2**63)
@@ -692,12 +797,45 @@ class Router:
         d = entry.delivery
         target = self._sessions.get((entry.app_id, entry.session))
         if target is None:
+            self.log.append(
+                E.DLQ_REPLAY, now_ns, entry.entry_id, entry.app_id, entry.session, 0, b""
+            )
             touched: dict[SessionKey, Session] = {}
-            self._route(d.topic, d.msg_id, d.header, d.payload, d.sender, now_ns, touched)
+            self._route(
+                d.topic,
+                d.msg_id,
+                d.header,
+                d.payload,
+                d.sender,
+                now_ns,
+                touched,
+                sensitive=d.sensitive,
+                store=False,
+            )
             return [out for t in touched.values() for out in self._pump(t, now_ns)]
         self._seq += 1
         fresh = Delivery(
-            self._seq, d.sids, d.sender, d.timestamp_ns, d.topic, d.msg_id, d.header, d.payload
+            self._seq,
+            d.sids,
+            d.sender,
+            d.timestamp_ns,
+            d.topic,
+            d.msg_id,
+            d.header,
+            d.payload,
+            stored_seq=d.stored_seq,
+            sensitive=d.sensitive,
+        )
+        if d.stored_seq and not target.mailbox.auto_ack:
+            fresh.durable_sids = self._durable_sids(target.key, decode_sids(d.sids))
+        self.log.append(
+            E.DLQ_REPLAY,
+            now_ns,
+            entry.entry_id,
+            entry.app_id,
+            entry.session,
+            d.stored_seq if fresh.durable_sids else 0,
+            fresh.durable_sids,
         )
         return self._enqueue(target, fresh, now_ns)
 

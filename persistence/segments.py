@@ -1,0 +1,204 @@
+"""Messages on disk in time segments: one LMDB environment per period or size.
+
+As Kafka rolls log segments, the store rolls to a new LMDB file when the current one is
+older than `period_ns` or larger than `max_bytes`, so retention deletes whole files and the
+disk space really returns (LMDB never shrinks a file). Inside a segment:
+
+    msgs   seq (8 bytes, big endian) -> ts_ns (8 bytes) + msgpack
+                                        [sender, topic, msg_id, header, payload, sealed]
+    topic  topic + NUL + seq         -> b""   (topics never contain NUL)
+
+The broker stamps timestamps monotonically, so seq order is time order and a timestamp
+is found by binary search over seq; no time index is needed. One process writes
+(persistence); the broker, the query service and the CLI open segments read-only.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+
+_SEQ = struct.Struct(">Q")
+_PREFIX = "seg-"
+_SUFFIX = ".mdb"
+_MAP_SLACK = 64 * 2**20
+
+
+def seq_key(seq: int) -> bytes:
+    return _SEQ.pack(seq)
+
+
+def topic_key(topic: str, seq: int) -> bytes:
+    return topic.encode() + b"\0" + _SEQ.pack(seq)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """One message as stored (payload possibly sealed; the store opens it)."""
+
+    seq: int
+    ts_ns: int
+    sender: str
+    topic: str
+    msg_id: bytes
+    header: bytes
+    payload: bytes
+    sealed: bool
+
+
+def encode_record(ts_ns: int, fields: list[Any]) -> bytes:
+    return _SEQ.pack(ts_ns) + msgpack.packb(fields, use_bin_type=True)
+
+
+def decode_record(seq: int, raw: bytes) -> StoredMessage:
+    ts = _SEQ.unpack_from(raw)[0]
+    sender, topic, msg_id, header, payload, sealed = msgpack.unpackb(raw[8:], raw=False)
+    return StoredMessage(seq, ts, sender, topic, msg_id, header, payload, bool(sealed))
+
+
+class Segment:
+    """One LMDB file of messages, first sequence number in its name."""
+
+    def __init__(self, path: Path, first_seq: int, readonly: bool, map_size: int) -> None:
+        self.path = path
+        self.first_seq = first_seq
+        self.readonly = readonly
+        self.env = lmdb.open(
+            str(path),
+            subdir=False,
+            readonly=readonly,
+            lock=True,
+            max_dbs=4,
+            map_size=map_size,
+            create=not readonly,
+            mode=0o600,
+            readahead=False,
+            metasync=True,
+            sync=True,
+        )
+        self.msgs = self.env.open_db(b"msgs", create=not readonly)
+        self.topics = self.env.open_db(b"topic", create=not readonly)
+
+    def close(self) -> None:
+        self.env.close()
+
+    @property
+    def size_bytes(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def bounds(self) -> tuple[int, int, int, int] | None:
+        """(first seq, last seq, first ts, last ts) of its messages, None when empty."""
+        with self.env.begin(db=self.msgs) as txn:
+            cursor = txn.cursor()
+            if not cursor.first():
+                return None
+            first_seq = _SEQ.unpack(cursor.key())[0]
+            first_ts = _SEQ.unpack_from(cursor.value())[0]
+            cursor.last()
+            last_seq = _SEQ.unpack(cursor.key())[0]
+            last_ts = _SEQ.unpack_from(cursor.value())[0]
+        return first_seq, last_seq, first_ts, last_ts
+
+    def get(self, seq: int) -> StoredMessage | None:
+        with self.env.begin(db=self.msgs) as txn:
+            raw = txn.get(_SEQ.pack(seq))
+        return decode_record(seq, raw) if raw is not None else None
+
+    def first_seq_at(self, ts_ns: int) -> int | None:
+        """A position whose next message is the first with ts >= ts_ns, None if none.
+
+        Binary search over positions p: "the first message at or after p has ts >= ts_ns"
+        is monotone in p (seqs of other events leave holes, so p need not be a key).
+        """
+        bounds = self.bounds()
+        if bounds is None or bounds[3] < ts_ns:
+            return None
+        low, high = bounds[0], bounds[1]
+        with self.env.begin(db=self.msgs) as txn:
+            cursor = txn.cursor()
+            while low < high:
+                middle = (low + high) // 2
+                cursor.set_range(_SEQ.pack(middle))
+                if _SEQ.unpack_from(cursor.value())[0] >= ts_ns:
+                    high = middle
+                else:
+                    low = middle + 1
+        return low
+
+    def scan(self, start_seq: int) -> Iterator[StoredMessage]:
+        """Messages from `start_seq` on, in order, read in short transactions."""
+        position = _SEQ.pack(start_seq)
+        while True:
+            batch: list[StoredMessage] = []
+            with self.env.begin(db=self.msgs) as txn:
+                cursor = txn.cursor()
+                if not cursor.set_range(position):
+                    return
+                for key, raw in cursor:
+                    batch.append(decode_record(_SEQ.unpack(key)[0], raw))
+                    if len(batch) >= 512:
+                        break
+            yield from batch
+            if len(batch) < 512:
+                return
+            position = _SEQ.pack(batch[-1].seq + 1)
+
+    def last_of_topic(self, topic: str, count: int) -> list[int]:
+        """Seqs of the last `count` messages of `topic` here, newest first."""
+        prefix = topic.encode() + b"\0"
+        found: list[int] = []
+        with self.env.begin(db=self.topics) as txn:
+            cursor = txn.cursor()
+            positioned = cursor.set_range(prefix + b"\xff" * 8)
+            moved = cursor.prev() if positioned else cursor.last()
+            while moved and len(found) < count:
+                key = cursor.key()
+                if not key.startswith(prefix) or len(key) != len(prefix) + 8:
+                    break
+                found.append(_SEQ.unpack_from(key, len(prefix))[0])
+                moved = cursor.prev()
+        return found
+
+
+def segment_name(first_seq: int) -> str:
+    return f"{_PREFIX}{first_seq:020d}{_SUFFIX}"
+
+
+def list_segment_files(directory: Path) -> list[tuple[int, Path]]:
+    """(first seq, path) of the segment files in `directory`, oldest first."""
+    found: list[tuple[int, Path]] = []
+    if not directory.is_dir():
+        return found
+    for path in directory.iterdir():
+        name = path.name
+        if name.startswith(_PREFIX) and name.endswith(_SUFFIX):
+            digits = name[len(_PREFIX) : -len(_SUFFIX)]
+            if digits.isdigit():
+                found.append((int(digits), path))
+    return sorted(found)
+
+
+def remove_segment_files(path: Path) -> int:
+    """Delete a segment and its lock file; returns the bytes freed."""
+    freed = 0
+    for victim in (path, path.with_name(path.name + "-lock")):
+        try:
+            freed += victim.stat().st_size
+            os.unlink(victim)
+        except FileNotFoundError:
+            continue
+    return freed
+
+
+def segment_map_size(max_bytes: int) -> int:
+    return max_bytes + max_bytes // 4 + _MAP_SLACK

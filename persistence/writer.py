@@ -1,0 +1,125 @@
+"""Apply a batch of broker events to the store in one group commit.
+
+The durable state (subscriptions, pending deliveries, dead letters, watermark) commits
+first, then the messages: after a crash between the two, the watermark may name messages
+the segments lack, which only means their publishers were never confirmed and resend
+them; the other order could leave messages under seqs a restarted broker hands out again.
+Payloads of sensitive messages (flagged by the publisher or on a configured topic) are
+sealed with AES-256-GCM before they reach either environment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import lmdb
+
+from broker import events as E
+from broker.topics import TopicIndex
+from persistence.state import StateStore
+from persistence.store import MessageStore, Row
+
+
+class Sealer(Protocol):
+    def seal(self, msg_id: bytes, topic: str, plaintext: bytes) -> bytes: ...
+
+
+class StoreWriter:
+    """Turns events into rows and state changes; `commit` is one group commit."""
+
+    def __init__(
+        self,
+        messages: MessageStore,
+        state: StateStore,
+        sealer: Sealer | None,
+        sensitive_topics: Sequence[str] = (),
+    ) -> None:
+        self.messages = messages
+        self.state = state
+        self._sealer = sealer
+        self._sensitive: TopicIndex[bool] = TopicIndex(1024)
+        for pattern in sensitive_topics:
+            self._sensitive.insert(pattern, True)
+        self.watermark = max(state.watermark(), messages.last_seq())
+        self.stored = 0
+        self.sealed = 0
+
+    def _protect(self, sensitive: bool, msg_id: bytes, topic: str, payload: bytes) -> bytes | None:
+        """The sealed payload when the message must be encrypted, else None."""
+        if not (sensitive or self._sensitive.has_interest(topic)):
+            return None
+        if self._sealer is None:
+            raise RuntimeError("a sensitive message arrived but no key ring is open")
+        self.sealed += 1
+        return self._sealer.seal(msg_id, topic, payload)
+
+    def commit(self, events: Sequence[E.Event]) -> int:
+        """Store `events` (contiguous, after the watermark) durably; returns the watermark."""
+        fresh = [event for event in events if event.seq > self.watermark]
+        if not fresh:
+            return self.watermark
+        rows: list[Row] = []
+        while True:
+            try:
+                with self.state.env.begin(write=True) as txn:
+                    rows = [row for event in fresh if (row := self._apply(txn, event))]
+                    self.state.set_watermark(txn, fresh[-1].seq)
+                break
+            except lmdb.MapFullError:
+                self.state.grow()
+        self.messages.append(rows)
+        self.stored += len(rows)
+        self.watermark = fresh[-1].seq
+        return self.watermark
+
+    def _apply(self, txn: lmdb.Transaction, event: E.Event) -> Row | None:  # noqa: PLR0912
+        state = self.state
+        kind, f = event.kind, event.fields
+        if kind == E.MSG:
+            sender, topic, msg_id, sensitive, header, payload, targets = f
+            sealed = self._protect(sensitive, msg_id, topic, payload)
+            for app, session, sids in targets:
+                state.put_pending(txn, app, session, event.seq, sids)
+            stored = sealed if sealed is not None else payload
+            return (
+                event.seq,
+                event.ts_ns,
+                sender,
+                topic,
+                msg_id,
+                header,
+                stored,
+                sealed is not None,
+            )
+        if kind == E.SUB:
+            app, session, sid, pattern, durable = f
+            if durable:
+                state.put_subscription(txn, app, session, sid, pattern)
+        elif kind == E.UNSUB:
+            state.drop_subscription(txn, *f)
+        elif kind == E.ACK:
+            app, session, stored_seqs = f
+            for seq in stored_seqs:
+                state.drop_pending(txn, app, session, seq)
+        elif kind == E.DEAD:
+            record = dict(zip(E.FIELDS[E.DEAD], f, strict=True))
+            sealed = self._protect(
+                record["sensitive"], record["msg_id"], record["topic"], record["payload"]
+            )
+            record["sealed"] = sealed is not None
+            if sealed is not None:
+                record["payload"] = sealed
+            record["dead_ns"] = event.ts_ns
+            state.put_dead_letter(txn, record["entry_id"], record)
+            if record["stored_seq"]:
+                state.drop_pending(txn, record["app"], record["session"], record["stored_seq"])
+        elif kind == E.DLQ_REPLAY:
+            entry_id, app, session, stored_seq, sids = f
+            state.drop_dead_letter(txn, entry_id)
+            if stored_seq and sids:
+                state.put_pending(txn, app, session, stored_seq, sids)
+        elif kind == E.DLQ_PURGE:
+            for entry_id in f[0]:
+                state.drop_dead_letter(txn, entry_id)
+        return None
