@@ -22,6 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--apps", type=Path, help="directory of app manifests")
     parser.add_argument("--heartbeat-ms", type=int, default=P.DEFAULT_HEARTBEAT_MS)
     parser.add_argument("--peer-timeout-ms", type=int, default=P.DEFAULT_PEER_TIMEOUT_MS)
+    parser.add_argument(
+        "--persistence",
+        choices=("on", "off"),
+        default="off",
+        help="on: wait for the persistence service, recover from the store, confirm once stored",
+    )
+    parser.add_argument("--recovery-timeout-s", type=float, default=10.0)
     defaults = DeliveryConfig()
     for name in DELIVERY_FIELDS:
         flag = "--" + name.replace("_", "-")
@@ -38,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             peer_timeout_ms=args.peer_timeout_ms,
             delivery=DeliveryConfig(**{name: getattr(args, name) for name in DELIVERY_FIELDS}),
         ),
+        persistence=args.persistence == "on",
+        recovery_timeout_s=args.recovery_timeout_s,
     )
     stop: list[int] = []
 

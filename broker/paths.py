@@ -72,6 +72,29 @@ class PlatformPaths:
     def log_dir(self) -> Path:
         return self.home / "logs"
 
+    @property
+    def store_dir(self) -> Path:
+        """LMDB segments and the durable-state environment."""
+        return self.home / "store"
+
+    @property
+    def keys_dir(self) -> Path:
+        """The key ring that encrypts sensitive payloads at rest (0700)."""
+        return self.home / "keys"
+
+    def _ipc(self, name: str) -> str:
+        if zmq.has("ipc"):
+            return f"ipc://{self.run_dir / name}"
+        return "tcp://127.0.0.1:*"
+
+    def events_endpoint(self) -> str:
+        """The broker's PUB socket of its event stream."""
+        return self._ipc("events")
+
+    def store_endpoint(self) -> str:
+        """The persistence service's query socket (history, replay)."""
+        return self._ipc("store")
+
     def bus_endpoint(self) -> str:
         """ipc socket in the run dir; tcp loopback where ipc does not exist (Windows)."""
         if zmq.has("ipc"):

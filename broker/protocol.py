@@ -33,6 +33,18 @@ STATSOK: Final = b"STATSOK"
 CONFIRM: Final = b"CONFIRM"
 DLQOK: Final = b"DLQOK"
 
+# Commands of the persistence service's link, persistence -> broker (platform id only)
+EVSYNC: Final = b"EVSYNC"
+"""{wm}: everything up to wm is stored; a recovering broker rebuilds from the store now."""
+EVACK: Final = b"EVACK"
+"""{wm}: stored and synced up to wm (drop retained events, release held CONFIRMs)."""
+EVFETCH: Final = b"EVFETCH"
+"""{from}: re-send retained events from seq `from` (a gap was seen)."""
+# ... and broker -> persistence
+EVSYNCOK: Final = b"EVSYNCOK"
+EVDATA: Final = b"EVDATA"
+EVENT_COMMANDS: Final = frozenset({EVSYNC, EVACK, EVFETCH})
+
 CLIENT_COMMANDS: Final = frozenset(
     {HELLO, SUB, UNSUB, PUB, PING, BYE, STATS, ACK, NACK, DLQ, REQ, REP}
 )
@@ -62,6 +74,7 @@ RESERVED_PREFIX: Final = "$"
 SYS_TOPIC_PREFIX: Final = "$sys."
 SUPERVISOR_ID: Final = "$supervisor"
 CLI_ID: Final = "$cli"
+PERSISTENCE_ID: Final = "$persistence"
 ZAP_DOMAIN: Final = "plexus"
 
 DEFAULT_HEARTBEAT_MS: Final = 2_000

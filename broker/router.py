@@ -839,6 +839,49 @@ class Router:
         )
         return self._enqueue(target, fresh, now_ns)
 
+    # -- recovery ---------------------------------------------------------------------------
+
+    def restore_session(
+        self,
+        key: SessionKey,
+        subscriptions: dict[int, str],
+        deliveries: list[Delivery],
+        now_ns: int,
+    ) -> bool:
+        """Rebuild a durable session from the store (broker restart): detached, its
+        durable subscriptions in the index, its unacknowledged deliveries queued in order.
+        False when the app has no manifest any more (the caller logs it)."""
+        permissions = (
+            PLATFORM_PERMISSIONS
+            if key[0].startswith(P.RESERVED_PREFIX)
+            else self._permissions_for(key[0])
+        )
+        if permissions is None:
+            return False
+        session = Session(
+            key, Authorizer(key[0], permissions), 1, now_ns, Mailbox(self._config.delivery)
+        )
+        session.detached_at_ns = now_ns
+        self._sessions[key] = session
+        for sid, pattern in subscriptions.items():
+            session.subscriptions[sid] = pattern
+            session.durable.add(sid)
+            self._index.insert(pattern, (key, sid))
+        self._routes.clear()
+        for delivery in deliveries:
+            self._seq += 1
+            delivery.seq = self._seq
+            if not session.mailbox.offer(delivery):
+                delivery.last_error = "the receiver's queue is full"
+                self._dead(session, delivery, "queue-full", now_ns)
+        return True
+
+    def remember_published(self, sender: str, msg_id: bytes, stored_seq: int) -> None:
+        """A stored message: a resend of it is confirmed, never routed again."""
+        self._seen_ids[(sender, msg_id)] = stored_seq
+        if len(self._seen_ids) > _DEDUPE_LIMIT:
+            self._seen_ids.popitem(last=False)
+
     # -- statistics -------------------------------------------------------------------------
 
     def _stats(self, session: Session, frames: list[bytes], now_ns: int) -> list[Outbound]:

@@ -1,9 +1,15 @@
 """The broker process's socket loop: one ROUTER for apps, one ZAP socket for authentication.
 
 Shaped like the zguide's Majordomo broker: poll with a timeout, drain what is readable,
-hand each message to the pure `Router`, send what it returns, then housekeeping. One
-thread owns every socket. The sender's identity is the ZAP `User-Id` libzmq attaches to
-each frame of an authenticated connection, read on every inbound message.
+hand each message to the pure `Router`, send what it returns, publish the events it
+produced on the PUB socket, then housekeeping. One thread owns every socket. The sender's
+identity is the ZAP `User-Id` libzmq attaches to each frame of an authenticated
+connection, read on every inbound message.
+
+With persistence on, a starting broker first waits (holding what apps send) until the
+persistence service reports its watermark (EVSYNC), then rebuilds durable state from the
+store (broker.recovery) and serves. The service's link also acknowledges stored events
+(EVACK, which releases held CONFIRMs) and fetches ranges it missed (EVFETCH).
 """
 
 from __future__ import annotations
@@ -12,18 +18,21 @@ import logging
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import zmq
 
 from broker import protocol as P
-from broker.errors import Code, ProtocolViolation, WireError
+from broker.codec import pack, required_int, unpack_map
+from broker.errors import Code, PermissionViolation, ProtocolViolation, StorageFailure, WireError
+from broker.events import EventLog
 from broker.histogram import LatencyHistogram
 from broker.logs import event
 from broker.manifests import Manifest, ManifestError, Permissions, load_manifests
 from broker.paths import PlatformPaths
+from broker.recovery import recover
 from broker.router import Router, RouterConfig
 from security.credentials import CredentialStore
 
@@ -36,6 +45,8 @@ _DRAIN_LIMIT = 512
 _RESCAN_INTERVAL_NS = 1_000_000_000
 _TIMER_TICK_NS = 50_000_000
 """How often delivery timers (retries, ack timeouts, grace periods) are looked at."""
+_HOLD_LIMIT = 100_000
+"""Most app messages held while the broker waits for persistence to start."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +58,10 @@ class BrokerConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     hwm: int = 10_000
     poll_ms: int = 100
+    persistence: bool = False
+    """Wait for the persistence service, recover from the store, confirm once stored."""
+    recovery_timeout_s: float = 10.0
+    """Longest wait for the persistence service before recovering from the store alone."""
 
 
 class ManifestCatalog:
@@ -101,9 +116,19 @@ class BrokerServer:
         self._credentials = CredentialStore(config.paths.creds_dir)
         self._catalog = ManifestCatalog(config.apps_dir)
         self.route_latency = LatencyHistogram()
-        self.router = Router(self._catalog.permissions, config.router, self._extra_stats)
+        self.router = Router(
+            self._catalog.permissions,
+            config.router,
+            self._extra_stats,
+            event_log=EventLog(epoch=time.time_ns(), retain=config.persistence),
+            first_delivery_seq=time.time_ns() // 1000,
+        )
         self._router_socket: zmq.Socket[bytes] | None = None
         self._zap: zmq.Socket[bytes] | None = None
+        self._events: zmq.Socket[bytes] | None = None
+        self._recovering = config.persistence
+        self._recovery_deadline = time.monotonic() + config.recovery_timeout_s
+        self._held: list[tuple[bytes, str, list[bytes]]] = []
         self._started = time.monotonic()
         self._auth_failures = 0
         self._rate_mark = (time.monotonic(), 0)
@@ -128,6 +153,11 @@ class BrokerServer:
         sock.bind(endpoint)
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._router_socket = sock
+        events = self._context.socket(zmq.PUB)
+        events.linger = 0
+        events.sndhwm = 100_000
+        events.bind(self.config.paths.events_endpoint())
+        self._events = events
         event(log, "broker-listening", endpoint=self.endpoint)
         return self.endpoint
 
@@ -146,16 +176,25 @@ class BrokerServer:
                 self._answer_zap(zap)
             if sock in ready:
                 self._drain(sock)
+            self._publish_events()
+            if self._recovering and time.monotonic() >= self._recovery_deadline:
+                event(
+                    log,
+                    "persistence-silent",
+                    logging.WARNING,
+                    waited_s=self.config.recovery_timeout_s,
+                )
+                self._recover(sock, 0)
             now = time.monotonic_ns()
             if now >= next_housekeeping:
                 next_housekeeping = now + tick_ns
                 self._housekeeping(sock)
 
     def close(self) -> None:
-        for sock in (self._router_socket, self._zap):
+        for sock in (self._router_socket, self._zap, self._events):
             if sock is not None:
                 sock.close(linger=0)
-        self._router_socket = self._zap = None
+        self._router_socket = self._zap = self._events = None
 
     # -- authentication ---------------------------------------------------------------------
 
@@ -188,7 +227,6 @@ class BrokerServer:
 
     def _drain(self, sock: zmq.Socket[bytes]) -> None:
         router = self.router
-        record = self.route_latency.record
         clock = time.perf_counter_ns
         for _ in range(_DRAIN_LIMIT):
             try:
@@ -211,21 +249,97 @@ class BrokerServer:
                 exc = ProtocolViolation(Code.TOO_LARGE, f"more than {P.MAX_FRAMES} frames")
                 self._send(sock, [router.error(peer, exc)])
                 continue
-            try:
-                outbound = router.handle(peer, app_id, frames, time.time_ns())
-            except Exception:  # a bug must cost one message, never the broker
-                log.exception("router failed on %s from %s", frames[0][:16], app_id)
-                internal = WireError(Code.INTERNAL, "the broker failed on this message")
-                self._send(sock, [router.error(peer, internal)])
+            if self._recovering and app_id != P.PERSISTENCE_ID:
+                self._hold(sock, peer, app_id, frames)
                 continue
-            if outbound:
-                self._send(sock, outbound)
-                if router.events:
-                    self._log_events()
-                if frames[0] == P.PUB:
-                    elapsed = clock() - started
-                    for _ in range((len(frames) - 1) // 2):
-                        record(elapsed)
+            self._dispatch(sock, peer, app_id, frames, started)
+
+    def _dispatch(
+        self, sock: zmq.Socket[bytes], peer: bytes, app_id: str, frames: list[bytes], started: int
+    ) -> None:
+        router = self.router
+        if frames[0] in P.EVENT_COMMANDS:
+            try:
+                self._event_command(sock, peer, app_id, frames)
+            except WireError as exc:
+                self._send(sock, [router.error(peer, exc)])
+            return
+        try:
+            outbound = router.handle(peer, app_id, frames, time.time_ns())
+        except Exception:  # a bug must cost one message, never the broker
+            log.exception("router failed on %s from %s", frames[0][:16], app_id)
+            internal = WireError(Code.INTERNAL, "the broker failed on this message")
+            self._send(sock, [router.error(peer, internal)])
+            return
+        if outbound:
+            self._send(sock, outbound)
+            if router.events:
+                self._log_events()
+            if frames[0] == P.PUB:
+                elapsed = time.perf_counter_ns() - started
+                record = self.route_latency.record
+                for _ in range((len(frames) - 1) // 2):
+                    record(elapsed)
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def _hold(self, sock: zmq.Socket[bytes], peer: bytes, app_id: str, frames: list[bytes]) -> None:
+        """Keep an app's message until recovery is done (bounded; beyond: an error)."""
+        if len(self._held) < _HOLD_LIMIT:
+            self._held.append((peer, app_id, frames))
+            return
+        busy = StorageFailure(
+            Code.STORAGE_UNAVAILABLE, "the broker is waiting for persistence; retry shortly"
+        )
+        self._send(sock, [self.router.error(peer, busy)])
+
+    def _recover(self, sock: zmq.Socket[bytes], watermark: int) -> None:
+        """Rebuild from the store, then serve what was held meanwhile, in order."""
+        report = recover(self.router, self.config.paths, time.time_ns())
+        self.router.log.start_after(watermark)
+        self._recovering = False
+        event(log, "broker-recovered", held=len(self._held), **asdict(report))
+        held, self._held = self._held, []
+        for peer, app_id, frames in held:
+            self._dispatch(sock, peer, app_id, frames, time.perf_counter_ns())
+        self._publish_events()
+
+    def _event_command(
+        self, sock: zmq.Socket[bytes], peer: bytes, app_id: str, frames: list[bytes]
+    ) -> None:
+        """EVSYNC, EVACK, EVFETCH from the persistence service's welcomed session."""
+        session = self.router.session_of(peer)
+        if session is None:
+            raise ProtocolViolation(Code.NOT_WELCOMED, "no session: send HELLO first")
+        if app_id != P.PERSISTENCE_ID or session.app_id != app_id:
+            raise PermissionViolation(Code.COMMAND_DENIED, "event commands are for persistence")
+        session.last_seen_ns = time.time_ns()
+        if len(frames) != 2:
+            raise ProtocolViolation(Code.BAD_FRAME_COUNT, "event commands take 2 frames")
+        body = unpack_map(frames[1])
+        log_ = self.router.log
+        command = frames[0]
+        if command == P.EVFETCH:
+            first = required_int(body, "from", 1, 2**63)
+            data = log_.since(first)
+            if data is None:
+                raise StorageFailure(
+                    Code.STORAGE_UNAVAILABLE, f"events from {first} are no longer retained"
+                )
+            self._send(sock, [(peer, [P.EVDATA, *data[1:]])])
+            return
+        watermark = required_int(body, "wm", 0, 2**63)
+        if command == P.EVSYNC:
+            if self._recovering:
+                self._recover(sock, watermark)
+            reply = {"next": log_.last_seq + 1, "epoch": log_.epoch}
+            self._send(sock, [(peer, [P.EVSYNCOK, pack(reply)])])
+        self._send(sock, self.router.confirm_stored(watermark))
+
+    def _publish_events(self) -> None:
+        frames = self.router.log.take_batch()
+        if frames is not None and self._events is not None:
+            self._events.send_multipart(frames)
 
     def _send(self, sock: zmq.Socket[bytes], outbound: list[tuple[bytes, list[bytes]]]) -> None:
         send = sock.send
