@@ -35,6 +35,7 @@ from broker.paths import PlatformPaths
 from broker.recovery import recover
 from broker.router import Router, RouterConfig
 from security.credentials import CredentialStore
+from security.zap import answer_zap, bind_zap
 
 log = logging.getLogger("plexus.broker")
 
@@ -137,10 +138,7 @@ class BrokerServer:
 
     def bind(self) -> str:
         """Open the ZAP handler and the ROUTER; returns the bound endpoint."""
-        zap = self._context.socket(zmq.REP)
-        zap.linger = 0
-        zap.bind("inproc://zeromq.zap.01")
-        self._zap = zap
+        self._zap = bind_zap(self._context)
         sock = self._context.socket(zmq.ROUTER)
         sock.linger = 0
         sock.plain_server = True
@@ -199,29 +197,17 @@ class BrokerServer:
     # -- authentication ---------------------------------------------------------------------
 
     def _answer_zap(self, zap: zmq.Socket[bytes]) -> None:
-        request = zap.recv_multipart()
-        if len(request) < 6:
-            return  # not a ZAP request libzmq would send; nothing sensible to answer
-        version, request_id, domain, address, _identity, mechanism = request[:6]
-        credentials = request[6:]
-        status, reason, user = b"400", b"bad credential", b""
-        app_id = ""
-        if version == b"1.0" and mechanism == b"PLAIN" and len(credentials) == 2:
-            app_id = credentials[0].decode("utf-8", "replace")
-            token = credentials[1].decode("utf-8", "replace")
-            if domain == P.ZAP_DOMAIN.encode() and self._credentials.verify(app_id, token):
-                status, reason, user = b"200", b"OK", app_id.encode()
-        if status != b"200":
+        accepted, app_id, address, mechanism = answer_zap(zap, self._credentials, P.ZAP_DOMAIN)
+        if not accepted:
             self._auth_failures += 1
             event(
                 log,
                 "auth-denied",
                 logging.WARNING,
                 app=app_id,
-                address=address.decode("utf-8", "replace"),
-                mechanism=mechanism.decode("ascii", "replace"),
+                address=address,
+                mechanism=mechanism,
             )
-        zap.send_multipart([version, request_id, status, reason, user, b""])
 
     # -- routing ----------------------------------------------------------------------------
 

@@ -68,7 +68,7 @@ _token_from_fd: dict[int, str] = {}
 _token_lock = threading.Lock()
 
 
-def _credential_from_environment() -> str:
+def credential_from_environment() -> str:
     token = os.environ.get("PLEXUS_TOKEN")
     if token:
         return token
@@ -139,7 +139,7 @@ class Bus:
         settings = ConnectSettings(
             endpoint=endpoint or _required_env("PLEXUS_ENDPOINT"),
             app_id=app_id or _required_env("PLEXUS_APP_ID"),
-            token=token or _credential_from_environment(),
+            token=token or credential_from_environment(),
             heartbeat_ms=heartbeat_ms,
             session=session,
         )

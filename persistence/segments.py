@@ -54,7 +54,8 @@ class StoredMessage:
 
 
 def encode_record(ts_ns: int, fields: list[Any]) -> bytes:
-    return _SEQ.pack(ts_ns) + msgpack.packb(fields, use_bin_type=True)
+    packed: bytes = msgpack.packb(fields, use_bin_type=True)
+    return _SEQ.pack(ts_ns) + packed
 
 
 def decode_record(seq: int, raw: bytes) -> StoredMessage:

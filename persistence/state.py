@@ -95,11 +95,11 @@ class StateStore:
         updates: list[tuple[bytes, list[int]]] = []
         if cursor.set_range(prefix):
             for key, raw in cursor:
-                if not key.startswith(prefix):
+                if not bytes(key).startswith(prefix):
                     break
                 sids = msgpack.unpackb(raw)
                 if sid in sids:
-                    updates.append((key, [s for s in sids if s != sid]))
+                    updates.append((bytes(key), [s for s in sids if s != sid]))
         for key, left in updates:
             if left:
                 txn.put(key, msgpack.packb(left), db=self.pending)

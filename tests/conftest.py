@@ -60,6 +60,7 @@ class BrokerHandle:
     home: Path
     apps: Path
     process: subprocess.Popen[bytes] | None = None
+    persistence: subprocess.Popen[bytes] | None = None
     buses: list[Bus] = field(default_factory=list)
 
     @classmethod
@@ -101,6 +102,32 @@ class BrokerHandle:
         )
         wait_for(lambda: Path(self.endpoint.removeprefix("ipc://")).exists())
 
+    def start_persistence(self, *extra: str) -> None:
+        """The persistence service of this home (start the broker with --persistence on)."""
+        token = self.credentials.mint("$persistence")
+        self.persistence = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "persistence",
+                "--home",
+                str(self.home),
+                "--apps",
+                str(self.apps),
+                *extra,
+            ],
+            cwd=REPO,
+            env={**os.environ, "PLEXUS_TOKEN": token},
+        )
+        store = self.paths.store_endpoint().removeprefix("ipc://")
+        wait_for(lambda: Path(store).exists())
+
+    def kill_persistence(self) -> None:
+        assert self.persistence is not None
+        self.persistence.kill()
+        self.persistence.wait(5)
+        Path(self.paths.store_endpoint().removeprefix("ipc://")).unlink(missing_ok=True)
+
     def kill(self) -> None:
         assert self.process is not None
         self.process.kill()
@@ -122,6 +149,8 @@ class BrokerHandle:
             bus.close(timeout=0.5)
         if self.process is not None:
             stop_process(self.process)
+        if self.persistence is not None:
+            stop_process(self.persistence)
 
 
 @pytest.fixture
