@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             heartbeat_ms=args.heartbeat_ms,
             peer_timeout_ms=args.peer_timeout_ms,
             delivery=DeliveryConfig(**{name: getattr(args, name) for name in DELIVERY_FIELDS}),
+            store_endpoint=paths.store_endpoint() if args.persistence == "on" else None,
         ),
         persistence=args.persistence == "on",
         recovery_timeout_s=args.recovery_timeout_s,

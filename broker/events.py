@@ -129,13 +129,20 @@ class PendingConfirm:
 class EventLog:
     """Numbers events, batches them for publishing, retains them until acknowledged.
 
-    `retain` is False with persistence off: events are still published (audit may listen)
-    but nothing waits for a watermark and confirms go out at once.
+    `retain` is False with persistence off: nothing waits for a watermark, confirms go out
+    at once, and (`publish` False) no event is even encoded: nobody stores them.
     """
 
-    def __init__(self, epoch: int, retain: bool, max_retained_bytes: int = 512 * 2**20) -> None:
+    def __init__(
+        self,
+        epoch: int,
+        retain: bool,
+        max_retained_bytes: int = 512 * 2**20,
+        publish: bool | None = None,
+    ) -> None:
         self.epoch = epoch
         self.retain = retain
+        self.publish = retain if publish is None else publish
         self.max_retained_bytes = max_retained_bytes
         self.last_seq = 0
         self.watermark = 0
@@ -162,6 +169,8 @@ class EventLog:
     def append(self, kind: int, ts_ns: int, *fields: Any) -> int:
         self.last_seq += 1
         seq = self.last_seq
+        if not self.publish:
+            return seq
         raw = _packer.pack([seq, kind, ts_ns, *fields])
         if not self._batch:
             self._batch_first = seq

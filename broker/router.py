@@ -99,6 +99,8 @@ class RouterConfig:
     route_cache: int = 4096
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dlq_max: int = 10_000
+    store_endpoint: str | None = None
+    """The persistence query socket, told to clients in WELCOME (None: persistence off)."""
 
 
 @dataclass(slots=True)
@@ -285,6 +287,7 @@ class Router:
             "max_payload": P.MAX_PAYLOAD_BYTES,
             "max_batch": P.MAX_PUB_BATCH,
             "window": self._config.delivery.window,
+            "store": self._config.store_endpoint,
         }
         out.append((peer, [P.WELCOME, pack(welcome)]))
         out.extend(self._pump(session, now_ns))

@@ -20,8 +20,10 @@ import os
 import queue
 import secrets
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -44,6 +46,7 @@ from clients.errors import (
     StorageError,
 )
 from clients.message import Handler, Message, Subscription
+from clients.store import StoreClient, persistence_off, to_ns
 
 __all__ = [
     "AuthenticationError",
@@ -118,6 +121,7 @@ class Bus:
         self._closed = False
         self.errors: queue.SimpleQueue[BusError] = queue.SimpleQueue()
         self._io = Connection(settings, self._subs, self._dispatch, self._report_error)
+        self._store_client: StoreClient | None = None
 
     @classmethod
     def connect(
@@ -343,6 +347,45 @@ class Bus:
 
     # -- platform ---------------------------------------------------------------------------
 
+    # -- history and replay (the persistence service) ------------------------------------
+
+    def _store(self) -> StoreClient:
+        endpoint = self._io.welcome.get("store")
+        if not isinstance(endpoint, str):
+            raise persistence_off()
+        with self._lock:
+            if self._store_client is None:
+                settings = self._io.settings
+                self._store_client = StoreClient(endpoint, settings.app_id, settings.token)
+            return self._store_client
+
+    def history(self, topic: str, last: int = 10, *, timeout: float = 5.0) -> list[Message]:
+        """The last `last` stored messages of `topic`, oldest first.
+
+        Needs subscribe permission for `topic`; sensitive payloads come back decrypted.
+        Raises `StorageError` (501) when the platform runs without persistence.
+        """
+        self._check_open()
+        return self._store().history(topic, last, timeout)
+
+    def replay(
+        self,
+        pattern: str,
+        since: float | datetime,
+        until: float | datetime | None = None,
+        *,
+        timeout: float = 10.0,
+    ) -> Iterator[Message]:
+        """Stored messages matching `pattern` (wildcards allowed) with broker timestamp
+        >= `since` (and <= `until`), in publish order, fetched page by page as you iterate.
+
+        `since`/`until` are seconds since the epoch or aware datetimes.
+        """
+        self._check_open()
+        since_ns = to_ns(since)
+        assert since_ns is not None
+        return self._store().replay(pattern, since_ns, to_ns(until), timeout)
+
     def broker_stats(self, timeout: float = 5.0, reset_latency: bool = False) -> dict[str, Any]:
         """The broker's STATS (platform identities only, e.g. the CLI).
 
@@ -383,6 +426,8 @@ class Bus:
             return
         self._closed = True
         self._io.stop(timeout)
+        if self._store_client is not None:
+            self._store_client.close()
         if self._dispatcher is not None:
             self._dispatch_queue.put(None)
             self._dispatcher.join(timeout)

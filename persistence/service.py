@@ -122,6 +122,10 @@ class PersistenceService:
         )
 
     def close(self) -> None:
+        """Take what the broker published before it stopped, commit it, close."""
+        if self._sub is not None:
+            while self._sub.poll(200):
+                self._from_stream(self._sub)
         self._commit()
         for sock in (self._sub, self._query, self._zap):
             if sock is not None:

@@ -6,6 +6,12 @@ peer_timeout_ms = 10000    # silence after which a session ends
 [platform]
 persistence = true         # false: no message data is written to disk
 stop_grace_s = 5.0         # SIGTERM -> SIGKILL delay when stopping an app
+[persistence]
+max_age_s = 2592000        # retention: 30 days
+max_size_mb = 0            # retention: store size budget (0 = none); cleanup from 90%
+segment_max_mb = 256       # roll to a new LMDB segment at this size ...
+segment_period_s = 3600    # ... or this age
+sensitive_topics = []      # patterns whose payloads are stored encrypted (AES-256-GCM)
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from typing import Any
 
 from broker import protocol as P
 from broker.delivery import DELIVERY_FIELDS, DeliveryConfig
+from broker.errors import WireError
+from broker.topics import pattern_tokens
 
 
 class ConfigError(Exception):
@@ -38,6 +46,11 @@ class PlatformConfig:
     settle_s: float = 1.0
     cpu_window_s: float = 5.0
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    max_age_s: float = 30 * 86_400.0
+    max_size_mb: int = 0
+    segment_max_mb: int = 256
+    segment_period_s: float = 3600.0
+    sensitive_topics: tuple[str, ...] = ()
 
 
 _SCHEMA: dict[str, dict[str, tuple[str, type, Any]]] = {
@@ -54,6 +67,13 @@ _SCHEMA: dict[str, dict[str, tuple[str, type, Any]]] = {
         "restart_window_s": ("restart_window_s", float, (1.0, 86400.0)),
         "settle_s": ("settle_s", float, (0.0, 600.0)),
         "cpu_window_s": ("cpu_window_s", float, (0.5, 3600.0)),
+    },
+    "persistence": {
+        "max_age_s": ("max_age_s", float, (1.0, 10 * 365 * 86_400.0)),
+        "max_size_mb": ("max_size_mb", int, (0, 2**30)),
+        "segment_max_mb": ("segment_max_mb", int, (1, 1 << 20)),
+        "segment_period_s": ("segment_period_s", float, (0.1, 365 * 86_400.0)),
+        "sensitive_topics": ("sensitive_topics", tuple, None),
     },
     "delivery": {
         "grace_ms": ("grace_ms", int, (0, 7 * 86_400_000)),
@@ -84,6 +104,15 @@ def _checked(path: Path, section: str, key: str, raw: Any) -> tuple[str, Any]:
         raise ConfigError(f"{path}: unknown key {section}.{key}; use {sorted(schema)}")
     name, kind, bounds = schema[key]
     value = float(raw) if kind is float and type(raw) is int else raw
+    if kind is tuple:
+        if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+            raise ConfigError(f"{path}: {section}.{key} must be a list of strings")
+        for pattern in raw:
+            try:
+                pattern_tokens(pattern)
+            except WireError as exc:
+                raise ConfigError(f"{path}: {section}.{key}: {exc.detail}") from None
+        return name, tuple(raw)
     if type(value) is not kind:
         raise ConfigError(f"{path}: {section}.{key} must be {kind.__name__}")
     if bounds is not None and not bounds[0] <= value <= bounds[1]:
@@ -103,7 +132,10 @@ def load_config(path: Path | None, persistence: bool | None = None) -> PlatformC
     if persistence is False:
         values["platform"]["persistence"] = False
     config = PlatformConfig(
-        **values["broker"], **values["platform"], delivery=DeliveryConfig(**values["delivery"])
+        **values["broker"],
+        **values["platform"],
+        **values["persistence"],
+        delivery=DeliveryConfig(**values["delivery"]),
     )
     if config.peer_timeout_ms <= config.heartbeat_ms:
         raise ConfigError("broker.peer_timeout_ms must exceed broker.heartbeat_ms")
@@ -120,4 +152,22 @@ def broker_arguments(config: PlatformConfig) -> list[str]:
     ]
     for name in DELIVERY_FIELDS:
         args += ["--" + name.replace("_", "-"), str(getattr(config.delivery, name))]
+    args += ["--persistence", "on" if config.persistence else "off"]
+    return args
+
+
+def persistence_arguments(config: PlatformConfig) -> list[str]:
+    """The `python -m persistence` flags carrying `config`."""
+    args = [
+        "--max-age-s",
+        str(config.max_age_s),
+        "--max-size-mb",
+        str(config.max_size_mb),
+        "--segment-max-mb",
+        str(config.segment_max_mb),
+        "--segment-period-s",
+        str(config.segment_period_s),
+    ]
+    for pattern in config.sensitive_topics:
+        args += ["--sensitive-topic", pattern]
     return args

@@ -28,7 +28,7 @@ from broker.manifests import Manifest, load_manifests
 from broker.paths import PlatformPaths
 from clients.bus import Bus, BusError, Message, Subscription
 from security.credentials import CredentialStore
-from supervisor.config import PlatformConfig, broker_arguments
+from supervisor.config import PlatformConfig, broker_arguments, persistence_arguments
 from supervisor.launch import app_argv, app_environment, credential_pipe
 from supervisor.lifecycle import Action, Input, Lifecycle, RestartPolicy, State
 from supervisor.monitor import Usage, check_limits, kill_leftovers, process_table
@@ -83,6 +83,38 @@ class AppRecord:
         }
 
 
+def _service_policy() -> Lifecycle:
+    return Lifecycle(
+        RestartPolicy(
+            mode="always",
+            backoff_base_s=0.1,
+            backoff_cap_s=5.0,
+            budget=10,
+            budget_window_s=60.0,
+            settle_s=0.5,
+        )
+    )
+
+
+@dataclass
+class PlatformService:
+    """The broker or the persistence service: supervised like an app, always restarted."""
+
+    name: str
+    identity: str | None = None
+    """Platform app id it connects to the bus as (a credential is minted per launch)."""
+    child: Child | None = None
+    life: Lifecycle = field(default_factory=_service_policy)
+    token: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "pid": self.child.pid if self.child else None,
+            "restarts": self.life.restart_count,
+            "state": self.life.state.value,
+        }
+
+
 @dataclass
 class Supervisor:
     """Starts, watches, restarts, limits and stops the processes of one platform.
@@ -97,19 +129,8 @@ class Supervisor:
     spawner: Spawner = field(default_factory=Spawner)
     clock: Callable[[], float] = time.time
     apps: dict[str, AppRecord] = field(default_factory=dict)
-    broker: Child | None = None
-    broker_life: Lifecycle = field(
-        default_factory=lambda: Lifecycle(
-            RestartPolicy(
-                mode="always",
-                backoff_base_s=0.1,
-                backoff_cap_s=5.0,
-                budget=10,
-                budget_window_s=60.0,
-                settle_s=0.5,
-            )
-        )
-    )
+    services: dict[str, PlatformService] = field(default_factory=dict)
+    """The broker and (with persistence on) the persistence service, by name."""
     bus: Bus | None = None
     _supervisor_token: str = ""
     started_at: float = 0.0
@@ -134,7 +155,11 @@ class Supervisor:
             app_id: AppRecord(m, Lifecycle(self._policy(m))) for app_id, m in manifests.items()
         }
         self.started_at = self.clock()
-        self._start_broker()
+        self.services = {"broker": PlatformService("broker")}
+        if self.config.persistence:
+            self.services["persistence"] = PlatformService("persistence", P.PERSISTENCE_ID)
+        for service in self.services.values():  # the broker waits for persistence to sync
+            self._start_service(service)
         self._supervisor_token = self.credentials.mint(P.SUPERVISOR_ID)
         self.bus = Bus.connect(
             self.paths.bus_endpoint(),
@@ -166,7 +191,8 @@ class Supervisor:
     def poll(self) -> None:
         """One round: exits, timers, unresponsive notices, operator commands, start order."""
         now = self.clock()
-        self._poll_broker(now)
+        for service in self.services.values():
+            self._poll_service(service, now)
         for record in self.apps.values():
             self._poll_app(record, now)
         self._take_unresponsive_notices(now)
@@ -186,8 +212,9 @@ class Supervisor:
             self._exited(record, status, self.clock())
         if self.bus is not None:
             self.bus.close()
-        if self.broker is not None:
-            self.spawner.stop(self.broker, self.config.stop_grace_s)
+        for service in self.services.values():  # broker first: persistence takes its last events
+            if service.child is not None:
+                self.spawner.stop(service.child, self.config.stop_grace_s)
         self.credentials.revoke_all()
         self.paths.state_file.unlink(missing_ok=True)
         event(log, "platform-stopped")
@@ -378,16 +405,17 @@ class Supervisor:
                 "stop it or pass another --home"
             )
 
-    def _poll_broker(self, now: float) -> None:
-        """The broker's exit and timers, through its life cycle (restart with backoff)."""
-        life = self.broker_life
-        if self.broker is not None and life.state in (State.STARTING, State.RUNNING):
-            status = self.broker.poll()
+    def _poll_service(self, service: PlatformService, now: float) -> None:
+        """A platform service's exit and timers, through its life cycle (restart with
+        backoff, within its budget)."""
+        life = service.life
+        if service.child is not None and life.state in (State.STARTING, State.RUNNING):
+            status = service.child.poll()
             if status is not None:
                 actions = life.handle(Input.EXITED, now, status)
                 event(
                     log,
-                    "broker-exited",
+                    f"{service.name}-exited",
                     logging.ERROR,
                     status=status,
                     reason=life.last_reason,
@@ -396,34 +424,56 @@ class Supervisor:
                 if Action.ANNOUNCE_FATAL in actions:
                     event(
                         log,
-                        "broker-fatal",
+                        f"{service.name}-fatal",
                         logging.CRITICAL,
                         restarts=life.restart_count,
-                        hint="see the broker's log lines above; restart the platform",
+                        hint=f"see the {service.name}'s log lines above; restart the platform",
                     )
                 return
         timer = life.next_timer()
         if timer is not None and now >= timer:
             kind = Input.DUE if life.state is State.BACKOFF else Input.SETTLED
             if Action.SPAWN in life.handle(kind, now):
-                self._start_broker()
+                self._start_service(service)
 
-    def _start_broker(self) -> None:
+    def _start_service(self, service: PlatformService) -> None:
         argv = [
             sys.executable,
             "-m",
-            "broker",
+            service.name,
             "--home",
             str(self.paths.home),
             "--apps",
             str(self.apps_dir),
-            *broker_arguments(self.config),
+            *(
+                broker_arguments(self.config)
+                if service.name == "broker"
+                else persistence_arguments(self.config)
+            ),
         ]
-        if self.broker_life.state is not State.STARTING:
-            self.broker_life.handle(Input.START, self.clock())
-        self.broker = self.spawner.spawn("broker", argv, os.environ)
-        self.broker_life.handle(Input.SPAWNED, self.clock())
-        event(log, "broker-launched", pid=self.broker.pid, restarts=self.broker_life.restart_count)
+        if service.life.state is not State.STARTING:
+            service.life.handle(Input.START, self.clock())
+        env = dict(os.environ)
+        fds: list[int] = []
+        if service.identity is not None:
+            if service.token is not None:
+                self.credentials.revoke(service.identity, service.token)
+            service.token = self.credentials.mint(service.identity)
+            fds.append(credential_pipe(service.token))
+            env["PLEXUS_CREDENTIAL_FD"] = str(fds[0])
+            env.pop("PLEXUS_TOKEN", None)
+        try:
+            service.child = self.spawner.spawn(service.name, argv, env, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        service.life.handle(Input.SPAWNED, self.clock())
+        event(
+            log,
+            f"{service.name}-launched",
+            pid=service.child.pid,
+            restarts=service.life.restart_count,
+        )
 
     def _launch(self, record: AppRecord, now: float) -> None:
         manifest = record.manifest
@@ -473,11 +523,7 @@ class Supervisor:
                 "apps_dir": str(self.apps_dir),
                 "started_at": self.started_at,
                 "persistence": self.config.persistence,
-                "broker": {
-                    "pid": self.broker.pid if self.broker else None,
-                    "restarts": self.broker_life.restart_count,
-                    "state": self.broker_life.state.value,
-                },
+                **{name: service.as_dict() for name, service in self.services.items()},
                 "apps": {app_id: r.as_dict(now) for app_id, r in self.apps.items()},
             }
         )
