@@ -162,6 +162,10 @@ class EventLog:
         return self._retained_bytes
 
     @property
+    def confirms_waiting(self) -> int:
+        return len(self._confirms)
+
+    @property
     def full(self) -> bool:
         """Persistence is so far behind that new publishes must wait (refused, not lost)."""
         return self.retain and self._retained_bytes >= self.max_retained_bytes

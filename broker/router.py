@@ -979,6 +979,12 @@ class Router:
             "sessions_expired": stats.sessions_expired,
             "unresponsive": stats.unresponsive,
             "seq": self._seq,
+            "events": {
+                "last_seq": self.log.last_seq,
+                "stored_watermark": self.log.watermark,
+                "backlog_bytes": self.log.backlog_bytes,
+                "confirms_waiting": self.log.confirms_waiting,
+            },
         }
         if self._extra_stats is not None:
             data.update(self._extra_stats(reset))

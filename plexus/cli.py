@@ -7,91 +7,29 @@ Errors go to stderr as one line saying what to do, with exit codes from `plexus.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
-from broker import protocol as P
 from broker.logs import configure
 from broker.manifests import ManifestError, load_manifests
 from broker.paths import PlatformPaths
 from clients.bus import (
-    AuthenticationError,
-    BrokerUnavailable,
-    Bus,
     BusError,
-    Message,
-    PermissionDenied,
-    ProtocolError,
 )
 from plexus import exits
+from plexus.common import fail, home_option, message_record, operator_bus, running_state
 from plexus.status import collect_status, render_status
+from plexus.store_commands import history, keys, replay
 from security.credentials import CredentialStore
 from supervisor.config import ConfigError, load_config
 from supervisor.supervisor import CONTROL_TOPIC, PlatformRunning, Supervisor
 
 DEMO_APPS = Path(__file__).resolve().parent.parent / "examples" / "apps"
-
-home_option = click.option(
-    "--home",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Platform home (default: $PLEXUS_HOME, else the per-user data dir).",
-)
-
-
-def fail(message: str, code: int) -> NoReturn:
-    click.echo(f"plexus: error: {message}", err=True)
-    sys.exit(code)
-
-
-def _exit_code(error: BusError) -> int:
-    if isinstance(error, PermissionDenied):
-        return exits.PERMISSION
-    if isinstance(error, AuthenticationError):
-        return exits.AUTH
-    if isinstance(error, BrokerUnavailable):
-        return exits.NOT_RUNNING
-    if isinstance(error, ProtocolError):
-        return exits.BAD_INPUT
-    return exits.FAILURE
-
-
-def running_state(paths: PlatformPaths) -> dict[str, Any]:
-    """The running platform's state file, or exit 3 saying how to start one."""
-    state = paths.read_state()
-    if state is None:
-        fail(
-            f"no platform is running with home {paths.home}; start one with `plexus run`",
-            exits.NOT_RUNNING,
-        )
-    return state
-
-
-@contextmanager
-def operator_bus(home: Path | None) -> Iterator[Bus]:
-    """A Bus connected as the operator (`$cli`) with a credential minted for this command."""
-    paths = PlatformPaths.resolve(home)
-    state = running_state(paths)
-    store = CredentialStore(paths.creds_dir)
-    token = store.mint(P.CLI_ID)
-    try:
-        with Bus.connect(
-            state["endpoint"], P.CLI_ID, token, timeout=5.0, session=f"cli-{os.getpid()}"
-        ) as bus:
-            yield bus
-    except BusError as exc:
-        fail(str(exc), _exit_code(exc))
-    finally:
-        store.revoke(P.CLI_ID, token)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -210,21 +148,6 @@ def publish(home: Path | None, topic: str, data: str, as_json: bool) -> None:
     with operator_bus(home) as bus:
         msg_id = bus.publish(topic, value, confirm=True)
     click.echo(json.dumps({"id": msg_id, "topic": topic}) if as_json else msg_id)
-
-
-def message_record(message: Message) -> dict[str, Any]:
-    data = message.data
-    if isinstance(data, bytes):
-        data = {"$bytes": data.hex()}
-    return {
-        "id": message.id,
-        "topic": message.topic,
-        "sender": message.sender,
-        "timestamp": message.timestamp,
-        "correlation_id": message.correlation_id,
-        "attempt": message.attempt,
-        "data": data,
-    }
 
 
 @main.command()
@@ -376,3 +299,8 @@ def apps_stop(home: Path | None, app_id: str) -> None:
 def apps_restart(home: Path | None, app_id: str) -> None:
     """Stop APP_ID and start it again."""
     click.echo(f"{app_id}: {_apps_request(home, 'restart', app_id)['state']}")
+
+
+main.add_command(history)
+main.add_command(replay)
+main.add_command(keys)

@@ -10,3 +10,4 @@ PERMISSION = 4  # the manifest does not allow it
 AUTH = 5  # credential rejected or no manifest for the app id
 BAD_INPUT = 6  # invalid JSON, topic, pattern or config/manifest
 TIMEOUT = 7  # `subscribe --timeout` ended before --count messages arrived
+STORAGE = 8  # persistence is off, or the store failed (e.g. a record failed its check)

@@ -72,6 +72,7 @@ def collect_status(state: dict[str, Any], stats: dict[str, Any]) -> dict[str, An
             "endpoint": stats.get("endpoint"),
             "route_latency_us": stats.get("route_latency"),
         },
+        "store": _store_status(state, stats),
         "clients": stats.get("sessions", 0),
         "subscriptions": stats.get("subscriptions", 0),
         "msg_per_s": stats.get("delivered_per_s", 0.0),
@@ -84,8 +85,35 @@ def collect_status(state: dict[str, Any], stats: dict[str, Any]) -> dict[str, An
     }
 
 
+def _store_status(state: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any] | None:
+    """The persistence service and how far behind the broker it is (None when off)."""
+    service = state.get("persistence_service")
+    if not state.get("persistence", True) or not isinstance(service, dict):
+        return None
+    events = stats.get("events", {})
+    return {
+        "pid": service.get("pid"),
+        "state": service.get("state"),
+        "restarts": service.get("restarts", 0),
+        "stored_watermark": events.get("stored_watermark"),
+        "last_event": events.get("last_seq"),
+        "backlog_bytes": events.get("backlog_bytes"),
+        "confirms_waiting": events.get("confirms_waiting"),
+    }
+
+
 def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
+
+
+def _store_line(store: dict[str, Any] | None) -> str:
+    if store is None:
+        return "store     off (--no-persistence): nothing is written to disk"
+    return (
+        f"store     pid {_cell(store['pid'])}  {_cell(store['state'])}  "
+        f"restarts {store['restarts']}  stored up to event {_cell(store['stored_watermark'])}"
+        f" of {_cell(store['last_event'])}  confirms waiting {_cell(store['confirms_waiting'])}"
+    )
 
 
 def render_status(report: dict[str, Any]) -> str:
@@ -101,6 +129,7 @@ def render_status(report: dict[str, Any]) -> str:
         f"route p99 {_cell(latency.get('p99_us'))} µs",
         f"clients   {report['clients']}  subscriptions {report['subscriptions']}  "
         f"auth failures {report['auth_failures']}",
+        _store_line(report.get("store")),
         "",
         f"{'APP':<16}{'PID':>8} {'STATE':<9}{'RESTARTS':>9}{'UPTIME':>8}{'CPU%':>7}"
         f"{'RSS MiB':>9}{'CONN':>6}{'HEARTBEAT':>11}  LAST EXIT",

@@ -523,7 +523,12 @@ class Supervisor:
                 "apps_dir": str(self.apps_dir),
                 "started_at": self.started_at,
                 "persistence": self.config.persistence,
-                **{name: service.as_dict() for name, service in self.services.items()},
+                "broker": self.services["broker"].as_dict() if self.services else {},
+                "persistence_service": (
+                    self.services["persistence"].as_dict()
+                    if "persistence" in self.services
+                    else None
+                ),
                 "apps": {app_id: r.as_dict(now) for app_id, r in self.apps.items()},
             }
         )

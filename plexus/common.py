@@ -1,0 +1,98 @@
+"""What every `plexus` command shares: the --home option, failing with an exit code, the
+operator's bus connection and the JSON shape of a message."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from broker import protocol as P
+from broker.paths import PlatformPaths
+from clients.bus import (
+    AuthenticationError,
+    BrokerUnavailable,
+    Bus,
+    BusError,
+    Message,
+    PermissionDenied,
+    ProtocolError,
+)
+from clients.errors import StorageError
+from plexus import exits
+from security.credentials import CredentialStore
+
+home_option = click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Platform home (default: $PLEXUS_HOME, else the per-user data dir).",
+)
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"plexus: error: {message}", err=True)
+    sys.exit(code)
+
+
+def exit_code(error: BusError) -> int:
+    if isinstance(error, PermissionDenied):
+        return exits.PERMISSION
+    if isinstance(error, AuthenticationError):
+        return exits.AUTH
+    if isinstance(error, BrokerUnavailable):
+        return exits.NOT_RUNNING
+    if isinstance(error, ProtocolError):
+        return exits.BAD_INPUT
+    if isinstance(error, StorageError):
+        return exits.STORAGE
+    return exits.FAILURE
+
+
+def running_state(paths: PlatformPaths) -> dict[str, Any]:
+    """The running platform's state file, or exit 3 saying how to start one."""
+    state = paths.read_state()
+    if state is None:
+        fail(
+            f"no platform is running with home {paths.home}; start one with `plexus run`",
+            exits.NOT_RUNNING,
+        )
+    return state
+
+
+@contextmanager
+def operator_bus(home: Path | None) -> Iterator[Bus]:
+    """A Bus connected as the operator (`$cli`) with a credential minted for this command."""
+    paths = PlatformPaths.resolve(home)
+    state = running_state(paths)
+    store = CredentialStore(paths.creds_dir)
+    token = store.mint(P.CLI_ID)
+    try:
+        with Bus.connect(
+            state["endpoint"], P.CLI_ID, token, timeout=5.0, session=f"cli-{os.getpid()}"
+        ) as bus:
+            yield bus
+    except BusError as exc:
+        fail(str(exc), exit_code(exc))
+    finally:
+        store.revoke(P.CLI_ID, token)
+
+
+def message_record(message: Message) -> dict[str, Any]:
+    data = message.data
+    if isinstance(data, bytes):
+        data = {"$bytes": data.hex()}
+    return {
+        "id": message.id,
+        "topic": message.topic,
+        "sender": message.sender,
+        "timestamp": message.timestamp,
+        "correlation_id": message.correlation_id,
+        "attempt": message.attempt,
+        "data": data,
+    }

@@ -1,0 +1,164 @@
+"""`plexus history`, `plexus replay` and `plexus keys`: the store, for the operator.
+
+History and replay go through the persistence service like any app's queries (as `$cli`,
+which may read every topic). Replay streams: one message a line as pages arrive, with a
+progress line on stderr when stderr is a terminal. Keys work on HOME/keys directly, so
+`plexus keys rotate` works with the platform running (the service picks the new key up
+within a second) or stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from broker.paths import PlatformPaths
+from clients.bus import BusError, Message
+from persistence.keyring import KeyFileError, KeyRing
+from plexus import exits
+from plexus.common import exit_code, fail, home_option, message_record, operator_bus
+
+_PROGRESS_EVERY_S = 0.2
+
+
+def parse_moment(text: str) -> float:
+    """ISO 8601 (local time when no offset is given) or epoch seconds, as epoch seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither ISO 8601 (2026-11-27T09:00) nor epoch seconds"
+        ) from None
+
+
+def _print(message: Message, as_json: bool) -> None:
+    record = message_record(message)
+    if as_json:
+        click.echo(json.dumps(record, default=str))
+        return
+    moment = datetime.fromtimestamp(record["timestamp"]).isoformat(timespec="milliseconds")
+    click.echo(
+        f"{moment} {record['topic']} from {record['sender']}: "
+        f"{json.dumps(record['data'], default=str)}"
+    )
+
+
+@click.command()
+@home_option
+@click.argument("topic")
+@click.option("--last", type=click.IntRange(1, 100_000), default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def history(home: Path | None, topic: str, last: int, as_json: bool) -> None:
+    """The last N stored messages of TOPIC, oldest first."""
+    with operator_bus(home) as bus:
+        try:
+            found = bus.history(topic, last)
+        except BusError as exc:
+            fail(str(exc), exit_code(exc))
+    if as_json:
+        click.echo(json.dumps([message_record(m) for m in found], default=str))
+        return
+    for message in found:
+        _print(message, False)
+
+
+class _Progress:
+    """A one-line progress report on stderr, on a terminal only."""
+
+    def __init__(self, since: float, until: float | None) -> None:
+        self.enabled = sys.stderr.isatty()
+        self.since = since
+        self.until = until if until is not None else time.time()
+        self.count = 0
+        self._shown = 0.0
+
+    def step(self, message: Message) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if not self.enabled or now - self._shown < _PROGRESS_EVERY_S:
+            return
+        self._shown = now
+        span = max(self.until - self.since, 1e-9)
+        done = min(max((message.timestamp - self.since) / span, 0.0), 1.0)
+        bar = "#" * int(done * 30)
+        stamp = datetime.fromtimestamp(message.timestamp).isoformat(timespec="seconds")
+        click.echo(
+            f"\r[{bar:<30}] {done:4.0%} {self.count} messages, at {stamp}", err=True, nl=False
+        )
+
+    def finish(self) -> None:
+        if self.enabled:
+            click.echo(f"\r{' ' * 78}\rreplayed {self.count} messages", err=True)
+
+
+@click.command()
+@home_option
+@click.argument("pattern")
+@click.option("--since", "since_text", required=True, help="ISO 8601 or epoch seconds (>=).")
+@click.option("--until", "until_text", default=None, help="ISO 8601 or epoch seconds (<=).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
+def replay(
+    home: Path | None, pattern: str, since_text: str, until_text: str | None, as_json: bool
+) -> None:
+    """Stored messages matching PATTERN with broker timestamp >= --since, in order."""
+    since = parse_moment(since_text)
+    until = parse_moment(until_text) if until_text is not None else None
+    if until is not None and until < since:
+        fail("--until is before --since; nothing can match", exits.BAD_INPUT)
+    progress = _Progress(since, until)
+    with operator_bus(home) as bus:
+        try:
+            for message in bus.replay(pattern, since, until):
+                _print(message, as_json)
+                progress.step(message)
+        except BusError as exc:
+            fail(str(exc), exit_code(exc))
+        except KeyboardInterrupt:
+            pass
+    progress.finish()
+
+
+@click.group()
+def keys() -> None:
+    """The key ring that encrypts sensitive payloads at rest (HOME/keys)."""
+
+
+def _ring(home: Path | None) -> KeyRing:
+    try:
+        return KeyRing.open(PlatformPaths.resolve(home).keys_dir)
+    except KeyFileError as exc:
+        fail(str(exc), exits.STORAGE)
+
+
+@keys.command("rotate")
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def keys_rotate(home: Path | None, as_json: bool) -> None:
+    """Make a new data key active; data sealed under older keys stays readable."""
+    key_id = _ring(home).rotate()
+    click.echo(json.dumps({"active_key": key_id}) if as_json else f"active key is now {key_id}")
+
+
+@keys.command("list")
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def keys_list(home: Path | None, as_json: bool) -> None:
+    """Every data key: id, creation time, whether active, encryptions reserved."""
+    described = _ring(home).describe()
+    if as_json:
+        click.echo(json.dumps(described))
+        return
+    click.echo(f"{'KEY':>4}  {'CREATED':<20} {'ACTIVE':<7}{'RESERVED':>10}")
+    for key in described:
+        created = datetime.fromtimestamp(int(key["created_ns"]) / 1e9).isoformat(timespec="seconds")
+        active = "yes" if key["active"] else ""
+        click.echo(f"{key['id']:>4}  {created:<20} {active:<7}{key['reserved']:>10}")
