@@ -58,6 +58,8 @@ MAX_REPLY_BYTES: Final = 64 * 1024 * 1024
 """Largest broker answer (STATSOK, DLQOK, WELCOME) a client decodes."""
 MAX_ACK_BATCH: Final = 512
 """Most sequence numbers a client puts in one ACK (the header must stay under 8 KiB)."""
+MAX_CONFIRM_IDS: Final = 256
+"""Most message ids one CONFIRM carries (16 bytes each: the header stays under 8 KiB)."""
 MAX_PUB_BATCH: Final = 1024
 """Most (header, payload) pairs one PUB may carry."""
 MAX_FRAMES: Final = 1 + 2 * MAX_PUB_BATCH

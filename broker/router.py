@@ -124,6 +124,12 @@ PermissionsLookup = Callable[[str], Permissions | None]
 Event = dict[str, Any]
 
 
+def confirm_messages(peer: bytes, ids: list[bytes]) -> list[Outbound]:
+    """CONFIRMs for `ids`, split so each header stays under the protocol's 8 KiB."""
+    step = P.MAX_CONFIRM_IDS
+    return [(peer, [P.CONFIRM, pack({"ids": ids[i : i + step]})]) for i in range(0, len(ids), step)]
+
+
 class Router:
     """Sessions, subscriptions, deliveries and routing decisions of one broker."""
 
@@ -470,7 +476,7 @@ class Router:
             if header.confirm and not log.confirm_later(stored, peer, header.msg_id):
                 confirmed.append(header.msg_id)
         if confirmed:
-            replies.append((peer, [P.CONFIRM, pack({"ids": confirmed})]))
+            replies.extend(confirm_messages(peer, confirmed))
         for target in touched.values():
             replies.extend(self._pump(target, now_ns))
         return replies
@@ -482,10 +488,8 @@ class Router:
 
     def confirm_stored(self, watermark: int) -> list[Outbound]:
         """Persistence stored events up to `watermark`: the CONFIRMs that waited for it."""
-        return [
-            (peer, [P.CONFIRM, pack({"ids": ids})])
-            for peer, ids in self.log.acknowledge(watermark).items()
-        ]
+        released = self.log.acknowledge(watermark)
+        return [out for peer, ids in released.items() for out in confirm_messages(peer, ids)]
 
     def _route(
         self,

@@ -213,6 +213,25 @@ class Bus:
             self._wait(future, timeout, f"confirmation of {topic}")
         return msg_id.hex()
 
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every publish so far is confirmed: stored and synced with persistence
+        on, routed with it off (failures go to `errors` as they happen).
+
+        Raises `RequestTimeout` if some are still unconfirmed after `timeout` (they stay
+        queued and are resent after a reconnect; nothing is dropped).
+        """
+        self._check_open()
+        if not self._io.wait_confirmed(timeout):
+            raise RequestTimeout(
+                f"{len(self._io.unconfirmed)} publishes still unconfirmed after {timeout:g}s",
+                hint="check `plexus status`: is the broker (and persistence) running?",
+            )
+
+    @property
+    def unconfirmed(self) -> int:
+        """Publishes sent but not yet confirmed (kept for resending after a reconnect)."""
+        return len(self._io.unconfirmed)
+
     # -- subscribing ------------------------------------------------------------------------
 
     def subscribe(
@@ -384,7 +403,7 @@ class Bus:
         self._check_open()
         since_ns = to_ns(since)
         assert since_ns is not None
-        return self._store().replay(pattern, since_ns, to_ns(until), timeout)
+        return self._store().replay(pattern, since_ns, to_ns(until, upper=True), timeout)
 
     def broker_stats(self, timeout: float = 5.0, reset_latency: bool = False) -> dict[str, Any]:
         """The broker's STATS (platform identities only, e.g. the CLI).

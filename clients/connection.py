@@ -123,6 +123,17 @@ class Connection(threading.Thread):
             self.outbox.append(item)
         self.wake()
 
+    def wait_confirmed(self, timeout: float) -> bool:
+        """Block until no publish awaits its CONFIRM (or failed); False after `timeout`."""
+        deadline = time.monotonic() + timeout
+        with self._space:
+            while self.unconfirmed:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopping:
+                    return False
+                self._space.wait(min(left, 0.1))
+        return True
+
     def settle(self, seq: int, error: str | None, requeue: bool = True) -> None:
         """Queue an ACK (error None) or NACK for delivery `seq` (any thread)."""
         self.settlements.append((seq, error, requeue))

@@ -10,6 +10,7 @@ one page at a time.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 from datetime import datetime
@@ -102,10 +103,16 @@ def stored_message(row: list[Any]) -> Message:
     return Message(decode_envelope(encode_stamp(seq, sender, ts_ns), header, payload), 0)
 
 
-def to_ns(moment: float | datetime | None) -> int | None:
-    """A moment (seconds since the epoch, or an aware datetime) in ns; None stays None."""
+def to_ns(moment: float | datetime | None, upper: bool = False) -> int | None:
+    """A moment (seconds since the epoch, or a datetime) in ns; None stays None.
+
+    A float carries only about 0.24 µs of precision at today's epoch, so a bound is
+    widened by one microsecond (down for `since`, up for `until`): passing a message's own
+    `timestamp` back as a bound always includes that message.
+    """
     if moment is None:
         return None
     if isinstance(moment, datetime):
         moment = moment.timestamp()
-    return int(moment * 1e9)
+    micros = moment * 1e6
+    return (math.ceil(micros) + 1) * 1000 if upper else (math.floor(micros) - 1) * 1000

@@ -1,0 +1,214 @@
+"""Persistence with real processes: a broker with --persistence on, the persistence service,
+real LMDB files, real kill -9.
+
+What must hold: a confirm means stored; history and replay answer from the store (with
+permissions); a restarted broker rebuilds durable subscriptions, unacknowledged
+deliveries and the DLQ from the store; sensitive payloads never reach a file in the
+clear, and a damaged ciphertext is a storage error, never garbage; with persistence off,
+history answers with a clear error.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from clients.bus import StorageError
+from clients.errors import PermissionDenied
+from persistence.segments import decode_record, encode_record, list_segment_files
+from tests.conftest import BrokerHandle, wait_for
+
+MANIFESTS = {
+    "pub": '[permissions]\npublish = ["market.>", "orders.>", "jobs.>"]\n',
+    "sub": '[permissions]\nsubscribe = ["market.>", "orders.>", "jobs.>"]\n',
+    "nosy": '[permissions]\nsubscribe = ["market.>"]\n',
+}
+CANARY = "CANARY-7f3a9c-never-on-disk"
+
+
+def start_stored(
+    root: Path, *persistence_args: str, broker_args: tuple[str, ...] = ()
+) -> BrokerHandle:
+    handle = BrokerHandle.prepared(root, MANIFESTS)
+    handle.start("--persistence", "on", *broker_args)
+    handle.start_persistence(*persistence_args)
+    return handle
+
+
+@pytest.fixture
+def stored(short_tmp: Path) -> Iterator[BrokerHandle]:
+    handle = start_stored(short_tmp, "--sensitive-topic", "orders.secret.>")
+    yield handle
+    handle.close()
+
+
+def wait_stored(handle: BrokerHandle) -> None:
+    """Until the store holds every event the broker has produced (acks included)."""
+    cli = handle.connect("$cli", session="stored-check")
+
+    def caught_up() -> bool:
+        events = cli.broker_stats()["events"]
+        return bool(events["stored_watermark"] == events["last_seq"])
+
+    wait_for(caught_up, timeout=10)
+
+
+def files_under(root: Path) -> Iterator[Path]:
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            yield path
+
+
+def raw_search(root: Path, needle: bytes) -> list[Path]:
+    return [path for path in files_under(root) if needle in path.read_bytes()]
+
+
+def test_confirmed_publishes_are_in_history_and_replay(stored: BrokerHandle) -> None:
+    pub = stored.connect("pub")
+    started = time.time()
+    for i in range(300):
+        pub.publish("market.AAPL" if i % 3 else "market.MSFT", {"i": i})
+    pub.flush(10)
+    sub = stored.connect("sub")
+    last = sub.history("market.AAPL", last=5)
+    assert [m.data["i"] for m in last] == [293, 295, 296, 298, 299]
+    assert all(m.sender == "pub" and m.topic == "market.AAPL" for m in last)
+    everything = list(sub.replay("market.>", since=started))
+    assert [m.data["i"] for m in everything] == list(range(300))
+    # since is inclusive on the broker timestamp; until too
+    middle = everything[150]
+    tail = list(sub.replay("market.*", since=middle.timestamp))
+    assert tail[0].timestamp >= middle.timestamp
+    assert middle.id in {m.id for m in tail}
+    window = list(sub.replay("market.MSFT", since=started, until=middle.timestamp))
+    assert window and all(m.topic == "market.MSFT" for m in window)
+    assert max(m.timestamp for m in window) <= middle.timestamp
+
+
+def test_replay_pages_through_more_than_one_page(stored: BrokerHandle) -> None:
+    pub = stored.connect("pub")
+    started = time.time()
+    for i in range(2500):
+        pub.publish("jobs.bulk", i)
+    pub.flush(20)
+    replayed = [m.data for m in stored.connect("sub").replay("jobs.>", since=started)]
+    assert replayed == list(range(2500))
+
+
+def test_queries_are_authorised_by_subscribe_permissions(stored: BrokerHandle) -> None:
+    pub = stored.connect("pub")
+    pub.publish("orders.new", {"qty": 1}, confirm=True)
+    nosy = stored.connect("nosy")
+    with pytest.raises(PermissionDenied) as denied:
+        nosy.history("orders.new", last=1)
+    assert denied.value.code == 301
+    with pytest.raises(PermissionDenied):
+        list(nosy.replay(">", since=0))
+
+
+def test_sensitive_payloads_are_never_on_disk_yet_readable(stored: BrokerHandle) -> None:
+    pub = stored.connect("pub")
+    pub.publish("orders.new", {"secret": CANARY}, sensitive=True, confirm=True)
+    pub.publish("orders.secret.fill", {"secret": CANARY + "-topic"}, confirm=True)
+    sub = stored.connect("sub")
+    assert sub.history("orders.new", last=1)[0].data == {"secret": CANARY}
+    assert sub.history("orders.secret.fill", last=1)[0].data == {"secret": CANARY + "-topic"}
+    stored.close()  # everything flushed and closed: nothing left only in memory
+    assert raw_search(stored.home, CANARY.encode()) == []
+    assert raw_search(stored.home, b"orders.secret.fill")  # the record itself is there
+
+
+def test_a_flipped_byte_in_a_ciphertext_is_a_storage_error(short_tmp: Path) -> None:
+    handle = start_stored(short_tmp)
+    try:
+        pub = handle.connect("pub")
+        pub.publish("orders.new", {"secret": CANARY}, sensitive=True, confirm=True)
+        handle.close()
+        handle.buses.clear()
+        segment = list_segment_files(handle.paths.store_dir / "segments")[-1][1]
+        env = lmdb.open(str(segment), subdir=False, max_dbs=4)
+        msgs = env.open_db(b"msgs")
+        with env.begin(write=True, db=msgs) as txn:
+            key, raw = next(iter(txn.cursor()))
+            record = decode_record(int.from_bytes(key, "big"), raw)
+            assert record.sealed
+            damaged = bytearray(record.payload)
+            damaged[-5] ^= 0x01
+            fields = [
+                record.sender,
+                record.topic,
+                record.msg_id,
+                record.header,
+                bytes(damaged),
+                True,
+            ]
+            txn.put(key, encode_record(record.ts_ns, fields))
+        env.close()
+        handle.start("--persistence", "on")
+        handle.start_persistence()
+        with pytest.raises(StorageError) as broken:
+            handle.connect("sub").history("orders.new", last=1)
+        assert broken.value.code == 502
+        assert "integrity" in str(broken.value)
+    finally:
+        handle.close()
+
+
+def test_persistence_off_answers_history_with_a_clear_error(broker: BrokerHandle) -> None:
+    pub = broker.connect("pub")
+    pub.publish("market.AAPL", 1, confirm=True)
+    with pytest.raises(StorageError) as off:
+        pub.history("market.AAPL", last=1)
+    assert off.value.code == 501
+    assert "--no-persistence" in str(off.value)
+
+
+def test_a_killed_broker_rebuilds_durable_subscriptions_and_pending_deliveries(
+    stored: BrokerHandle,
+) -> None:
+    durable = stored.connect("sub", session="durable")
+    sub = durable.subscribe("jobs.>", durable=True, manual_ack=True)
+    pub = stored.connect("pub")
+    for i in range(20):
+        pub.publish("jobs.work", i)
+    pub.flush(10)
+    first = [wait_for(lambda: sub.get(0.5)) for _ in range(5)]
+    for message in first:
+        message.ack()
+    durable.close()  # sends the ACKs before BYE
+    stored.buses.remove(durable)
+    wait_stored(stored)
+    stored.kill()
+    stored.start("--persistence", "on")
+    for i in range(20, 25):
+        pub.publish("jobs.work", i)
+    pub.flush(15)
+    again = stored.connect("sub", session="durable")
+    resumed = again.subscribe("jobs.>", durable=True)
+    got = []
+    while len(got) < 20:
+        message = resumed.get(5)
+        assert message is not None, f"only {got}"
+        got.append(message.data)
+    assert got == list(range(5, 25))
+
+
+def test_dead_letters_survive_a_broker_restart(stored: BrokerHandle) -> None:
+    rejecting = stored.connect("sub", session="rejecting")
+    rejecting.subscribe("orders.>", lambda m: m.reject("never"), manual_ack=True)
+    pub = stored.connect("pub")
+    pub.publish("orders.bad", {"n": 1}, sensitive=True, confirm=True)
+    cli = stored.connect("$cli")
+    wait_for(lambda: cli.dead_letters()["entries"])
+    before = cli.dead_letters()["entries"]
+    wait_stored(stored)
+    stored.kill()
+    stored.start("--persistence", "on")
+    after = stored.connect("$cli", session="after").dead_letters()["entries"]
+    assert [(e["id"], e["reason"], e["topic"]) for e in after] == [
+        (e["id"], e["reason"], e["topic"]) for e in before
+    ]
