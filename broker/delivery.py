@@ -108,6 +108,12 @@ class Mailbox:
         self.queued_bytes += delivery.size
         return True
 
+    def restore(self, delivery: Delivery) -> None:
+        """Queue a delivery rebuilt from the store after a restart: it was accepted
+        before the crash, so the queue bound (meant for new messages) does not apply."""
+        self.queue.append(delivery)
+        self.queued_bytes += delivery.size
+
     def pull(self, now_ns: int) -> list[Delivery]:
         """Deliveries to send now: due retries first, then the queue, up to the window."""
         room = len(self.queue) if self.auto_ack else self.config.window - len(self.inflight)

@@ -16,6 +16,7 @@ It also holds the CONFIRMs that wait for "stored and synced".
 
 from __future__ import annotations
 
+import bisect
 import struct
 from collections import deque
 from collections.abc import Iterator
@@ -102,21 +103,28 @@ def decode_events(blob: bytes) -> Iterator[Event]:
     """The events of one batch, in order; ProtocolViolation on anything malformed."""
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(blob), 1024))
     unpacker.feed(blob)
+    items: list[Any] = []
+    end = 0
     try:
         for item in unpacker:
-            if not (isinstance(item, list) and len(item) >= 3 and type(item[0]) is int):
-                raise ProtocolViolation(Code.MALFORMED_FRAME, "an event must be [seq, kind, ts]")
-            seq, kind, ts = item[0], item[1], item[2]
-            names = FIELDS.get(kind)
-            if names is None or len(item) != 3 + len(names) or type(ts) is not int:
-                raise ProtocolViolation(Code.MALFORMED_FRAME, f"event {seq}: bad kind or fields")
-            yield Event(seq, kind, ts, tuple(item[3:]))
-    except ProtocolViolation:
-        raise
+            items.append(item)
+            end = unpacker.tell()
     except Exception as exc:
         raise ProtocolViolation(
             Code.MALFORMED_FRAME, f"event batch is not msgpack: {type(exc).__name__}"
         ) from None
+    if end != len(blob):
+        raise ProtocolViolation(Code.MALFORMED_FRAME, "event batch is truncated")
+    events: list[Event] = []
+    for item in items:
+        if not (isinstance(item, list) and len(item) >= 3 and type(item[0]) is int):
+            raise ProtocolViolation(Code.MALFORMED_FRAME, "an event must be [seq, kind, ts]")
+        seq, kind, ts = item[0], item[1], item[2]
+        names = FIELDS.get(kind) if type(kind) is int else None
+        if names is None or len(item) != 3 + len(names) or type(ts) is not int:
+            raise ProtocolViolation(Code.MALFORMED_FRAME, f"event {seq}: bad kind or fields")
+        events.append(Event(seq, kind, ts, tuple(item[3:])))
+    return iter(events)
 
 
 @dataclass(slots=True)
@@ -150,7 +158,8 @@ class EventLog:
         self._batch_first = 0
         self._retained: deque[tuple[int, bytes]] = deque()
         self._retained_bytes = 0
-        self._confirms: deque[PendingConfirm] = deque()
+        self._confirms: list[PendingConfirm] = []
+        """Held CONFIRMs in seq order (a resend's confirm may wait on an older seq)."""
 
     def start_after(self, seq: int) -> None:
         """Continue numbering after `seq` (the store's watermark after a restart)."""
@@ -210,11 +219,15 @@ class EventLog:
                 break
         return [EV, batch_head(self.epoch, first), b"".join(chunk)]
 
+    def oldest_available(self) -> int:
+        """The first seq `since` can still send (retained, or the next one)."""
+        return self._retained[0][0] if self._retained else self.last_seq + 1
+
     def confirm_later(self, seq: int, peer: bytes, msg_id: bytes) -> bool:
         """Hold a CONFIRM until event `seq` is stored; False when it already is."""
         if not self.retain or seq <= self.watermark:
             return False
-        self._confirms.append(PendingConfirm(seq, peer, msg_id))
+        bisect.insort(self._confirms, PendingConfirm(seq, peer, msg_id), key=lambda c: c.seq)
         return True
 
     def acknowledge(self, watermark: int) -> dict[bytes, list[bytes]]:
@@ -229,8 +242,8 @@ class EventLog:
         while retained and retained[0][0] <= self.watermark:
             self._retained_bytes -= len(retained.popleft()[1])
         released: dict[bytes, list[bytes]] = {}
-        confirms = self._confirms
-        while confirms and confirms[0].seq <= self.watermark:
-            pending = confirms.popleft()
+        due = bisect.bisect_right(self._confirms, self.watermark, key=lambda c: c.seq)
+        for pending in self._confirms[:due]:
             released.setdefault(pending.peer, []).append(pending.msg_id)
+        del self._confirms[:due]
         return released

@@ -878,9 +878,7 @@ class Router:
         for delivery in deliveries:
             self._seq += 1
             delivery.seq = self._seq
-            if not session.mailbox.offer(delivery):
-                delivery.last_error = "the receiver's queue is full"
-                self._dead(session, delivery, "queue-full", now_ns)
+            session.mailbox.restore(delivery)
         return True
 
     def remember_published(self, sender: str, msg_id: bytes, stored_seq: int) -> None:

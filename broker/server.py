@@ -309,8 +309,12 @@ class BrokerServer:
             first = required_int(body, "from", 1, 2**63)
             data = log_.since(first)
             if data is None:
+                resume = log_.oldest_available()
                 raise StorageFailure(
-                    Code.STORAGE_UNAVAILABLE, f"events from {first} are no longer retained"
+                    Code.STORAGE_UNAVAILABLE,
+                    f"events {first}..{resume - 1} are not retained (lost with a crashed "
+                    "broker before they were stored; their publishers resend them)",
+                    resume_from=resume,
                 )
             self._send(sock, [(peer, [P.EVDATA, *data[1:]])])
             return

@@ -130,13 +130,24 @@ class BrokerLink:
             return None
         return frames[0], frames
 
-    def on_error(self, frames: list[bytes]) -> bool:
-        """Handle an ERROR; True when the broker forgot this link (restart: HELLO again)."""
+    def on_error(self, frames: list[bytes], feed: EventFeed) -> bool:
+        """Handle an ERROR; True when the broker forgot this link (restart: HELLO again).
+
+        A fetch of events the broker no longer has (they died with a crashed broker before
+        being stored, so nothing confirmed is among them) resumes the feed after them.
+        """
         try:
             body = unpack_map(frames[1], "ERROR", P.MAX_REPLY_BYTES) if len(frames) > 1 else {}
         except ProtocolViolation:
             body = {}
         code = body.get("code")
+        ref = body.get("ref") if isinstance(body.get("ref"), dict) else {}
+        resume = ref.get("resume_from") if isinstance(ref, dict) else None
+        if type(resume) is int and resume > feed.received:
+            event(log, "events-skipped", logging.WARNING, first=feed.received + 1, resume=resume)
+            feed.received = resume - 1
+            feed.fetching_from = 0
+            return False
         if code == int(Code.NOT_WELCOMED):
             self.welcomed = self.synced = False
             self._hello_sent_ns = -_HELLO_RETRY_NS

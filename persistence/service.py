@@ -162,6 +162,8 @@ class PersistenceService:
             link.hello()
         elif link.idle_for_ns() >= _ACK_IDLE_NS:
             link.ack(self.writer.watermark)  # doubles as the link's heartbeat
+            if link.synced:  # and asks for anything newer (a lost last batch shows up here)
+                link.fetch(self.feed.received + 1)
         feed = self.feed
         now = time.monotonic_ns()
         if feed.fetching_from and link.synced and now - feed.fetch_sent_ns > 500_000_000:
@@ -180,18 +182,20 @@ class PersistenceService:
             if len(frames) == 3:
                 self._ingest(frames[1], frames[2])
 
-    def _ingest(self, head: bytes, blob: bytes) -> None:
+    def _ingest(self, head: bytes, blob: bytes) -> int:
+        """Take one batch; returns how many new events it brought."""
         try:
             _epoch, first = E.decode_head(head)
             fresh, gap = self.feed.take(first, blob)
         except ProtocolViolation as exc:
             event(log, "event-batch-malformed", logging.ERROR, error=str(exc))
-            return
+            return 0
         self._pending.extend(fresh)
         if gap is not None and not self.feed.fetching_from:
             self.feed.fetching_from = gap
             self.feed.fetch_sent_ns = 0  # ask at the next tick
             event(log, "event-gap", logging.WARNING, fetch_from=gap)
+        return len(fresh)
 
     def _from_broker(self, link: BrokerLink) -> None:
         while (message := link.receive()) is not None:
@@ -208,9 +212,13 @@ class PersistenceService:
                     self.feed.fetching_from = self.feed.received + 1
                     self.feed.fetch_sent_ns = 0
             elif command == P.EVDATA and len(frames) == 3:
-                self._ingest(frames[1], frames[2])
+                # a re-send is bounded: keep asking until the broker has nothing more
+                if self._ingest(frames[1], frames[2]) > 0:
+                    link.fetch(self.feed.received + 1)
+                else:
+                    self.feed.fetching_from = 0
             elif command == P.ERROR:
-                link.on_error(frames)
+                link.on_error(frames, self.feed)
 
     def _commit(self) -> None:
         if not self._pending:

@@ -168,11 +168,24 @@ class MessageStore:
             return
         if self._needs_roll(self._clock()):
             self._roll(rows[0][0])
-        assert self._active is not None
+        self._append_rolling(rows)
+
+    def _append_rolling(self, rows: list[Row]) -> None:
+        """Write, rolling on a full map; a batch too big for an empty segment is split."""
+        active = self._active
+        assert active is not None
         try:
-            self._write(self._active, rows)
+            self._write(active, rows)
         except lmdb.MapFullError:
-            self._write(self._roll(rows[0][0]), rows)
+            if active.bounds() is not None:
+                self._roll(rows[0][0])
+                self._append_rolling(rows)
+                return
+            if len(rows) == 1:
+                raise
+            half = len(rows) // 2
+            self._append_rolling(rows[:half])
+            self._append_rolling(rows[half:])
 
     @staticmethod
     def _write(segment: Segment, rows: list[Row]) -> None:
@@ -201,7 +214,10 @@ class MessageStore:
         for attempt in range(2):
             owner = self._owner(seq)
             if owner is not None:
-                found = self._segment(owner).get(seq)
+                try:
+                    found = self._segment(owner).get(seq)
+                except lmdb.Error:  # deleted by retention since the last listing
+                    found = None
                 if found is not None:
                     return found
             if attempt == 0:

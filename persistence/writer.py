@@ -1,9 +1,11 @@
 """Apply a batch of broker events to the store in one group commit.
 
-The durable state (subscriptions, pending deliveries, dead letters, watermark) commits
-first, then the messages: after a crash between the two, the watermark may name messages
-the segments lack, which only means their publishers were never confirmed and resend
-them; the other order could leave messages under seqs a restarted broker hands out again.
+The messages commit first, then the durable state (subscriptions, pending deliveries,
+dead letters) with the watermark. The watermark is what persistence reports, and the
+broker confirms publishes up to it, so it must never name a message the segments lack.
+After a crash between the two commits the segments hold messages beyond the watermark:
+the broker still retains those events (they were never acknowledged) and sends them
+again; their state changes are applied and their rows, already stored, are skipped.
 Payloads of sensitive messages (flagged by the publisher or on a configured topic) are
 sealed with AES-256-GCM before they reach either environment.
 """
@@ -11,7 +13,7 @@ sealed with AES-256-GCM before they reach either environment.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import lmdb
 
@@ -41,8 +43,11 @@ class StoreWriter:
         self._sensitive: TopicIndex[bool] = TopicIndex(1024)
         for pattern in sensitive_topics:
             self._sensitive.insert(pattern, True)
-        self.watermark = max(state.watermark(), messages.last_seq())
+        self.watermark = state.watermark()
+        self._stored_up_to = messages.last_seq()
+        """Rows up to here are already in the segments (a crash between the commits)."""
         self.stored = 0
+        self._dead_letters: dict[int, dict[str, Any]] = {}
         self.sealed = 0
 
     def _protect(self, sensitive: bool, msg_id: bytes, topic: str, payload: bytes) -> bytes | None:
@@ -59,40 +64,51 @@ class StoreWriter:
         fresh = [event for event in events if event.seq > self.watermark]
         if not fresh:
             return self.watermark
-        rows: list[Row] = []
+        rows = [
+            self._row(event)
+            for event in fresh
+            if event.kind == E.MSG and event.seq > self._stored_up_to
+        ]
+        self.messages.append(rows)
+        self._dead_letters = {e.seq: self._dead_record(e) for e in fresh if e.kind == E.DEAD}
         while True:
             try:
                 with self.state.env.begin(write=True) as txn:
-                    rows = [row for event in fresh if (row := self._apply(txn, event))]
+                    for event in fresh:
+                        self._apply(txn, event)
                     self.state.set_watermark(txn, fresh[-1].seq)
                 break
             except lmdb.MapFullError:
                 self.state.grow()
-        self.messages.append(rows)
         self.stored += len(rows)
         self.watermark = fresh[-1].seq
         return self.watermark
 
-    def _apply(self, txn: lmdb.Transaction, event: E.Event) -> Row | None:  # noqa: PLR0912
+    def _row(self, event: E.Event) -> Row:
+        sender, topic, msg_id, sensitive, header, payload, _targets = event.fields
+        sealed = self._protect(sensitive, msg_id, topic, payload)
+        stored = sealed if sealed is not None else payload
+        return (event.seq, event.ts_ns, sender, topic, msg_id, header, stored, sealed is not None)
+
+    def _dead_record(self, event: E.Event) -> dict[str, Any]:
+        """The stored form of a dead letter: its payload sealed when sensitive."""
+        record = dict(zip(E.FIELDS[E.DEAD], event.fields, strict=True))
+        sealed = self._protect(
+            record["sensitive"], record["msg_id"], record["topic"], record["payload"]
+        )
+        record["sealed"] = sealed is not None
+        if sealed is not None:
+            record["payload"] = sealed
+        record["dead_ns"] = event.ts_ns
+        return record
+
+    def _apply(self, txn: lmdb.Transaction, event: E.Event) -> None:  # noqa: PLR0912
         state = self.state
         kind, f = event.kind, event.fields
         if kind == E.MSG:
-            sender, topic, msg_id, sensitive, header, payload, targets = f
-            sealed = self._protect(sensitive, msg_id, topic, payload)
-            for app, session, sids in targets:
+            for app, session, sids in f[6]:
                 state.put_pending(txn, app, session, event.seq, sids)
-            stored = sealed if sealed is not None else payload
-            return (
-                event.seq,
-                event.ts_ns,
-                sender,
-                topic,
-                msg_id,
-                header,
-                stored,
-                sealed is not None,
-            )
-        if kind == E.SUB:
+        elif kind == E.SUB:
             app, session, sid, pattern, durable = f
             if durable:
                 state.put_subscription(txn, app, session, sid, pattern)
@@ -103,14 +119,7 @@ class StoreWriter:
             for seq in stored_seqs:
                 state.drop_pending(txn, app, session, seq)
         elif kind == E.DEAD:
-            record = dict(zip(E.FIELDS[E.DEAD], f, strict=True))
-            sealed = self._protect(
-                record["sensitive"], record["msg_id"], record["topic"], record["payload"]
-            )
-            record["sealed"] = sealed is not None
-            if sealed is not None:
-                record["payload"] = sealed
-            record["dead_ns"] = event.ts_ns
+            record = self._dead_letters[event.seq]
             state.put_dead_letter(txn, record["entry_id"], record)
             if record["stored_seq"]:
                 state.drop_pending(txn, record["app"], record["session"], record["stored_seq"])
@@ -122,4 +131,3 @@ class StoreWriter:
         elif kind == E.DLQ_PURGE:
             for entry_id in f[0]:
                 state.drop_dead_letter(txn, entry_id)
-        return None

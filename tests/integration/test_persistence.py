@@ -189,7 +189,7 @@ def test_a_killed_broker_rebuilds_durable_subscriptions_and_pending_deliveries(
     pub.flush(15)
     again = stored.connect("sub", session="durable")
     resumed = again.subscribe("jobs.>", durable=True)
-    got = []
+    got: list[int] = []
     while len(got) < 20:
         message = resumed.get(5)
         assert message is not None, f"only {got}"
