@@ -12,8 +12,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from functools import partial
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
