@@ -29,6 +29,7 @@ bench: $(STAMP)
 	bash perf/setup.sh $(PY)
 	$(PY) -m perf.bench_routing $(ARGS)
 	$(PY) -m perf.bench_supervisor
+	$(PY) -m perf.bench_persistence $(if $(findstring --quick,$(ARGS)),--quick)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -137,11 +137,14 @@ class CpuMeter:
         self._t = 0
         self._cpu: dict[str, int] = {}
         self._host = (0, 0)
+        self._written = 0
+        self.written = 0  # device bytes written between start() and stop(), machine-wide
 
     def start(self) -> None:
         self._t = time.monotonic_ns()
         self._cpu = {name: procutil.cpu_ns(pids) for name, pids in self.groups.items()}
         self._host = procutil.host_jiffies()
+        self._written = device_written()
 
     def stop(self) -> dict[str, float]:
         span = max(1e-9, (time.monotonic_ns() - self._t) / NS_PER_S)
@@ -149,6 +152,7 @@ class CpuMeter:
             name: (procutil.cpu_ns(pids) - self._cpu[name]) / NS_PER_S / span
             for name, pids in self.groups.items()
         }
+        self.written = device_written() - self._written
         busy, _total = procutil.host_jiffies()
         host = (busy - self._host[0]) / procutil.TICKS_PER_S / span
         cores["other"] = max(0.0, host - sum(cores.values()))
@@ -481,6 +485,7 @@ class ConfirmPlan:
     batch: dict[str, int]
     window: int  # most unconfirmed messages one flood publisher keeps in flight
     tail_ns: int
+    tick_ns: int  # a paced publisher sleeps at least this long (sends what fell due meanwhile)
 
 
 @dataclass(slots=True)
@@ -490,7 +495,7 @@ class ConfirmTally:
     sent_in_window: int = 0
     confirmed: int = 0  # sent in the window and confirmed before the run ended
     arrived_in_window: int = 0  # CONFIRMed ids received inside the window (throughput)
-    late: int = 0  # paced sends more than 1 ms behind their due time
+    late: int = 0  # paced sends more than tick + 1 ms behind their due time
     errors: int = 0
     lags_ns: array[int] = field(default_factory=lambda: array("q"))
 
@@ -587,14 +592,14 @@ class ConfirmPublisher:
             until = schedule.phases[nxt].start_ns if nxt < len(schedule.phases) else schedule.end_ns
             sleep_until(phase.start_ns)
             if phase.kind == "latency":
-                self._paced(Pacer(phase, (wid,), n_pubs), phase.index)
+                self._paced(Pacer(phase, (wid,), n_pubs), phase.index, plan.tick_ns)
             else:
                 self._flood(phase.index, plan.batch.get(phase.name, 1), plan.window)
             while time.monotonic_ns() < until:  # the gap: collect late CONFIRMs
                 self.drain()
                 self.wait(until)
 
-    def _paced(self, pacer: Pacer, index: int) -> None:
+    def _paced(self, pacer: Pacer, index: int, tick_ns: int) -> None:
         ws, we = self.windows[index]
         tally = self.tallies[index]
         k = 0
@@ -604,7 +609,7 @@ class ConfirmPublisher:
                 return
             due = pacer.due_ns(k)
             if due > now:
-                self.wait(min(due, we))
+                self.wait(min(max(due, now + tick_ns), we))
                 continue
             if not self.send(1, index, k, now):
                 self.wait(now + 1_000_000)
@@ -612,7 +617,7 @@ class ConfirmPublisher:
             k += 1
             if now >= ws:
                 tally.sent_in_window += 1
-                if now - due > 1_000_000:
+                if now - due > tick_ns + 1_000_000:
                     tally.late += 1
 
     def _flood(self, index: int, batch: int, window: int) -> None:
@@ -714,6 +719,7 @@ def _phase_metrics(
     window_s: float,
     tallies: list[ConfirmTally],
     cores: dict[str, float],
+    written: int,
 ) -> dict[str, Any]:
     sent = sum(t.sent_in_window for t in tallies)
     confirmed = sum(t.confirmed for t in tallies)
@@ -734,6 +740,10 @@ def _phase_metrics(
         "lag": lag_summary(lags),
         "cores": cores,
         "server_cpu_us_per_msg": server * window_s * 1e6 / arrived if arrived else None,
+        "disk_written_mb_per_s": round(written / window_s / 1e6, 2) if written >= 0 else None,
+        "disk_written_bytes_per_msg": round(written / arrived)
+        if arrived and written >= 0
+        else None,
     }
     return out
 
@@ -780,11 +790,13 @@ def run_confirm(persistence: bool, plan: ConfirmPlan, n_pubs: int) -> dict[str, 
             }
         )
         cores: list[dict[str, float]] = []
+        written: list[int] = []
         for phase in schedule.phases:
             sleep_until(phase.window_start_ns)
             meter.start()
             sleep_until(phase.window_end_ns)
             cores.append(meter.stop())
+            written.append(meter.written)
         sleep_until(schedule.end_ns)
         reports = _await(q, procs, "report", 30.0)
         unconfirmed = sum(r[1] for r in reports.values())
@@ -797,6 +809,7 @@ def run_confirm(persistence: bool, plan: ConfirmPlan, n_pubs: int) -> dict[str, 
                 p.window_s,
                 [r[0][p.index] for r in reports.values()],
                 cores[p.index],
+                written[p.index],
             )
             for p in schedule.phases
         ]
@@ -817,7 +830,8 @@ def run_confirm(persistence: bool, plan: ConfirmPlan, n_pubs: int) -> dict[str, 
     return result
 
 
-def confirm_plan(window_s: float, flood_s: float, warmup_s: float, gap_s: float) -> ConfirmPlan:
+def confirm_plan(args: argparse.Namespace) -> ConfirmPlan:
+    window_s, flood_s, warmup_s, gap_s = args.lag_window, args.flood_window, args.warmup, args.gap
     ns = NS_PER_S
     w, m, g, f = int(warmup_s * ns), int(window_s * ns), int(gap_s * ns), int(flood_s * ns)
     phases = (
@@ -826,7 +840,8 @@ def confirm_plan(window_s: float, flood_s: float, warmup_s: float, gap_s: float)
         PhasePlan("flood/1", "flood", 0, w, f, g),
         PhasePlan("flood/64", "flood", 0, w, f, g),
     )
-    return ConfirmPlan(phases, {"flood/1": 1, "flood/64": 64}, 4096, int(0.5 * ns))
+    batch = {"flood/1": 1, "flood/64": 64}
+    return ConfirmPlan(phases, batch, 4096, int(0.5 * ns), int(args.tick_ms * 1e6))
 
 
 def _confirm_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -850,6 +865,7 @@ def _confirm_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "lag_p99_ms": figure([x["lag"]["p99_ms"] for x in rows]),
                 "lag_max_ms": figure([x["lag"]["max_ms"] for x in rows]),
                 "server_cpu_us_per_msg": figure([x["server_cpu_us_per_msg"] for x in rows], 1),
+                "disk_written_mb_per_s": figure([x["disk_written_mb_per_s"] for x in rows], 2),
                 "cores": {
                     k: figure([x["cores"].get(k) for x in rows], 2)["median"]
                     for k in ("broker", "persistence", "publishers", "harness", "other")
@@ -862,7 +878,7 @@ def _confirm_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def section_confirm(args: argparse.Namespace) -> dict[str, Any]:
-    plan = confirm_plan(args.lag_window, args.flood_window, args.warmup, args.gap)
+    plan = confirm_plan(args)
     runs: list[dict[str, Any]] = []
     for rep in range(args.repeat):
         for on in [True, False] if rep % 2 == 0 else [False, True]:
@@ -887,6 +903,7 @@ def section_confirm(args: argparse.Namespace) -> dict[str, Any]:
         "publishers": args.publishers,
         "payload_bytes": PAYLOAD,
         "in_flight_window_per_publisher": plan.window,
+        "pacing_tick_ms": plan.tick_ns / 1e6,
         "phases": [dataclasses.asdict(p) for p in plan.phases],
         "summary": _confirm_summary(runs),
         "runs": runs,
@@ -910,7 +927,7 @@ def build_store(home: Path, n: int) -> dict[str, Any]:
     writer = open_writer(paths.store_dir, clock=lambda: simulated[0])
     gen_s = commit_s = tenth_s = 0.0
     tenths: list[float] = []  # commit-only msg/s of each tenth of the build
-    written_before = _io_write_bytes()
+    written_before = device_written()
     started = time.perf_counter()
     report_every = max(COMMIT_BATCH, n // 10)
     try:
@@ -935,7 +952,7 @@ def build_store(home: Path, n: int) -> dict[str, Any]:
     finally:
         close_writer(writer)
     build_s = time.perf_counter() - started
-    written = _io_write_bytes() - written_before
+    written = device_written() - written_before
     allocated, apparent = disk_usage(paths.store_dir)
     return {
         "messages": n,
@@ -948,7 +965,7 @@ def build_store(home: Path, n: int) -> dict[str, Any]:
         "commit_msg_per_s": round(n / commit_s),
         "commit_msg_per_s_by_tenth": [round(x) for x in tenths],
         "generate_s": round(gen_s, 1),
-        "written_bytes_per_msg": round(written / n, 1) if written_before >= 0 else None,
+        "device_written_bytes_per_msg": round(written / n, 1) if written_before >= 0 else None,
         "segments": segments,
         "disk_bytes": allocated,
         "apparent_bytes": apparent,
@@ -961,12 +978,13 @@ def build_store(home: Path, n: int) -> dict[str, Any]:
     }
 
 
-def _io_write_bytes() -> int:
-    """Bytes this process caused to be written to storage so far (-1 if unknown)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/io").read_text().splitlines():
-            if line.startswith("write_bytes:"):
-                return int(line.split()[1])
+def device_written(path: str = "/tmp") -> int:
+    """Bytes written so far to the block device holding `path` (machine-wide: includes
+    every process's writes; -1 when /sys does not tell)."""
+    st = os.stat(path)
+    stat_file = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat")
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(stat_file.read_text().split()[6]) * 512
     return -1
 
 
@@ -1345,9 +1363,9 @@ def _store_rows(st: dict[str, Any]) -> list[Row]:
             f"last tenth: {_num(tenths[-1], ',.0f')} msg/s",
         ),
         _single(
-            "  bytes written per message stored",
-            _num(st.get("written_bytes_per_msg"), ",.0f"),
-            "/proc/self/io write_bytes during the build",
+            "  bytes written to disk per message stored",
+            _num(st.get("device_written_bytes_per_msg"), ",.0f"),
+            "device write counter during the build (/sys/.../stat)",
         ),
         _single(
             "disk bytes per message (1 run)",
@@ -1505,6 +1523,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--replay-messages", type=int, default=1_000_000, help="replayed per run")
     ap.add_argument("--history-calls", type=int, default=300)
     ap.add_argument("--lag-window", type=float, help="measured s per lag phase (default 10)")
+    ap.add_argument(
+        "--tick-ms", type=float, default=1.0, help="shortest sleep of a paced publisher (0: none)"
+    )
     ap.add_argument("--flood-window", type=float, help="measured s per flood phase (default 3)")
     ap.add_argument("--warmup", type=float, help="s before each window (default 1)")
     ap.add_argument("--gap", type=float, help="s after each window (default 1)")

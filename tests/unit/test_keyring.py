@@ -90,7 +90,7 @@ def mode_of(path: Path) -> int:
 @pytest.mark.parametrize("plaintext", [b"", b"x", PAYLOAD, bytes(range(256)) * 300])
 def test_round_trip(ring: KeyRing, plaintext: bytes) -> None:
     sealed = ring.seal(MSG_ID, TOPIC, plaintext)
-    assert plaintext not in sealed or not plaintext
+    assert len(plaintext) < 16 or plaintext not in sealed  # a byte or two can occur by chance
     assert ring.open_sealed(MSG_ID, TOPIC, sealed) == plaintext
 
 
