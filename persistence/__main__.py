@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     paths.prepare()
     segment_bytes = args.segment_max_mb * _MIB
     if args.max_size_mb:  # retention deletes whole segments: keep them a fraction of the limit
-        segment_bytes = max(_MIB, min(segment_bytes, args.max_size_mb * _MIB // 8))
+        segment_bytes = max(64 * 1024, min(segment_bytes, args.max_size_mb * _MIB // 8))
     config = PersistenceConfig(
         paths=paths,
         apps_dir=args.apps,

@@ -32,6 +32,9 @@ from persistence.segments import (
 )
 
 _OPEN_READERS = 32
+_MIN_SLICE_BYTES = 64 * 1024
+_ROW_OVERHEAD = 96
+"""Bytes a stored row costs beyond its header and payload (record fields, both indexes)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,9 +166,21 @@ class MessageStore:
         return active.size_bytes >= self.policy.max_bytes
 
     def append(self, rows: list[Row]) -> None:
-        """Write `rows` (ascending seq) in one synced transaction, rolling when due."""
+        """Write `rows` (ascending seq), rolling when due: in one synced transaction when
+        they fit the active segment, else in slices of about a quarter segment each, so a
+        big group commit cannot swell one segment far past the size retention works with."""
         if not rows:
             return
+        budget = max(self.policy.max_bytes // 4, _MIN_SLICE_BYTES)
+        start, size = 0, 0
+        for index, row in enumerate(rows):
+            size += len(row[5]) + len(row[6]) + _ROW_OVERHEAD
+            if size >= budget and index + 1 < len(rows):
+                self._append_slice(rows[start : index + 1])
+                start, size = index + 1, 0
+        self._append_slice(rows[start:])
+
+    def _append_slice(self, rows: list[Row]) -> None:
         if self._needs_roll(self._clock()):
             self._roll(rows[0][0])
         self._append_rolling(rows)

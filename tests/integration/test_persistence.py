@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import lmdb
@@ -212,3 +213,58 @@ def test_dead_letters_survive_a_broker_restart(stored: BrokerHandle) -> None:
     assert [(e["id"], e["reason"], e["topic"]) for e in after] == [
         (e["id"], e["reason"], e["topic"]) for e in before
     ]
+
+
+def test_retention_deletes_old_segments_and_frees_their_space(short_tmp: Path) -> None:
+    handle = start_stored(short_tmp, "--max-age-s", "1", "--segment-period-s", "0.3")
+    try:
+        pub = handle.connect("pub")
+        segments = handle.paths.store_dir / "segments"
+
+        def rolled_to(count: int, round_: int) -> bool:  # a segment rolls on a write
+            pub.publish("jobs.old", {"round": round_, "i": -1, "pad": ""}, confirm=True)
+            return len(list_segment_files(segments)) >= count
+
+        for round_ in range(4):
+            wait_for(partial(rolled_to, round_ + 1, round_), timeout=5, interval=0.05)
+            for i in range(200):
+                pub.publish("jobs.old", {"round": round_, "i": i, "pad": "x" * 200})
+            pub.flush(10)
+        peak = sum(p.stat().st_size for _, p in list_segment_files(segments))
+        assert len(list_segment_files(segments)) >= 3
+
+        def expired() -> bool:  # only the newest, active segment may stay
+            return len(list_segment_files(segments)) <= 1
+
+        wait_for(expired, timeout=10)
+        left = sum(p.stat().st_size for _, p in list_segment_files(segments))
+        assert left < peak
+        remaining = handle.connect("sub").history("jobs.old", last=1000)
+        assert all(m.data["round"] == 3 for m in remaining)
+    finally:
+        handle.close()
+
+
+def test_the_size_limit_is_kept_with_a_warning(short_tmp: Path) -> None:
+    handle = start_stored(short_tmp, "--max-size-mb", "1")
+    try:
+        alerts = handle.connect("$cli", session="alerts").subscribe("$sys.alerts.storage")
+        pub = handle.connect("pub")
+        for i in range(4000):
+            pub.publish("jobs.big", {"i": i, "pad": "y" * 1000})
+        pub.flush(30)
+        notice = alerts.get(timeout=10)
+        assert notice is not None and notice.data["limit"] == 2**20
+        segments = handle.paths.store_dir / "segments"
+        limit_with_active = 2**20 + 2 * 128 * 1024  # the active segment may be on top
+
+        def within() -> bool:
+            return (
+                sum(p.stat().st_size for _, p in list_segment_files(segments)) <= limit_with_active
+            )
+
+        wait_for(within, timeout=10)
+        newest = handle.connect("sub").history("jobs.big", last=1)
+        assert newest[0].data["i"] == 3999  # the newest data is kept, the oldest went
+    finally:
+        handle.close()
