@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,3 +196,20 @@ def plexus_cli(
         input=input_text,
         check=False,
     )
+
+
+@contextmanager
+def running_platform(home: Path, apps: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """`plexus run --home HOME --apps APPS ARGS` until the block ends (then SIGTERM)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "plexus", "run", "--home", str(home), "--apps", str(apps), *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        wait_for(lambda: plexus_cli("status", "--home", str(home)).returncode == 0, 30)
+        yield process
+    finally:
+        stop_process(process, 15)
