@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import zmq
 
 from broker import events as E
@@ -49,6 +50,7 @@ log = logging.getLogger("plexus.persistence")
 _BIG_BATCH = 20_000
 _HOUSEKEEPING_NS = 1_000_000_000
 _ACK_IDLE_NS = 1_000_000_000
+_RETRY_NS = 1_000_000_000
 STORAGE_ALERT_TOPIC = "$sys.alerts.storage"
 
 
@@ -93,6 +95,7 @@ class PersistenceService:
         self._zap: zmq.Socket[bytes] | None = None
         self._next_housekeeping = 0
         self._warned = False
+        self._retry_at = 0
         self.commits = 0
 
     def bind(self) -> None:
@@ -144,7 +147,8 @@ class PersistenceService:
         for sock in (sub, query, zap, link.socket):
             poller.register(sock, zmq.POLLIN)
         while not should_stop():
-            ready = dict(poller.poll(0 if self._pending else 100))
+            busy = self._pending and not self._retry_at
+            ready = dict(poller.poll(0 if busy else 100))
             if zap in ready:
                 answer_zap(zap, self._credentials, P.ZAP_DOMAIN)
             if link.socket in ready:
@@ -221,13 +225,34 @@ class PersistenceService:
                 link.on_error(frames, self.feed)
 
     def _commit(self) -> None:
-        if not self._pending:
+        if not self._pending or time.monotonic_ns() < self._retry_at:
             return
         pending, self._pending = self._pending, []
-        watermark = self.writer.commit(pending)
+        try:
+            watermark = self.writer.commit(pending)
+        except lmdb.Error as exc:  # disk full, I/O error: keep the events, retry, never crash
+            self._pending = pending + self._pending
+            self._write_failed(exc)
+            return
+        self._retry_at = 0
         self.commits += 1
         if self.link is not None and self.link.welcomed:
             self.link.ack(watermark)
+
+    def _write_failed(self, exc: lmdb.Error) -> None:
+        """The broker keeps the events (unacknowledged) and their publishers unconfirmed;
+        free space by retention and try again in a second."""
+        self._retry_at = time.monotonic_ns() + _RETRY_NS
+        notice = {
+            "what": "the store cannot write",
+            "error": f"{type(exc).__name__}: {exc}",
+            "pending_events": len(self._pending),
+            "hint": "free disk space under HOME/store or lower [persistence] max_size_mb",
+        }
+        event(log, "store-write-failed", logging.ERROR, **notice)
+        if self.link is not None and self.link.welcomed:
+            self.link.alert(STORAGE_ALERT_TOPIC, notice)
+            self._housekeeping(self.link)
 
     # -- retention --------------------------------------------------------------------------
 

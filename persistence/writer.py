@@ -69,7 +69,11 @@ class StoreWriter:
             for event in fresh
             if event.kind == E.MSG and event.seq > self._stored_up_to
         ]
-        self.messages.append(rows)
+        try:
+            self.messages.append(rows)
+        except lmdb.Error:  # e.g. disk full: some slices may be in; never write them twice
+            self._stored_up_to = max(self._stored_up_to, self.messages.last_seq())
+            raise
         self._dead_letters = {e.seq: self._dead_record(e) for e in fresh if e.kind == E.DEAD}
         while True:
             try:
