@@ -268,3 +268,47 @@ def test_the_size_limit_is_kept_with_a_warning(short_tmp: Path) -> None:
         assert newest[0].data["i"] == 3999  # the newest data is kept, the oldest went
     finally:
         handle.close()
+
+
+@pytest.fixture
+def small_disk() -> Iterator[Path]:
+    """A 3 MiB tmpfs (needs root; skipped elsewhere), grown later by the test."""
+    import os
+    import subprocess
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    mount = Path(tempfile.mkdtemp(prefix="pxdisk-", dir="/tmp"))
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=False
+    )
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_reported_and_loses_nothing(small_disk: Path) -> None:
+    import subprocess
+
+    handle = start_stored(small_disk)
+    try:
+        alerts = handle.connect("$cli", session="alerts").subscribe("$sys.alerts.storage")
+        pub = handle.connect("pub")
+        started = time.time()
+        for i in range(5000):
+            pub.publish("jobs.fill", {"i": i, "pad": "z" * 1000})
+        notice = alerts.get(timeout=15)
+        assert notice is not None and "cannot write" in notice.data["what"]
+        assert "free disk space" in notice.data["hint"]
+        assert handle.persistence is not None and handle.persistence.poll() is None
+        assert pub.unconfirmed > 0  # not confirmed while not stored
+        subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+        pub.flush(30)  # the service retries each second: everything gets stored
+        stored = [m.data["i"] for m in handle.connect("sub").replay("jobs.fill", since=started)]
+        assert stored == list(range(5000))
+    finally:
+        handle.close()
