@@ -306,6 +306,10 @@ class PersistenceService:
                 reply = [Q.RESULT, pack(body)]
             except WireError as exc:
                 reply = [Q.ERROR, pack(error_body(exc.code, exc.detail, exc.ref))]
+            except Exception:  # a bug or a broken store costs one answer, never the service
+                log.exception("query failed for %s", app_id)
+                failed = error_body(Code.INTERNAL, "the persistence service failed on this query")
+                reply = [Q.ERROR, pack(failed)]
             query.send_multipart([peer, *reply])
 
     def _authorizer(self, app_id: str) -> Authorizer:
