@@ -165,7 +165,7 @@ ERRORS: dict[Code, ErrorSpec] = {
         ),
         ErrorSpec(
             Code.STORAGE_FULL,
-            "The store hit its size limit; raise [persistence].max_size or lower max_age.",
+            "The store hit its size limit; raise [persistence] max_size_mb or lower max_age_s.",
         ),
         ErrorSpec(
             Code.KEY_UNAVAILABLE,

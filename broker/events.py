@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import struct
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -156,6 +157,8 @@ class EventLog:
         self.watermark = 0
         self._batch: list[bytes] = []
         self._batch_first = 0
+        self.batch_started_ns = 0
+        """Monotonic time the oldest unsent event was appended (0: none waiting)."""
         self._retained: deque[tuple[int, bytes]] = deque()
         self._retained_bytes = 0
         self._confirms: list[PendingConfirm] = []
@@ -187,11 +190,18 @@ class EventLog:
         raw = _packer.pack([seq, kind, ts_ns, *fields])
         if not self._batch:
             self._batch_first = seq
+            self.batch_started_ns = time.monotonic_ns()
         self._batch.append(raw)
         if self.retain:
             self._retained.append((seq, raw))
             self._retained_bytes += len(raw)
         return seq
+
+    def batch_due(self, now_ns: int, max_age_ns: int, max_events: int) -> bool:
+        """Whether the unsent events should go now (old enough or enough of them)."""
+        return bool(self._batch) and (
+            now_ns - self.batch_started_ns >= max_age_ns or len(self._batch) >= max_events
+        )
 
     def take_batch(self) -> list[bytes] | None:
         """The frames of the events appended since the last call, or None."""
@@ -199,6 +209,7 @@ class EventLog:
             return None
         frames = [EV, batch_head(self.epoch, self._batch_first), b"".join(self._batch)]
         self._batch = []
+        self.batch_started_ns = 0
         return frames
 
     def since(self, first: int, max_bytes: int = 4 * 2**20) -> list[bytes] | None:

@@ -117,7 +117,7 @@ def recover(router: Router, paths: PlatformPaths, now_ns: int) -> RecoveryReport
             router.dlq.restore(entry)
             report.dead_letters += 1
         for stored in reversed(messages.recent(RECENT_IDS)):
-            router.remember_published(stored.sender, stored.msg_id, stored.seq)
+            router.remember_published(stored.sender, stored.msg_id, stored.seq, stored.ts_ns)
             report.recent_ids += 1
     finally:
         messages.close()

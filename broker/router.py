@@ -514,6 +514,7 @@ class Router:
         sessions = self._sessions
         stored_seq = self.log.last_seq + 1 if store else 0
         targets: list[list[Any]] = []
+        deliveries: list[tuple[Session, Delivery]] = []
         for key, sids, durable in routes:
             if dest is not None and key[0] != dest:
                 continue
@@ -533,15 +534,17 @@ class Router:
             if durable and store and not target.mailbox.auto_ack:
                 delivery.durable_sids = durable
                 targets.append([key[0], key[1], durable])
-            if target.mailbox.offer(delivery):
-                touched[key] = target
-            else:
-                delivery.last_error = "the receiver's queue is full"
-                self._dead(target, delivery, "queue-full", now_ns)
-        if store:
+            deliveries.append((target, delivery))
+        if store:  # the MSG event first: a dead letter below must refer to a stored message
             self.log.append(
                 E.MSG, now_ns, sender, topic, msg_id, sensitive, header_raw, payload, targets
             )
+        for target, delivery in deliveries:
+            if target.mailbox.offer(delivery):
+                touched[target.key] = target
+            else:
+                delivery.last_error = "the receiver's queue is full"
+                self._dead(target, delivery, "queue-full", now_ns)
         return stored_seq
 
     def _pump(self, session: Session, now_ns: int) -> list[Outbound]:
@@ -590,6 +593,7 @@ class Router:
     def publish_internal(self, topic: str, data: Any, now_ns: int) -> list[Outbound]:
         """Publish a platform notice (e.g. `$sys.apps.unresponsive`) as `$broker`."""
         touched: dict[SessionKey, Session] = {}
+        now_ns = self._stamp_time(now_ns)
         msg_id = new_message_id()
         header = encode_pub_header(msg_id, topic, client_ts_ns=now_ns)
         self._route(topic, msg_id, header, pack(data), P.BROKER_ID, now_ns, touched)
@@ -881,8 +885,12 @@ class Router:
             session.mailbox.restore(delivery)
         return True
 
-    def remember_published(self, sender: str, msg_id: bytes, stored_seq: int) -> None:
-        """A stored message: a resend of it is confirmed, never routed again."""
+    def remember_published(
+        self, sender: str, msg_id: bytes, stored_seq: int, stored_ts_ns: int
+    ) -> None:
+        """A stored message: a resend of it is confirmed, never routed again; and the
+        broker's clock never stamps earlier than it (replay's search needs monotonic time)."""
+        self._last_ts = max(self._last_ts, stored_ts_ns)
         self._seen_ids[(sender, msg_id)] = stored_seq
         if len(self._seen_ids) > _DEDUPE_LIMIT:
             self._seen_ids.popitem(last=False)

@@ -154,6 +154,30 @@ class Segment:
                 return
             position = _SEQ.pack(batch[-1].seq + 1)
 
+    def scan_topic(self, topic: str, start_seq: int) -> Iterator[StoredMessage]:
+        """Messages of one topic from `start_seq` on, in order, through the topic index."""
+        prefix = topic.encode() + b"\0"
+        position = prefix + _SEQ.pack(start_seq)
+        while True:
+            batch: list[StoredMessage] = []
+            with self.env.begin() as txn:
+                index = txn.cursor(self.topics)
+                if not index.set_range(position):
+                    return
+                for key in index.iternext(keys=True, values=False):
+                    if not key.startswith(prefix):
+                        break
+                    seq = _SEQ.unpack_from(key, len(prefix))[0]
+                    raw = txn.get(_SEQ.pack(seq), db=self.msgs)
+                    if raw is not None:
+                        batch.append(decode_record(seq, raw))
+                    if len(batch) >= 512:
+                        break
+            yield from batch
+            if len(batch) < 512:
+                return
+            position = prefix + _SEQ.pack(batch[-1].seq + 1)
+
     def last_of_topic(self, topic: str, count: int) -> list[int]:
         """Seqs of the last `count` messages of `topic` here, newest first."""
         prefix = topic.encode() + b"\0"

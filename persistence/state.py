@@ -7,8 +7,8 @@
     dlq       entry id (8 bytes)         -> msgpack dead letter (payload sealed if sensitive)
 
 Written by persistence from the event stream in the same group commit as the messages
-(this environment first: a watermark never runs ahead of what the broker may rebuild
-from), read by the broker when it restarts and by the CLI. Segments keep the messages;
+(after them: the watermark never names a message the segments lack; see writer.py),
+read by the broker when it restarts. Segments keep the messages;
 `pending` only refers to them by seq, so a durable subscriber's backlog costs a few bytes
 per message.
 """

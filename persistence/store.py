@@ -260,9 +260,14 @@ class MessageStore:
         return [message for message in found if message is not None]
 
     def scan(
-        self, since_ns: int, after_seq: int = 0, match: Callable[[str], bool] | None = None
+        self,
+        since_ns: int,
+        after_seq: int = 0,
+        match: Callable[[str], bool] | None = None,
+        topic: str | None = None,
     ) -> Iterator[StoredMessage]:
-        """Messages with ts >= since_ns (and seq > after_seq), oldest first, lazily."""
+        """Messages with ts >= since_ns (and seq > after_seq), oldest first, lazily; of
+        one `topic` through its index, else all (filtered by `match`)."""
         self.refresh()
         for first, _ in list(self._files):
             segment = self._segment(first)
@@ -275,7 +280,8 @@ class MessageStore:
                 if position is None:
                     continue
                 start = max(start, position)
-            for message in segment.scan(start):
+            found = segment.scan_topic(topic, start) if topic else segment.scan(start)
+            for message in found:
                 if message.ts_ns >= since_ns and (match is None or match(message.topic)):
                     yield message
 

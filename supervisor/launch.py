@@ -13,7 +13,13 @@ from collections.abc import Mapping
 from broker.manifests import Manifest
 from broker.paths import PlatformPaths
 
-_SCRUBBED = ("PLEXUS_TOKEN", "PLEXUS_CREDENTIAL_FD", "PLEXUS_APP_ID", "PLEXUS_ENDPOINT")
+_SCRUBBED = (
+    "PLEXUS_TOKEN",
+    "PLEXUS_CREDENTIAL_FD",
+    "PLEXUS_APP_ID",
+    "PLEXUS_ENDPOINT",
+    "PLEXUS_KEY_PASSPHRASE",  # the key ring's secret is for the persistence service only
+)
 
 
 def app_argv(manifest: Manifest) -> list[str]:

@@ -619,3 +619,31 @@ def test_duplicate_message_ids_are_routed_once_and_confirmed_again(router: Route
     assert len(deliveries(first, b"p1")) == 1 and deliveries(again, b"p1") == []
     assert [f[0] for _, f in again] == [P.CONFIRM]
     assert router.stats.duplicates == 1
+
+
+def test_events_name_the_stored_message_even_when_a_queue_is_full() -> None:
+    """MSG comes before the DEAD it causes, and both carry the same stored seq; a CONFIRM
+    waits for that seq to be stored (persistence on)."""
+    from broker import events as E
+    from broker.events import EventLog
+
+    log = EventLog(epoch=1, retain=True)
+    router = Router(PERMISSIONS.get, RouterConfig(delivery=DeliveryConfig(queue_max=1)), None, log)
+    sub = Peer(router, b"s", "sub").welcomed()
+    sub.send(P.SUB, pack({"sid": 1, "pattern": "market.>", "durable": True}))
+    pub = Peer(router, b"p", "pub").welcomed()
+    out = pub.pub(("market.a", b"1"), ("market.b", b"2"), ("market.c", b"3"), confirm=True)
+    assert all(frames[0] != P.CONFIRM for _, frames in out)  # not stored yet
+    batch = log.take_batch()
+    assert batch is not None
+    events = list(E.decode_events(batch[2]))
+    kinds = [(e.kind, e.seq) for e in events]
+    msgs = [e for e in events if e.kind == E.MSG]
+    dead = [e for e in events if e.kind == E.DEAD]
+    assert dead, kinds
+    for letter in dead:  # the dead letter refers to a MSG event stored before it
+        stored = letter.get("stored_seq")
+        assert stored in {m.seq for m in msgs} and stored < letter.seq
+    released = router.confirm_stored(log.last_seq)
+    assert [frames[0] for _, frames in released] == [P.CONFIRM]
+    assert len(unpack_map(released[0][1][1])["ids"]) == 3
