@@ -1399,7 +1399,7 @@ def _store_rows(st: dict[str, Any]) -> list[Row]:
                 _ratio(a, b),
                 note,
             ),
-            _single(f"Bus.replay 1 topic within last {rmil}, s", one, "no topic index: scans all"),
+            _single(f"Bus.replay 1 topic within last {rmil}, s", one, "through the topic index"),
             (
                 f"history(last=100) p50/p99 ms, {h['calls']} calls",
                 on,
