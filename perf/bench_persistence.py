@@ -61,6 +61,7 @@ from broker import protocol as P
 from broker.codec import encode_pub_header, new_message_id
 from broker.paths import PlatformPaths
 from perf import procutil
+from perf.cli import int_list, name_list
 from perf.control import die_with_parent
 from perf.model import NS_PER_S, PhasePlan, Schedule, WorkerSpec, build_schedule, summarize_ns
 from perf.systems import BrokerConfig, BrokerHandle, WorkerControl
@@ -1499,14 +1500,6 @@ def environment() -> dict[str, Any]:
 # -- command line -----------------------------------------------------------------------------
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m perf.bench_persistence", description=__doc__.split("\n")[0]
@@ -1515,7 +1508,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--quick", action="store_true", help="1 M-message store, short windows, mux only"
     )
     ap.add_argument("--json-only", action="store_true", help="print only the JSON document")
-    ap.add_argument("--sections", type=_names, default=list(SECTIONS), help=",".join(SECTIONS))
+    ap.add_argument("--sections", type=name_list, default=list(SECTIONS), help=",".join(SECTIONS))
     ap.add_argument("--repeat", type=int, default=3, help="runs per figure (medians)")
     ap.add_argument("--publishers", type=int, default=4, help="publisher processes (confirm)")
     ap.add_argument("--writer-messages", type=int, help="per StoreWriter run (default 200,000)")
@@ -1529,9 +1522,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--flood-window", type=float, help="measured s per flood phase (default 3)")
     ap.add_argument("--warmup", type=float, help="s before each window (default 1)")
     ap.add_argument("--gap", type=float, help="s after each window (default 1)")
-    ap.add_argument("--routing-apps", type=_ints, default=[10])
-    ap.add_argument("--routing-layouts", type=_names, help="procs,mux (quick: mux)")
-    ap.add_argument("--routing-rates", type=_ints, default=[1000, 10000])
+    ap.add_argument("--routing-apps", type=int_list, default=[10])
+    ap.add_argument("--routing-layouts", type=name_list, help="procs,mux (quick: mux)")
+    ap.add_argument("--routing-rates", type=int_list, default=[1000, 10000])
     ap.add_argument("--routing-duration", type=float, help="window per phase (default 3)")
     ap.add_argument(
         "--json", type=Path, default=DEFAULT_JSON, help=f"also written here ({DEFAULT_JSON})"

@@ -35,11 +35,11 @@ PAYLOAD = 256
 SCHEMA = "plexus-perf/routing/1"
 
 
-def _ints(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def _names(text: str) -> list[str]:
+def name_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
@@ -48,11 +48,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m perf.bench_routing", description=__doc__.split("\n")[0]
     )
-    ap.add_argument("--systems", type=_names, help="comma list (default: all available)")
+    ap.add_argument("--systems", type=name_list, help="comma list (default: all available)")
     ap.add_argument(
-        "--apps", type=_ints, help="connected apps per cell, half publishers (default 10,100,500)"
+        "--apps", type=int_list, help="connected apps per cell, half publishers (default 10,100,500)"
     )
-    ap.add_argument("--layouts", type=_names, default=["procs", "mux"], help="procs,mux")
+    ap.add_argument("--layouts", type=name_list, default=["procs", "mux"], help="procs,mux")
     ap.add_argument("--repeat", type=int, default=3, help="repetitions per cell (>= 3 for medians)")
     ap.add_argument("--duration", type=float, help="measured window per phase, s (default 3)")
     ap.add_argument(
@@ -61,7 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--gap", type=float, help="silence after a latency window, s (default 1)")
     ap.add_argument(
         "--rates",
-        type=_ints,
+        type=int_list,
         default=[1000, 10000],
         help="offered total msg/s of the latency phases",
     )
