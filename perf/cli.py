@@ -50,7 +50,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument("--systems", type=name_list, help="comma list (default: all available)")
     ap.add_argument(
-        "--apps", type=int_list, help="connected apps per cell, half publishers (default 10,100,500)"
+        "--apps",
+        type=int_list,
+        help="connected apps per cell, half publishers (default 10,100,500)",
     )
     ap.add_argument("--layouts", type=name_list, default=["procs", "mux"], help="procs,mux")
     ap.add_argument("--repeat", type=int, default=3, help="repetitions per cell (>= 3 for medians)")
