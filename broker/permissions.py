@@ -9,7 +9,9 @@ topics millions of times.
 
 from __future__ import annotations
 
-from broker.errors import Code, PermissionViolation
+from collections.abc import Callable
+
+from broker.errors import AuthFailure, Code, PermissionViolation
 from broker.manifests import Permissions
 from broker.protocol import RESERVED_PREFIX, SYS_TOPIC_PREFIX
 from broker.topics import pattern_covers, pattern_matches
@@ -18,6 +20,19 @@ PLATFORM_PERMISSIONS = Permissions(
     publish=(">", "$sys.>"), subscribe=(">", "$sys.>"), request=(">", "$sys.>")
 )
 _CACHE_LIMIT = 1024
+
+
+def permissions_of(app_id: str, lookup: Callable[[str], Permissions | None]) -> Permissions:
+    """An authenticated app's permissions: all for platform ids (`$...`), else its
+    manifest's (`lookup`); AuthFailure when there is no id or no manifest."""
+    if not app_id:
+        raise AuthFailure(Code.IDENTITY_UNKNOWN, "connection has no authenticated app id")
+    if app_id.startswith(RESERVED_PREFIX):
+        return PLATFORM_PERMISSIONS
+    permissions = lookup(app_id)
+    if permissions is None:
+        raise AuthFailure(Code.MANIFEST_MISSING, f"no manifest for app {app_id!r}")
+    return permissions
 
 
 class Authorizer:

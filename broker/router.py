@@ -50,7 +50,7 @@ from broker.errors import (
 )
 from broker.events import EventLog
 from broker.manifests import Permissions
-from broker.permissions import PLATFORM_PERMISSIONS, Authorizer
+from broker.permissions import Authorizer, permissions_of
 from broker.topics import TopicIndex, pattern_tokens, validate_topic
 
 Outbound = tuple[bytes, list[bytes]]
@@ -247,7 +247,7 @@ class Router:
         name = header.get("session", P.DEFAULT_SESSION)
         if not isinstance(name, str) or not 0 < len(name) <= _SESSION_NAME_LIMIT:
             raise ProtocolViolation(Code.BAD_HEADER, "HELLO field 'session' must be 1-64 chars")
-        permissions = self._permissions_of(app_id)
+        permissions = permissions_of(app_id, self._permissions_for)
         out: list[Outbound] = []
         previous = self._peers.pop(peer, None)
         if previous is not None and previous.key != (app_id, name):
@@ -298,16 +298,6 @@ class Router:
         out.append((peer, [P.WELCOME, pack(welcome)]))
         out.extend(self._pump(session, now_ns))
         return out
-
-    def _permissions_of(self, app_id: str) -> Permissions:
-        if not app_id:
-            raise AuthFailure(Code.IDENTITY_UNKNOWN, "connection has no authenticated app id")
-        if app_id.startswith(P.RESERVED_PREFIX):
-            return PLATFORM_PERMISSIONS
-        permissions = self._permissions_for(app_id)
-        if permissions is None:
-            raise AuthFailure(Code.MANIFEST_MISSING, f"no manifest for app {app_id!r}")
-        return permissions
 
     def _detach(self, session: Session, now_ns: int) -> None:
         """The connection is gone; the session waits for a resume until its grace ends."""
@@ -862,12 +852,9 @@ class Router:
         """Rebuild a durable session from the store (broker restart): detached, its
         durable subscriptions in the index, its unacknowledged deliveries queued in order.
         False when the app has no manifest any more (the caller logs it)."""
-        permissions = (
-            PLATFORM_PERMISSIONS
-            if key[0].startswith(P.RESERVED_PREFIX)
-            else self._permissions_for(key[0])
-        )
-        if permissions is None:
+        try:
+            permissions = permissions_of(key[0], self._permissions_for)
+        except AuthFailure:
             return False
         session = Session(
             key, Authorizer(key[0], permissions), 1, now_ns, Mailbox(self._config.delivery)

@@ -28,10 +28,10 @@ import zmq
 from broker import events as E
 from broker import protocol as P
 from broker.codec import pack, required_int, required_text, unpack_map
-from broker.errors import AuthFailure, Code, ProtocolViolation, WireError, error_body
+from broker.errors import Code, ProtocolViolation, WireError, error_body
 from broker.logs import event
 from broker.paths import PlatformPaths
-from broker.permissions import PLATFORM_PERMISSIONS, Authorizer
+from broker.permissions import Authorizer, permissions_of
 from broker.recovery import SEGMENTS_DIR, STATE_FILE
 from broker.server import ManifestCatalog
 from broker.topics import is_literal, pattern_matches, pattern_tokens, validate_topic
@@ -330,19 +330,11 @@ class PersistenceService:
                 reply = [Q.ERROR, pack(failed)]
             query.send_multipart([peer, *reply])
 
-    def _authorizer(self, app_id: str) -> Authorizer:
-        if app_id.startswith(P.RESERVED_PREFIX):
-            return Authorizer(app_id, PLATFORM_PERMISSIONS)
-        permissions = self._catalog.permissions(app_id)
-        if permissions is None:
-            raise AuthFailure(Code.MANIFEST_MISSING, f"no manifest for app {app_id!r}")
-        return Authorizer(app_id, permissions)
-
     def _query_body(self, app_id: str, frames: list[bytes]) -> dict[str, Any]:
         if len(frames) != 2 or frames[0] not in Q.COMMANDS:
             raise ProtocolViolation(Code.UNKNOWN_COMMAND, "send HISTORY or REPLAY with a body")
         body = unpack_map(frames[1])
-        authorizer = self._authorizer(app_id)
+        authorizer = Authorizer(app_id, permissions_of(app_id, self._catalog.permissions))
         if frames[0] == Q.HISTORY:
             topic = required_text(body, "topic")
             validate_topic(topic)
