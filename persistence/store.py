@@ -55,6 +55,9 @@ class SegmentInfo:
     last_ts_ns: int
 
 
+Bounds = tuple[int, int, int, int]
+"""(first seq, last seq, first ts, last ts) of a segment's messages."""
+
 Row = tuple[int, int, str, str, bytes, bytes, bytes, bool]
 """(seq, ts_ns, sender, topic, msg_id, header, stored payload, sealed) to append."""
 
@@ -74,6 +77,10 @@ class MessageStore:
         self.policy = policy or SegmentPolicy()
         self._clock = clock
         self._files: list[tuple[int, Path]] = []
+        self._firsts: list[int] = []
+        self._settled: dict[int, Bounds | None] = {}
+        """Bounds of segments with a newer one after them: only the newest is written to,
+        so these never change, and retention or a replay need not reopen them."""
         self._open: OrderedDict[int, Segment] = OrderedDict()
         self._active: Segment | None = None
         self._active_born_ns = 0
@@ -91,9 +98,21 @@ class MessageStore:
     def refresh(self) -> None:
         """Re-list the segment files (another process may have rolled or deleted)."""
         self._files = list_segment_files(self.directory)
-        present = {first for first, _ in self._files}
+        self._firsts = [first for first, _ in self._files]
+        present = set(self._firsts)
         for first in [first for first in self._open if first not in present]:
             self._open.pop(first).close()
+        for first in [first for first in self._settled if first not in present]:
+            del self._settled[first]
+
+    def _bounds(self, first_seq: int) -> Bounds | None:
+        """(first seq, last seq, first ts, last ts) of a segment, None when empty."""
+        if first_seq in self._settled:
+            return self._settled[first_seq]
+        bounds = self._segment(first_seq).bounds()
+        if first_seq != self._firsts[-1]:
+            self._settled[first_seq] = bounds
+        return bounds
 
     def _segment(self, first_seq: int) -> Segment:
         segment = self._open.get(first_seq)
@@ -116,12 +135,12 @@ class MessageStore:
         infos: list[SegmentInfo] = []
         for first, path in self._files:
             try:
-                segment = self._segment(first)
-            except lmdb.Error:
+                bounds = self._bounds(first)
+                size = path.stat().st_size
+            except (lmdb.Error, FileNotFoundError):
                 continue
-            bounds = segment.bounds()
             if bounds is not None:
-                infos.append(SegmentInfo(first, path, segment.size_bytes, bounds[1], *bounds[2:]))
+                infos.append(SegmentInfo(first, path, size, bounds[1], *bounds[2:]))
         return infos
 
     def total_bytes(self) -> int:
@@ -221,9 +240,8 @@ class MessageStore:
     # -- reading ----------------------------------------------------------------------------
 
     def _owner(self, seq: int) -> int | None:
-        firsts = [first for first, _ in self._files]
-        index = bisect.bisect_right(firsts, seq) - 1
-        return firsts[index] if index >= 0 else None
+        index = bisect.bisect_right(self._firsts, seq) - 1
+        return self._firsts[index] if index >= 0 else None
 
     def get(self, seq: int) -> StoredMessage | None:
         for attempt in range(2):
@@ -241,8 +259,8 @@ class MessageStore:
 
     def last_seq(self) -> int:
         """Highest stored message seq (0 when empty)."""
-        for first, _ in reversed(self._files):
-            bounds = self._segment(first).bounds()
+        for first in reversed(self._firsts):
+            bounds = self._bounds(first)
             if bounds is not None:
                 return bounds[1]
         return 0
@@ -269,11 +287,11 @@ class MessageStore:
         """Messages with ts >= since_ns (and seq > after_seq), oldest first, lazily; of
         one `topic` through its index, else all (filtered by `match`)."""
         self.refresh()
-        for first, _ in list(self._files):
-            segment = self._segment(first)
-            bounds = segment.bounds()
+        for first in list(self._firsts):
+            bounds = self._bounds(first)
             if bounds is None or bounds[1] <= after_seq or bounds[3] < since_ns:
                 continue
+            segment = self._segment(first)
             start = after_seq + 1
             if bounds[2] < since_ns:
                 position = segment.first_seq_at(since_ns)
