@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,8 @@ _SEQ = struct.Struct(">Q")
 _PREFIX = "seg-"
 _SUFFIX = ".mdb"
 _MAP_SLACK = 64 * 2**20
+_PAGE = 512
+"""Messages read per short read transaction of a scan."""
 
 
 def seq_key(seq: int) -> bytes:
@@ -58,7 +60,7 @@ def encode_record(ts_ns: int, fields: list[Any]) -> bytes:
     return _SEQ.pack(ts_ns) + packed
 
 
-def decode_record(seq: int, raw: bytes) -> StoredMessage:
+def decode_record(seq: int, raw: bytes | memoryview) -> StoredMessage:
     ts = _SEQ.unpack_from(raw)[0]
     sender, topic, msg_id, header, payload, sealed = msgpack.unpackb(raw[8:], raw=False)
     return StoredMessage(seq, ts, sender, topic, msg_id, header, payload, bool(sealed))
@@ -137,46 +139,55 @@ class Segment:
         return low
 
     def scan(self, start_seq: int) -> Iterator[StoredMessage]:
-        """Messages from `start_seq` on, in order, read in short transactions."""
-        position = _SEQ.pack(start_seq)
-        while True:
-            batch: list[StoredMessage] = []
-            with self.env.begin(db=self.msgs) as txn:
-                cursor = txn.cursor()
-                if not cursor.set_range(position):
-                    return
-                for key, raw in cursor:
-                    batch.append(decode_record(_SEQ.unpack(key)[0], raw))
-                    if len(batch) >= 512:
-                        break
-            yield from batch
-            if len(batch) < 512:
-                return
-            position = _SEQ.pack(batch[-1].seq + 1)
+        """Messages from `start_seq` on, in order."""
+
+        def page(txn: lmdb.Transaction, start: int) -> list[StoredMessage]:
+            cursor = txn.cursor(self.msgs)
+            if not cursor.set_range(_SEQ.pack(start)):
+                return []
+            found: list[StoredMessage] = []
+            for key, raw in cursor:
+                found.append(decode_record(_SEQ.unpack(key)[0], raw))
+                if len(found) >= _PAGE:
+                    break
+            return found
+
+        return self._paged(start_seq, page)
 
     def scan_topic(self, topic: str, start_seq: int) -> Iterator[StoredMessage]:
         """Messages of one topic from `start_seq` on, in order, through the topic index."""
         prefix = topic.encode() + b"\0"
-        position = prefix + _SEQ.pack(start_seq)
+
+        def page(txn: lmdb.Transaction, start: int) -> list[StoredMessage]:
+            index = txn.cursor(self.topics)
+            if not index.set_range(prefix + _SEQ.pack(start)):
+                return []
+            found: list[StoredMessage] = []
+            for key in index.iternext(keys=True, values=False):
+                if key[: len(prefix)] != prefix:
+                    break
+                seq = _SEQ.unpack_from(key, len(prefix))[0]
+                raw = txn.get(_SEQ.pack(seq), db=self.msgs)
+                if raw is not None:
+                    found.append(decode_record(seq, raw))
+                if len(found) >= _PAGE:
+                    break
+            return found
+
+        return self._paged(start_seq, page)
+
+    def _paged(
+        self, start_seq: int, page: Callable[[lmdb.Transaction, int], list[StoredMessage]]
+    ) -> Iterator[StoredMessage]:
+        """Pages of `page(txn, from_seq)`, each in its own short read transaction, so a
+        slow consumer of a long scan never holds a reader open on old pages."""
         while True:
-            batch: list[StoredMessage] = []
             with self.env.begin() as txn:
-                index = txn.cursor(self.topics)
-                if not index.set_range(position):
-                    return
-                for key in index.iternext(keys=True, values=False):
-                    if not key.startswith(prefix):
-                        break
-                    seq = _SEQ.unpack_from(key, len(prefix))[0]
-                    raw = txn.get(_SEQ.pack(seq), db=self.msgs)
-                    if raw is not None:
-                        batch.append(decode_record(seq, raw))
-                    if len(batch) >= 512:
-                        break
-            yield from batch
-            if len(batch) < 512:
+                found = page(txn, start_seq)
+            yield from found
+            if len(found) < _PAGE:
                 return
-            position = prefix + _SEQ.pack(batch[-1].seq + 1)
+            start_seq = found[-1].seq + 1
 
     def last_of_topic(self, topic: str, count: int) -> list[int]:
         """Seqs of the last `count` messages of `topic` here, newest first."""

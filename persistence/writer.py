@@ -47,7 +47,6 @@ class StoreWriter:
         self._stored_up_to = messages.last_seq()
         """Rows up to here are already in the segments (a crash between the commits)."""
         self.stored = 0
-        self._dead_letters: dict[int, dict[str, Any]] = {}
         self.sealed = 0
 
     def _protect(self, sensitive: bool, msg_id: bytes, topic: str, payload: bytes) -> bytes | None:
@@ -74,12 +73,13 @@ class StoreWriter:
         except lmdb.Error:  # e.g. disk full: some slices may be in; never write them twice
             self._stored_up_to = max(self._stored_up_to, self.messages.last_seq())
             raise
-        self._dead_letters = {e.seq: self._dead_record(e) for e in fresh if e.kind == E.DEAD}
+        # sealed once, outside the retry: a grown map re-runs the transaction, not the sealing
+        dead_letters = {e.seq: self._dead_record(e) for e in fresh if e.kind == E.DEAD}
         while True:
             try:
                 with self.state.env.begin(write=True) as txn:
                     for event in fresh:
-                        self._apply(txn, event)
+                        self._apply(txn, event, dead_letters)
                     self.state.set_watermark(txn, fresh[-1].seq)
                 break
             except lmdb.MapFullError:
@@ -106,7 +106,9 @@ class StoreWriter:
         record["dead_ns"] = event.ts_ns
         return record
 
-    def _apply(self, txn: lmdb.Transaction, event: E.Event) -> None:  # noqa: PLR0912
+    def _apply(  # noqa: PLR0912
+        self, txn: lmdb.Transaction, event: E.Event, dead_letters: dict[int, dict[str, Any]]
+    ) -> None:
         state = self.state
         kind, f = event.kind, event.fields
         if kind == E.MSG:
@@ -123,7 +125,7 @@ class StoreWriter:
             for seq in stored_seqs:
                 state.drop_pending(txn, app, session, seq)
         elif kind == E.DEAD:
-            record = self._dead_letters[event.seq]
+            record = dead_letters[event.seq]
             state.put_dead_letter(txn, record["entry_id"], record)
             if record["stored_seq"]:
                 state.drop_pending(txn, record["app"], record["session"], record["stored_seq"])
