@@ -25,6 +25,7 @@ from typing import Any
 from broker import events as E
 from broker import protocol as P
 from broker.codec import (
+    PubHeader,
     decode_pub_header,
     decode_sids,
     encode_pub_header,
@@ -628,19 +629,7 @@ class Router:
         self._pending_replies[reply] = (session.key, now_ns + ttl * 1_000_000)
         if len(self._pending_replies) > _DEDUPE_LIMIT:
             self._pending_replies.popitem(last=False)
-        target = self._sessions[key]
-        self._seq += 1
-        delivery = Delivery(
-            self._seq,
-            encode_sids((sid,)),
-            session.app_id,
-            now_ns,
-            header.topic,
-            header.msg_id,
-            header_raw,
-            payload,
-        )
-        return self._enqueue(target, delivery, now_ns)
+        return self._hand_to(self._sessions[key], sid, session, header, header_raw, payload, now_ns)
 
     def _reply(self, session: Session, frames: list[bytes], now_ns: int) -> list[Outbound]:
         """Deliver a responder's answer to the session that asked (reply sid 0)."""
@@ -663,18 +652,32 @@ class Router:
             raise DeliveryFailure(
                 Code.UNKNOWN_REPLY, "no pending request for this reply", id=header.msg_id
             )
+        target = self._sessions[pending[0]]
+        return self._hand_to(target, P.REPLY_SID, session, header, header_raw, payload, now_ns)
+
+    def _hand_to(
+        self,
+        target: Session,
+        sid: int,
+        sender: Session,
+        header: PubHeader,
+        header_raw: bytes,
+        payload: bytes,
+        now_ns: int,
+    ) -> list[Outbound]:
+        """Queue a request (to one serving sid) or a reply (to REPLY_SID) for `target`."""
         self._seq += 1
         delivery = Delivery(
             self._seq,
-            encode_sids((P.REPLY_SID,)),
-            session.app_id,
+            encode_sids((sid,)),
+            sender.app_id,
             now_ns,
             header.topic,
             header.msg_id,
             header_raw,
             payload,
         )
-        return self._enqueue(self._sessions[pending[0]], delivery, now_ns)
+        return self._enqueue(target, delivery, now_ns)
 
     def _enqueue(self, target: Session, delivery: Delivery, now_ns: int) -> list[Outbound]:
         if not target.mailbox.offer(delivery):

@@ -20,7 +20,7 @@ import os
 import queue
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime
@@ -106,6 +106,14 @@ def _required_env(name: str) -> str:
     return value
 
 
+def _checked(check: Callable[[str], object], text: str) -> None:
+    """Run a topic or pattern check locally; its failure as the client's ProtocolError."""
+    try:
+        check(text)
+    except WireError as exc:
+        raise ProtocolError(exc.detail, int(exc.code)) from None
+
+
 class Bus:
     """A connection of one app to the bus. Thread-safe; use one per process."""
 
@@ -183,10 +191,7 @@ class Bus:
         `topic` receive it.
         """
         self._check_open()
-        try:
-            validate_topic(topic)
-        except WireError as exc:
-            raise ProtocolError(exc.detail, int(exc.code)) from None
+        _checked(validate_topic, topic)
         msg_id = new_message_id()
         header = encode_pub_header(
             msg_id,
@@ -252,10 +257,7 @@ class Bus:
         A `durable` subscription outlives the session's grace period until unsubscribed.
         """
         self._check_open()
-        try:
-            pattern_tokens(pattern)
-        except WireError as exc:
-            raise ProtocolError(exc.detail, int(exc.code)) from None
+        _checked(pattern_tokens, pattern)
         with self._lock:
             sid = self._claim_sid(pattern)
             sub = Subscription(
@@ -314,10 +316,7 @@ class Bus:
         reply came within `timeout`, `PermissionDenied` outside the manifest's `request`.
         """
         self._check_open()
-        try:
-            validate_topic(topic)
-        except WireError as exc:
-            raise ProtocolError(exc.detail, int(exc.code)) from None
+        _checked(validate_topic, topic)
         msg_id = new_message_id()
         reply = secrets.token_hex(16)
         header = encode_pub_header(
