@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from broker import protocol as P
 from broker.paths import PlatformPaths
 from clients.bus import Bus
 from security.credentials import CredentialStore
@@ -213,3 +214,19 @@ def running_platform(home: Path, apps: Path, *args: str) -> Iterator[subprocess.
         yield process
     finally:
         stop_process(process, 15)
+
+
+def operator_on(home: Path) -> Bus:
+    """A Bus as the operator (`$cli`) on the running platform of `home`, own session."""
+    paths = PlatformPaths.resolve(home)
+    token = CredentialStore(paths.creds_dir).mint(P.CLI_ID)
+    return Bus.connect(paths.bus_endpoint(), P.CLI_ID, token, session=f"t{time.monotonic_ns()}")
+
+
+def files_containing(root: Path, needle: bytes) -> list[Path]:
+    """Every regular file under `root` whose raw bytes contain `needle`."""
+    return [
+        path
+        for path in root.rglob("*")
+        if path.is_file() and not path.is_symlink() and needle in path.read_bytes()
+    ]

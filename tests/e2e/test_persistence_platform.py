@@ -12,23 +12,19 @@ import json
 import time
 from pathlib import Path
 
-from broker import protocol as P
 from broker.paths import PlatformPaths
 from clients.bus import Bus
 from security.credentials import CredentialStore
-from tests.conftest import plexus_cli, running_platform, wait_for, write_manifest
+from tests.conftest import (
+    files_containing,
+    operator_on,
+    plexus_cli,
+    running_platform,
+    wait_for,
+    write_manifest,
+)
 
 CANARY = "CANARY-e2e-4b1d-never-on-disk"
-
-
-def operator(home: Path) -> Bus:
-    paths = PlatformPaths.resolve(home)
-    token = CredentialStore(paths.creds_dir).mint(P.CLI_ID)
-    return Bus.connect(paths.bus_endpoint(), P.CLI_ID, token, session=f"t{time.monotonic_ns()}")
-
-
-def files_containing(root: Path, needle: bytes) -> list[Path]:
-    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
 
 def queries(home: Path, since: float) -> tuple[str, str]:
@@ -46,7 +42,7 @@ def test_a_full_restart_answers_history_and_replay_as_before(short_tmp: Path) ->
     config.write_text('[persistence]\nsensitive_topics = ["orders.secret.>"]\n', encoding="utf-8")
     started = time.time()
     with running_platform(home, apps, "--config", str(config)):
-        with operator(home) as bus:
+        with operator_on(home) as bus:
             for i in range(400):
                 bus.publish("orders.fill", {"i": i})
             bus.publish("orders.secret.pin", {"pin": CANARY})
@@ -75,7 +71,7 @@ def test_without_persistence_nothing_is_stored_and_the_bus_still_works(short_tmp
             CredentialStore(paths.creds_dir).mint("picky"),
             session="picky",
         )
-        with picky, operator(home) as bus:
+        with picky, operator_on(home) as bus:
             got = picky.subscribe("orders.new")
             picky.subscribe("orders.bad", lambda m: m.reject("unprocessable"), manual_ack=True)
             bus.publish("orders.new", {"note": CANARY}, sensitive=True, confirm=True)

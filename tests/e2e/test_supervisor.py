@@ -19,11 +19,9 @@ from typing import Any
 import psutil
 import pytest
 
-from broker import protocol as P
 from broker.paths import PlatformPaths
 from clients.bus import Bus
-from security.credentials import CredentialStore
-from tests.conftest import REPO, plexus_cli, stop_process, wait_for, write_manifest
+from tests.conftest import REPO, operator_on, plexus_cli, stop_process, wait_for, write_manifest
 
 CONFIG = """
 [broker]
@@ -59,9 +57,7 @@ class Running:
         return app
 
     def operator(self) -> Bus:
-        paths = PlatformPaths.resolve(self.home)
-        token = CredentialStore(paths.creds_dir).mint(P.CLI_ID)
-        return Bus.connect(paths.bus_endpoint(), P.CLI_ID, token, session=f"t{time.time()}")
+        return operator_on(self.home)
 
 
 def _misbehaving(

@@ -21,7 +21,7 @@ import pytest
 from clients.bus import StorageError
 from clients.errors import PermissionDenied
 from persistence.segments import decode_record, encode_record, list_segment_files
-from tests.conftest import BrokerHandle, wait_for
+from tests.conftest import BrokerHandle, files_containing, wait_for
 
 MANIFESTS = {
     "pub": '[permissions]\npublish = ["market.>", "orders.>", "jobs.>"]\n',
@@ -56,16 +56,6 @@ def wait_stored(handle: BrokerHandle) -> None:
         return bool(events["stored_watermark"] == events["last_seq"])
 
     wait_for(caught_up, timeout=10)
-
-
-def files_under(root: Path) -> Iterator[Path]:
-    for path in root.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            yield path
-
-
-def raw_search(root: Path, needle: bytes) -> list[Path]:
-    return [path for path in files_under(root) if needle in path.read_bytes()]
 
 
 def test_confirmed_publishes_are_in_history_and_replay(stored: BrokerHandle) -> None:
@@ -119,8 +109,8 @@ def test_sensitive_payloads_are_never_on_disk_yet_readable(stored: BrokerHandle)
     assert sub.history("orders.new", last=1)[0].data == {"secret": CANARY}
     assert sub.history("orders.secret.fill", last=1)[0].data == {"secret": CANARY + "-topic"}
     stored.close()  # everything flushed and closed: nothing left only in memory
-    assert raw_search(stored.home, CANARY.encode()) == []
-    assert raw_search(stored.home, b"orders.secret.fill")  # the record itself is there
+    assert files_containing(stored.home, CANARY.encode()) == []
+    assert files_containing(stored.home, b"orders.secret.fill")  # the record itself is there
 
 
 def test_a_flipped_byte_in_a_ciphertext_is_a_storage_error(short_tmp: Path) -> None:
