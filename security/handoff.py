@@ -6,8 +6,9 @@ whose number it names in an environment variable (`PLEXUS_CREDENTIAL_FD`,
 `PLEXUS_CONFIG_FD`). Both ends live here, on the bottom floor, so the broker, the
 services and the client library read a descriptor the same way.
 
-A pipe can be read once, so what a process read is kept for later readers in the same
-process (two `Bus` objects of one app share its credential).
+A pipe can be read once, so the credential a process read is kept for later readers in
+the same process (two `Bus` objects of one app share it); other handed-over bytes (the
+config) are read once, at start, by their one reader.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ MAX_HANDOFF_BYTES = 60 * 1024
 READ_TIMEOUT_S = 5.0
 """A writer that keeps the pipe open but sends nothing is given up on after this."""
 
-_read: dict[int, bytes] = {}
-_read_lock = threading.Lock()
+_credentials: dict[int, str] = {}
+_credentials_lock = threading.Lock()
 
 
 class HandoffError(Exception):
@@ -55,17 +56,7 @@ def handoff_pipe(data: bytes) -> int:
 
 
 def read_handoff(fd: int) -> bytes:
-    """Everything written into the inherited pipe `fd` (until EOF), then close it.
-
-    Cached per descriptor: a second call in the same process returns the same bytes.
-    """
-    with _read_lock:
-        if fd not in _read:
-            _read[fd] = _drain(fd)
-        return _read[fd]
-
-
-def _drain(fd: int) -> bytes:
+    """Everything written into the inherited pipe `fd` (until EOF), then close it."""
     chunks: list[bytes] = []
     try:
         while True:
@@ -81,15 +72,24 @@ def _drain(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def read_fd_variable(name: str, environ: Mapping[str, str] | None = None) -> bytes | None:
-    """The bytes of the descriptor environment variable `name` names; None when unset."""
-    text = (environ if environ is not None else os.environ).get(name)
+def _descriptor(name: str, environ: Mapping[str, str]) -> int | None:
+    text = environ.get(name)
     if not text:
         return None
     try:
-        fd = int(text)
+        return int(text)
     except ValueError:
         raise HandoffError(f"{name}={text!r} is not a descriptor number") from None
+
+
+def read_fd_variable(name: str, environ: Mapping[str, str] | None = None) -> bytes | None:
+    """The bytes in the descriptor environment variable `name` names (None when unset),
+    read to the end and closed: call it once."""
+    fd = _descriptor(name, environ if environ is not None else os.environ)
+    return None if fd is None else _read_named(name, fd)
+
+
+def _read_named(name: str, fd: int) -> bytes:
     try:
         return read_handoff(fd)
     except OSError as exc:
@@ -105,12 +105,19 @@ def credential_from_environment(environ: Mapping[str, str] | None = None) -> str
     token = env.get(TOKEN_VARIABLE)
     if token:
         return token
-    data = read_fd_variable(CREDENTIAL_FD_VARIABLE, env)
-    if data is None:
+    fd = _descriptor(CREDENTIAL_FD_VARIABLE, env)
+    if fd is None:
         raise HandoffError(
             f"no credential: neither {CREDENTIAL_FD_VARIABLE} nor {TOKEN_VARIABLE} is set",
             hint="launch the app through `plexus run`, or `eval $(plexus env APP_ID)` first",
         )
+    with _credentials_lock:  # the pipe can be read once; later Bus objects reuse it
+        if fd not in _credentials:
+            _credentials[fd] = _decoded(_read_named(CREDENTIAL_FD_VARIABLE, fd))
+        return _credentials[fd]
+
+
+def _decoded(data: bytes) -> str:
     try:
         return data.decode("utf-8").strip()
     except UnicodeDecodeError:

@@ -23,12 +23,14 @@ from typing import Any
 import psutil
 
 from broker import protocol as P
+from broker.config import CONFIG_FD_VARIABLE
 from broker.logs import event
 from broker.manifests import Manifest, load_manifests
 from broker.paths import PlatformPaths
 from clients.bus import Bus, BusError, Message, Subscription
 from security.credentials import CredentialStore
-from supervisor.config import PlatformConfig, broker_arguments, persistence_arguments
+from security.handoff import handoff_pipe
+from supervisor.config import PlatformConfig
 from supervisor.launch import app_argv, app_environment, credential_pipe
 from supervisor.lifecycle import Action, Input, Lifecycle, RestartPolicy, State
 from supervisor.monitor import Usage, check_limits, kill_leftovers, process_table
@@ -437,6 +439,8 @@ class Supervisor:
                 self._start_service(service)
 
     def _start_service(self, service: PlatformService) -> None:
+        """Launch the broker or the persistence service: the platform config on
+        PLEXUS_CONFIG_FD and, for a bus client, a fresh credential on PLEXUS_CREDENTIAL_FD."""
         argv = [
             sys.executable,
             "-m",
@@ -445,24 +449,21 @@ class Supervisor:
             str(self.paths.home),
             "--apps",
             str(self.apps_dir),
-            *(
-                broker_arguments(self.config)
-                if service.name == "broker"
-                else persistence_arguments(self.config)
-            ),
         ]
         if service.life.state is not State.STARTING:
             service.life.handle(Input.START, self.clock())
         env = dict(os.environ)
-        fds: list[int] = []
-        if service.identity is not None:
-            if service.token is not None:
-                self.credentials.revoke(service.identity, service.token)
-            service.token = self.credentials.mint(service.identity)
-            fds.append(credential_pipe(service.token))
-            env["PLEXUS_CREDENTIAL_FD"] = str(fds[0])
-            env.pop("PLEXUS_TOKEN", None)
+        env.pop("PLEXUS_TOKEN", None)
+        env.pop("PLEXUS_CREDENTIAL_FD", None)
+        fds = [handoff_pipe(self.config.to_document())]
+        env[CONFIG_FD_VARIABLE] = str(fds[0])
         try:
+            if service.identity is not None:
+                if service.token is not None:
+                    self.credentials.revoke(service.identity, service.token)
+                service.token = self.credentials.mint(service.identity)
+                fds.append(credential_pipe(service.token))
+                env["PLEXUS_CREDENTIAL_FD"] = str(fds[1])
             service.child = self.spawner.spawn(service.name, argv, env, fds)
         finally:
             for fd in fds:
