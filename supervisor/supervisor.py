@@ -1,6 +1,9 @@
 """Runs one platform: the broker first, then every app of the manifests directory.
 
 The main loop only polls children and acts on the stop request a signal handler recorded.
+Every timer (restart backoff and budget, settle time, limit windows, stop grace) runs on
+the injected monotonic `clock`, so a wall-clock jump (NTP, suspend, an operator's `date`)
+changes no decision; `wall_clock` only stamps what people read (log records, status).
 The broker is a supervised child like the apps, through the same life-cycle machine with
 policy `always` (apps reconnect and resend by themselves after it comes back), and
 records app exits; restart policies, limits and monitoring build on it.
@@ -63,13 +66,16 @@ class AppRecord:
     def app_id(self) -> str:
         return self.manifest.app_id
 
-    def as_dict(self, now: float) -> dict[str, Any]:
+    def as_dict(self, now: float, wall_now: float) -> dict[str, Any]:
+        """Status of the app at monotonic `now`; `started_at` in wall time (`wall_now`)."""
         running = self.life.state in (State.RUNNING, State.STARTING, State.STOPPING)
         return {
             "pid": self.child.pid if self.child and running else None,
             "state": self.life.state.value,
             "restarts": self.life.restart_count,
-            "started_at": self.life.started_at if running else None,
+            "started_at": round(wall_now - (now - self.life.started_at), 3)
+            if running and self.life.started_at
+            else None,
             "uptime_s": round(now - self.life.started_at, 1)
             if running and self.life.started_at
             else None,
@@ -129,13 +135,17 @@ class Supervisor:
     apps_dir: Path
     config: PlatformConfig
     spawner: Spawner = field(default_factory=Spawner)
-    clock: Callable[[], float] = time.time
+    clock: Callable[[], float] = time.monotonic
+    """Seconds for every timer and deadline: monotonic, never the wall clock."""
+    wall_clock: Callable[[], float] = time.time
+    """Seconds since the epoch, only to stamp log records and the state file."""
     apps: dict[str, AppRecord] = field(default_factory=dict)
     services: dict[str, PlatformService] = field(default_factory=dict)
     """The broker and (with persistence on) the persistence service, by name."""
     bus: Bus | None = None
     _supervisor_token: str = ""
     started_at: float = 0.0
+    """Wall time the platform started (for `plexus status`)."""
     _commands: queue.SimpleQueue[tuple[dict[str, Any], Future[dict[str, Any]]]] = field(
         default_factory=queue.SimpleQueue
     )
@@ -156,7 +166,7 @@ class Supervisor:
         self.apps = {
             app_id: AppRecord(m, Lifecycle(self._policy(m))) for app_id, m in manifests.items()
         }
-        self.started_at = self.clock()
+        self.started_at = self.wall_clock()
         self.services = {"broker": PlatformService("broker")}
         if self.config.persistence:
             self.services["persistence"] = PlatformService("persistence", P.PERSISTENCE_ID)
@@ -183,7 +193,7 @@ class Supervisor:
         next_sample = 0.0
         while not should_stop():
             self.poll()
-            now = time.monotonic()
+            now = self.clock()
             if now >= next_sample:
                 self._sample()
                 self._write_state()
@@ -372,7 +382,8 @@ class Supervisor:
     def _command(self, request: dict[str, Any], now: float) -> dict[str, Any]:
         op, app = request.get("op"), request.get("app")
         if op == "list":
-            return {"ok": True, "apps": {a: r.as_dict(now) for a, r in self.apps.items()}}
+            wall = self.wall_clock()
+            return {"ok": True, "apps": {a: r.as_dict(now, wall) for a, r in self.apps.items()}}
         record = self.apps.get(app) if isinstance(app, str) else None
         if record is None:
             return {"ok": False, "error": f"no app {app!r}; see `plexus apps list`"}
@@ -496,7 +507,7 @@ class Supervisor:
 
     def _announce(self, kind: str, record: AppRecord, **fields: Any) -> None:
         """A lifecycle event: a log line and `$sys.audit.apps.<kind>` for the audit service."""
-        body = {"app": record.app_id, "event": kind, "at": self.clock(), **fields}
+        body = {"app": record.app_id, "event": kind, "at": self.wall_clock(), **fields}
         level = logging.INFO if kind in ("launch", "exit", "restart-scheduled") else logging.WARNING
         event(log, f"app-{kind}", level, **{k: v for k, v in body.items() if k != "event"})
         self._publish(f"$sys.audit.apps.{kind}", body)
@@ -515,7 +526,7 @@ class Supervisor:
             record.token = None
 
     def _write_state(self) -> None:
-        now = self.clock()
+        now, wall = self.clock(), self.wall_clock()
         self.paths.write_state(
             {
                 "pid": os.getpid(),
@@ -530,6 +541,6 @@ class Supervisor:
                     if "persistence" in self.services
                     else None
                 ),
-                "apps": {app_id: r.as_dict(now) for app_id, r in self.apps.items()},
+                "apps": {app_id: r.as_dict(now, wall) for app_id, r in self.apps.items()},
             }
         )
