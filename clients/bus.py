@@ -68,6 +68,7 @@ __all__ = [
 
 log = logging.getLogger("plexus.client")
 
+
 def credential_from_environment() -> str:
     """This app's credential (`security.handoff`), failures as the client's error."""
     try:
