@@ -1,4 +1,9 @@
-"""`python -m broker`: read settings, bind, serve until SIGTERM or SIGINT."""
+"""`python -m broker`: read the platform config, bind, serve until SIGTERM or SIGINT.
+
+The settings come as one document on the descriptor `PLEXUS_CONFIG_FD` names (the
+supervisor writes it, `broker.config`); run by hand without it, the broker uses the
+platform's defaults. Only where it lives (`--home`, `--apps`) is a flag.
+"""
 
 from __future__ import annotations
 
@@ -8,47 +13,46 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from broker import protocol as P
-from broker.delivery import DELIVERY_FIELDS, DeliveryConfig
+from broker.config import ConfigError, PlatformConfig, config_from_environment
 from broker.logs import configure, event
 from broker.paths import PlatformPaths
 from broker.router import RouterConfig
 from broker.server import BrokerConfig, BrokerServer
 
 
+def broker_config(
+    platform: PlatformConfig, paths: PlatformPaths, apps_dir: Path | None
+) -> BrokerConfig:
+    """The broker's settings, all taken from the platform config."""
+    return BrokerConfig(
+        paths=paths,
+        apps_dir=apps_dir,
+        router=RouterConfig(
+            heartbeat_ms=platform.heartbeat_ms,
+            peer_timeout_ms=platform.peer_timeout_ms,
+            delivery=platform.delivery,
+            store_endpoint=paths.store_endpoint() if platform.persistence else None,
+        ),
+        persistence=platform.persistence,
+        recovery_timeout_s=platform.recovery_timeout_s,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m broker", description=__doc__)
     parser.add_argument("--home", help="platform home directory")
     parser.add_argument("--apps", type=Path, help="directory of app manifests")
-    parser.add_argument("--heartbeat-ms", type=int, default=P.DEFAULT_HEARTBEAT_MS)
-    parser.add_argument("--peer-timeout-ms", type=int, default=P.DEFAULT_PEER_TIMEOUT_MS)
-    parser.add_argument(
-        "--persistence",
-        choices=("on", "off"),
-        default="off",
-        help="on: wait for the persistence service, recover from the store, confirm once stored",
-    )
-    parser.add_argument("--recovery-timeout-s", type=float, default=10.0)
-    defaults = DeliveryConfig()
-    for name in DELIVERY_FIELDS:
-        flag = "--" + name.replace("_", "-")
-        parser.add_argument(flag, type=int, default=getattr(defaults, name))
     args = parser.parse_args(argv)
     log = configure("broker")
+    try:
+        platform = config_from_environment()
+    except ConfigError as exc:
+        event(log, "broker-config-refused", error=str(exc))
+        return 2
     paths = PlatformPaths.resolve(args.home)
     paths.prepare()
-    config = BrokerConfig(
-        paths=paths,
-        apps_dir=args.apps,
-        router=RouterConfig(
-            heartbeat_ms=args.heartbeat_ms,
-            peer_timeout_ms=args.peer_timeout_ms,
-            delivery=DeliveryConfig(**{name: getattr(args, name) for name in DELIVERY_FIELDS}),
-            store_endpoint=paths.store_endpoint() if args.persistence == "on" else None,
-        ),
-        persistence=args.persistence == "on",
-        recovery_timeout_s=args.recovery_timeout_s,
-    )
+    config = broker_config(platform, paths, args.apps)
+    event(log, "broker-config", **platform.to_tables()["broker"], persistence=config.persistence)
     stop: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -52,7 +52,7 @@ DELIVERY_FIELDS = (
     "queue_max_bytes",
     "grace_ms",
 )
-"""The settings `--config` ([delivery]) and `python -m broker --FIELD` may change."""
+"""The settings `[delivery]` of the platform config (`broker.config`) may change."""
 
 
 @dataclass(slots=True)

@@ -31,7 +31,7 @@ from broker import protocol as P
 from broker.codec import encode_pub_header, new_message_id, pack
 from broker.errors import Code, WireError
 from broker.topics import pattern_tokens, validate_topic
-from clients.connection import Connection, ConnectSettings, read_credential_fd
+from clients.connection import Connection, ConnectSettings
 from clients.errors import (
     AuthenticationError,
     BrokerUnavailable,
@@ -47,6 +47,7 @@ from clients.errors import (
 )
 from clients.message import Handler, Message, Subscription
 from clients.store import StoreClient, persistence_off, to_ns
+from security import handoff
 
 __all__ = [
     "AuthenticationError",
@@ -67,34 +68,13 @@ __all__ = [
 
 log = logging.getLogger("plexus.client")
 
-_token_from_fd: dict[int, str] = {}
-_token_lock = threading.Lock()
-
 
 def credential_from_environment() -> str:
-    token = os.environ.get("PLEXUS_TOKEN")
-    if token:
-        return token
-    fd_text = os.environ.get("PLEXUS_CREDENTIAL_FD")
-    if not fd_text:
-        raise AuthenticationError(
-            "no credential: neither PLEXUS_CREDENTIAL_FD nor PLEXUS_TOKEN is set",
-            hint="launch the app through `plexus run`, or `eval $(plexus env APP_ID)` first",
-        )
+    """This app's credential (`security.handoff`), failures as the client's error."""
     try:
-        fd = int(fd_text)
-    except ValueError:
-        raise AuthenticationError(f"PLEXUS_CREDENTIAL_FD={fd_text!r} is not a number") from None
-    with _token_lock:  # the pipe can be read once per process; later Bus objects reuse it
-        if fd not in _token_from_fd:
-            try:
-                _token_from_fd[fd] = read_credential_fd(fd)
-            except OSError as exc:
-                raise AuthenticationError(
-                    f"cannot read credential fd {fd}: {exc.strerror}",
-                    hint="the supervisor hands it over at launch; run the app via `plexus run`",
-                ) from None
-        return _token_from_fd[fd]
+        return handoff.credential_from_environment()
+    except handoff.HandoffError as exc:
+        raise AuthenticationError(str(exc), hint=exc.hint) from None
 
 
 def _required_env(name: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import threading
 import time
 from collections import OrderedDict, deque
@@ -574,18 +573,3 @@ class Connection(threading.Thread):
         self.outbox_control.append([P.STATS, pack({"reset": reset_latency})])
         self.wake()
         return future
-
-
-def read_credential_fd(fd: int) -> str:
-    """Read the whole credential the supervisor wrote into an inherited pipe, then close it."""
-    chunks: list[bytes] = []
-    while True:
-        ready, _, _ = select.select([fd], [], [], 5.0)
-        if not ready:
-            break
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(fd)
-    return b"".join(chunks).decode("utf-8").strip()

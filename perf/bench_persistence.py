@@ -59,6 +59,7 @@ import zmq
 from broker import events as E
 from broker import protocol as P
 from broker.codec import encode_pub_header, new_message_id
+from broker.config import PlatformConfig
 from broker.paths import PlatformPaths
 from perf import procutil
 from perf.cli import int_list, name_list
@@ -193,7 +194,7 @@ def start_persistence_service(
     token = CredentialStore(paths.creds_dir).mint(P.PERSISTENCE_ID)
     argv = [sys.executable, "-m", "persistence", "--home", str(paths.home), "--apps", str(apps)]
     with _environment("PLEXUS_TOKEN", token):
-        return procutil.spawn_bounded(argv, max_seconds, log)
+        return procutil.spawn_bounded(argv, max_seconds, log, PlatformConfig().to_document())
 
 
 def _log_tail(path: Path, lines: int = 5) -> str:
@@ -254,10 +255,12 @@ class Platform:
         started = time.monotonic()
         argv = [sys.executable, "-m", "broker", "--home", str(self.paths.home)]
         argv += ["--apps", str(self.apps)]
-        argv += ["--peer-timeout-ms", str(int(self.max_seconds * 1000) + 60_000)]
-        if self.persistence:
-            argv += ["--persistence", "on"]
-        self.broker = procutil.spawn_bounded(argv, self.max_seconds, self.root / "broker.log")
+        config = PlatformConfig(
+            persistence=self.persistence, peer_timeout_ms=int(self.max_seconds * 1000) + 60_000
+        )
+        self.broker = procutil.spawn_bounded(
+            argv, self.max_seconds, self.root / "broker.log", config.to_document()
+        )
         if self.persistence:
             self.service = start_persistence_service(
                 self.paths, self.apps, self.max_seconds, self.root / "persistence.log"
@@ -338,10 +341,10 @@ class EventMaker:
 
 def _segment_defaults() -> tuple[int, int]:
     """(segment max bytes, period ns): what `python -m persistence` uses by default."""
-    from persistence.__main__ import parser
+    from persistence.__main__ import persistence_config
 
-    defaults = parser().parse_args([])
-    return int(defaults.segment_max_mb) * 2**20, int(defaults.segment_period_s * NS_PER_S)
+    segments = persistence_config(PlatformConfig(), PlatformPaths.resolve("/"), None).segments
+    return segments.max_bytes, segments.period_ns
 
 
 def open_writer(store_dir: Path, clock: Callable[[], int] = time.time_ns) -> Any:
@@ -1159,9 +1162,9 @@ def _ms_percentiles(seconds: list[float]) -> dict[str, Any]:
 
 
 class PersistedPlexusBroker(plexus_adapter.PlexusBroker):
-    """perf.systems.plexus's broker with `--persistence on` and the persistence service.
+    """perf.systems.plexus's broker with persistence on and the persistence service.
 
-    PlexusBroker starts `python -m broker` with a fixed argument list: the flag is added
+    PlexusBroker starts `python -m broker` with a fixed config: persistence is switched on
     on its way to procutil.spawn_bounded (patched for that one call only). The service's
     CPU counts as the broker's (`pids`): with persistence on, storing every message is
     part of what serving it costs.
@@ -1178,9 +1181,11 @@ class PersistedPlexusBroker(plexus_adapter.PlexusBroker):
         spawn = procutil.spawn_bounded
 
         def with_persistence(
-            argv: list[str], max_seconds: float, log: Path
+            argv: list[str], max_seconds: float, log: Path, config_document: bytes | None = None
         ) -> subprocess.Popen[bytes]:
-            return spawn([*argv, "--persistence", "on"], max_seconds, log)
+            config = PlatformConfig.from_document(config_document or PlatformConfig().to_document())
+            persisted = dataclasses.replace(config, persistence=True)
+            return spawn(argv, max_seconds, log, persisted.to_document())
 
         try:
             with mock.patch.object(procutil, "spawn_bounded", with_persistence):

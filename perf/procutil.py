@@ -20,7 +20,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from broker.config import CONFIG_FD_VARIABLE
 from perf.control import die_with_parent
+from security.handoff import handoff_pipe
 
 
 def free_port() -> int:
@@ -46,17 +48,34 @@ def _term_when_orphaned() -> None:
     die_with_parent(signal.SIGTERM)
 
 
-def spawn_bounded(argv: list[str], max_seconds: float, log: Path) -> subprocess.Popen[bytes]:
-    """Start argv under `timeout`, output to `log`, in its own session (no Ctrl-C)."""
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            ["timeout", "--kill-after=5", f"{max_seconds:.0f}", *argv],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_term_when_orphaned,  # noqa: PLW1509 - only a prctl syscall
-        )
+def spawn_bounded(
+    argv: list[str], max_seconds: float, log: Path, config_document: bytes | None = None
+) -> subprocess.Popen[bytes]:
+    """Start argv under `timeout`, output to `log`, in its own session (no Ctrl-C).
+
+    `config_document` (a Plexus platform config) reaches the child on PLEXUS_CONFIG_FD,
+    the way the supervisor hands it to the broker and the persistence service.
+    """
+    fds: tuple[int, ...] = ()
+    env = dict(os.environ)
+    if config_document is not None:
+        fds = (handoff_pipe(config_document),)
+        env[CONFIG_FD_VARIABLE] = str(fds[0])
+    try:
+        with log.open("wb") as out:
+            return subprocess.Popen(
+                ["timeout", "--kill-after=5", f"{max_seconds:.0f}", *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                pass_fds=fds,
+                start_new_session=True,
+                preexec_fn=_term_when_orphaned,  # noqa: PLW1509 - only a prctl syscall
+            )
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def child_pids(pid: int) -> list[int]:

@@ -1,7 +1,8 @@
 """`python -m persistence`: the persistence service of one platform, until SIGTERM or SIGINT.
 
-Launched by the supervisor with a `$persistence` credential on PLEXUS_CREDENTIAL_FD; the
-flags carry the [persistence] section of the platform config.
+Launched by the supervisor with a `$persistence` credential on PLEXUS_CREDENTIAL_FD and the
+platform config on PLEXUS_CONFIG_FD (`broker.config`); run by hand without the latter, it
+uses the platform's defaults. Only where it lives (`--home`, `--apps`) is a flag.
 """
 
 from __future__ import annotations
@@ -12,45 +13,64 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from broker.config import ConfigError, PlatformConfig, config_from_environment
 from broker.logs import configure, event
 from broker.paths import PlatformPaths
-from clients.bus import credential_from_environment
 from persistence.keyring import KeyFileError
 from persistence.retention import RetentionPolicy
 from persistence.service import PersistenceConfig, PersistenceService
 from persistence.store import SegmentPolicy
+from security.handoff import HandoffError, credential_from_environment
 
 _MIB = 2**20
+_MIN_SEGMENT_BYTES = 64 * 1024
+
+
+def persistence_config(
+    platform: PlatformConfig, paths: PlatformPaths, apps_dir: Path | None
+) -> PersistenceConfig:
+    """The service's settings, all taken from the [persistence] section."""
+    segment_bytes = platform.segment_max_mb * _MIB
+    if platform.max_size_mb:  # retention deletes whole segments: keep them a fraction of it
+        segment_bytes = max(
+            _MIN_SEGMENT_BYTES, min(segment_bytes, platform.max_size_mb * _MIB // 8)
+        )
+    return PersistenceConfig(
+        paths=paths,
+        apps_dir=apps_dir,
+        segments=SegmentPolicy(segment_bytes, int(platform.segment_period_s * 1e9)),
+        retention=RetentionPolicy(int(platform.max_age_s * 1e9), platform.max_size_mb * _MIB),
+        sensitive_topics=platform.sensitive_topics,
+    )
 
 
 def parser() -> argparse.ArgumentParser:
     parse = argparse.ArgumentParser(prog="python -m persistence", description=__doc__)
     parse.add_argument("--home", help="platform home directory")
     parse.add_argument("--apps", type=Path, help="directory of app manifests (query permissions)")
-    parse.add_argument("--max-age-s", type=float, default=30 * 86_400.0)
-    parse.add_argument("--max-size-mb", type=int, default=0, help="0: no size limit")
-    parse.add_argument("--segment-max-mb", type=int, default=256)
-    parse.add_argument("--segment-period-s", type=float, default=3600.0)
-    parse.add_argument(
-        "--sensitive-topic", action="append", default=[], help="pattern stored encrypted"
-    )
     return parse
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     log = configure("persistence")
+    try:
+        platform = config_from_environment()
+        token = credential_from_environment()
+    except (ConfigError, HandoffError) as exc:
+        event(log, "persistence-config-refused", error=str(exc))
+        return 2
     paths = PlatformPaths.resolve(args.home)
     paths.prepare()
-    segment_bytes = args.segment_max_mb * _MIB
-    if args.max_size_mb:  # retention deletes whole segments: keep them a fraction of the limit
-        segment_bytes = max(64 * 1024, min(segment_bytes, args.max_size_mb * _MIB // 8))
-    config = PersistenceConfig(
-        paths=paths,
-        apps_dir=args.apps,
-        segments=SegmentPolicy(segment_bytes, int(args.segment_period_s * 1e9)),
-        retention=RetentionPolicy(int(args.max_age_s * 1e9), args.max_size_mb * _MIB),
-        sensitive_topics=tuple(args.sensitive_topic),
+    config = persistence_config(platform, paths, args.apps)
+    event(
+        log,
+        "persistence-config",
+        segment_max_bytes=config.segments.max_bytes,
+        segment_period_s=platform.segment_period_s,
+        max_age_s=platform.max_age_s,
+        max_size_mb=platform.max_size_mb,
+        sensitive_topics=list(config.sensitive_topics),
     )
     stop: list[int] = []
 
@@ -60,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        service = PersistenceService(config, credential_from_environment())
+        service = PersistenceService(config, token)
         service.bind()
     except KeyFileError as exc:
         event(log, "keys-refused", error=str(exc))

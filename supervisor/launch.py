@@ -1,7 +1,8 @@
 """How one app is started: its argv, its environment and its credential pipe.
 
 The credential never appears on a command line or in the environment: the supervisor mints
-it, writes it into a pipe, and the child inherits the read end as `PLEXUS_CREDENTIAL_FD`.
+it, writes it into a pipe (`security.handoff`), and the child inherits the read end as
+`PLEXUS_CREDENTIAL_FD`. The platform services get the platform config the same way.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ import os
 import sys
 from collections.abc import Mapping
 
+from broker.config import CONFIG_FD_VARIABLE
 from broker.manifests import Manifest
 from broker.paths import PlatformPaths
+from security.handoff import handoff_pipe
 
 _SCRUBBED = (
     "PLEXUS_TOKEN",
     "PLEXUS_CREDENTIAL_FD",
+    CONFIG_FD_VARIABLE,  # the platform config is for the platform's services only
     "PLEXUS_APP_ID",
     "PLEXUS_ENDPOINT",
     "PLEXUS_KEY_PASSPHRASE",  # the key ring's secret is for the persistence service only
@@ -57,9 +61,4 @@ def app_environment(
 
 def credential_pipe(token: str) -> int:
     """A pipe holding `token`; returns the read end for the child to inherit."""
-    read_end, write_end = os.pipe()
-    try:
-        os.write(write_end, token.encode())
-    finally:
-        os.close(write_end)
-    return read_end
+    return handoff_pipe(token.encode())

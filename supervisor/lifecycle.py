@@ -2,8 +2,9 @@
 
 States and inputs are closed sets; `TRANSITIONS` is the whole table, and anything not in
 it is ignored (a late exit report for a process already replaced, say). Time is a
-parameter, so the machine is driven without processes or sleeps; the supervisor turns
-the returned `Action`s into spawns and signals.
+parameter (`now`: monotonic seconds, so a wall-clock jump moves no timer), so the machine
+is driven without processes or sleeps; the supervisor turns the returned `Action`s into
+spawns and signals.
 
     STOPPED  --start-->  STARTING  --spawned + settle time-->  RUNNING
     STARTING/RUNNING --exited--> BACKOFF (policy says restart, budget left)
@@ -68,9 +69,11 @@ class Lifecycle:
     policy: RestartPolicy
     state: State = State.STOPPED
     restarts: deque[float] = field(default_factory=deque)
+    """Monotonic times of the restarts inside the budget window."""
     restart_count: int = 0
     due_at: float = 0.0
     started_at: float = 0.0
+    """Monotonic time of the last spawn (0: not spawned yet)."""
     last_status: int | None = None
     last_reason: str = ""
     killing: bool = False  # a KILL is in progress: its exit is a failure, not a stop

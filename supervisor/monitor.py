@@ -23,6 +23,7 @@ class Usage:
     seen: dict[int, psutil.Process] = field(default_factory=dict)
     """Every process of the tree ever sampled (for killing stragglers after a stop)."""
     cpu_over_since: float | None = None
+    """Monotonic time the CPU went over its limit (None: not over)."""
     _procs: dict[int, psutil.Process] = field(default_factory=dict)
 
     def sample(self, root_pid: int, children: dict[int, list[int]]) -> None:
@@ -77,7 +78,10 @@ class Breach:
 
 
 def check_limits(usage: Usage, limits: Limits, now: float, cpu_window_s: float) -> Breach | None:
-    """The limit `usage` breaks now, if any (CPU only after `cpu_window_s` over it)."""
+    """The limit `usage` breaks now, if any (CPU only after `cpu_window_s` over it).
+
+    `now` is monotonic seconds (the supervisor's clock): the window survives a clock jump.
+    """
     if limits.memory_mb is not None and usage.rss_mb > limits.memory_mb:
         return Breach("memory", usage.rss_mb, limits.memory_mb)
     if limits.cpu_percent is None or usage.cpu_percent <= limits.cpu_percent:

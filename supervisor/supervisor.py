@@ -1,6 +1,9 @@
 """Runs one platform: the broker first, then every app of the manifests directory.
 
 The main loop only polls children and acts on the stop request a signal handler recorded.
+Every timer (restart backoff and budget, settle time, limit windows, stop grace) runs on
+the injected monotonic `clock`, so a wall-clock jump (NTP, suspend, an operator's `date`)
+changes no decision; `wall_clock` only stamps what people read (log records, status).
 The broker is a supervised child like the apps, through the same life-cycle machine with
 policy `always` (apps reconnect and resend by themselves after it comes back), and
 records app exits; restart policies, limits and monitoring build on it.
@@ -23,12 +26,14 @@ from typing import Any
 import psutil
 
 from broker import protocol as P
+from broker.config import CONFIG_FD_VARIABLE
 from broker.logs import event
 from broker.manifests import Manifest, load_manifests
 from broker.paths import PlatformPaths
 from clients.bus import Bus, BusError, Message, Subscription
 from security.credentials import CredentialStore
-from supervisor.config import PlatformConfig, broker_arguments, persistence_arguments
+from security.handoff import handoff_pipe
+from supervisor.config import PlatformConfig
 from supervisor.launch import app_argv, app_environment, credential_pipe
 from supervisor.lifecycle import Action, Input, Lifecycle, RestartPolicy, State
 from supervisor.monitor import Usage, check_limits, kill_leftovers, process_table
@@ -61,13 +66,16 @@ class AppRecord:
     def app_id(self) -> str:
         return self.manifest.app_id
 
-    def as_dict(self, now: float) -> dict[str, Any]:
+    def as_dict(self, now: float, wall_now: float) -> dict[str, Any]:
+        """Status of the app at monotonic `now`; `started_at` in wall time (`wall_now`)."""
         running = self.life.state in (State.RUNNING, State.STARTING, State.STOPPING)
         return {
             "pid": self.child.pid if self.child and running else None,
             "state": self.life.state.value,
             "restarts": self.life.restart_count,
-            "started_at": self.life.started_at if running else None,
+            "started_at": round(wall_now - (now - self.life.started_at), 3)
+            if running and self.life.started_at
+            else None,
             "uptime_s": round(now - self.life.started_at, 1)
             if running and self.life.started_at
             else None,
@@ -127,13 +135,17 @@ class Supervisor:
     apps_dir: Path
     config: PlatformConfig
     spawner: Spawner = field(default_factory=Spawner)
-    clock: Callable[[], float] = time.time
+    clock: Callable[[], float] = time.monotonic
+    """Seconds for every timer and deadline: monotonic, never the wall clock."""
+    wall_clock: Callable[[], float] = time.time
+    """Seconds since the epoch, only to stamp log records and the state file."""
     apps: dict[str, AppRecord] = field(default_factory=dict)
     services: dict[str, PlatformService] = field(default_factory=dict)
     """The broker and (with persistence on) the persistence service, by name."""
     bus: Bus | None = None
     _supervisor_token: str = ""
     started_at: float = 0.0
+    """Wall time the platform started (for `plexus status`)."""
     _commands: queue.SimpleQueue[tuple[dict[str, Any], Future[dict[str, Any]]]] = field(
         default_factory=queue.SimpleQueue
     )
@@ -154,7 +166,7 @@ class Supervisor:
         self.apps = {
             app_id: AppRecord(m, Lifecycle(self._policy(m))) for app_id, m in manifests.items()
         }
-        self.started_at = self.clock()
+        self.started_at = self.wall_clock()
         self.services = {"broker": PlatformService("broker")}
         if self.config.persistence:
             self.services["persistence"] = PlatformService("persistence", P.PERSISTENCE_ID)
@@ -181,7 +193,7 @@ class Supervisor:
         next_sample = 0.0
         while not should_stop():
             self.poll()
-            now = time.monotonic()
+            now = self.clock()
             if now >= next_sample:
                 self._sample()
                 self._write_state()
@@ -370,7 +382,8 @@ class Supervisor:
     def _command(self, request: dict[str, Any], now: float) -> dict[str, Any]:
         op, app = request.get("op"), request.get("app")
         if op == "list":
-            return {"ok": True, "apps": {a: r.as_dict(now) for a, r in self.apps.items()}}
+            wall = self.wall_clock()
+            return {"ok": True, "apps": {a: r.as_dict(now, wall) for a, r in self.apps.items()}}
         record = self.apps.get(app) if isinstance(app, str) else None
         if record is None:
             return {"ok": False, "error": f"no app {app!r}; see `plexus apps list`"}
@@ -437,6 +450,8 @@ class Supervisor:
                 self._start_service(service)
 
     def _start_service(self, service: PlatformService) -> None:
+        """Launch the broker or the persistence service: the platform config on
+        PLEXUS_CONFIG_FD and, for a bus client, a fresh credential on PLEXUS_CREDENTIAL_FD."""
         argv = [
             sys.executable,
             "-m",
@@ -445,24 +460,21 @@ class Supervisor:
             str(self.paths.home),
             "--apps",
             str(self.apps_dir),
-            *(
-                broker_arguments(self.config)
-                if service.name == "broker"
-                else persistence_arguments(self.config)
-            ),
         ]
         if service.life.state is not State.STARTING:
             service.life.handle(Input.START, self.clock())
         env = dict(os.environ)
-        fds: list[int] = []
-        if service.identity is not None:
-            if service.token is not None:
-                self.credentials.revoke(service.identity, service.token)
-            service.token = self.credentials.mint(service.identity)
-            fds.append(credential_pipe(service.token))
-            env["PLEXUS_CREDENTIAL_FD"] = str(fds[0])
-            env.pop("PLEXUS_TOKEN", None)
+        env.pop("PLEXUS_TOKEN", None)
+        env.pop("PLEXUS_CREDENTIAL_FD", None)
+        fds = [handoff_pipe(self.config.to_document())]
+        env[CONFIG_FD_VARIABLE] = str(fds[0])
         try:
+            if service.identity is not None:
+                if service.token is not None:
+                    self.credentials.revoke(service.identity, service.token)
+                service.token = self.credentials.mint(service.identity)
+                fds.append(credential_pipe(service.token))
+                env["PLEXUS_CREDENTIAL_FD"] = str(fds[1])
             service.child = self.spawner.spawn(service.name, argv, env, fds)
         finally:
             for fd in fds:
@@ -495,7 +507,7 @@ class Supervisor:
 
     def _announce(self, kind: str, record: AppRecord, **fields: Any) -> None:
         """A lifecycle event: a log line and `$sys.audit.apps.<kind>` for the audit service."""
-        body = {"app": record.app_id, "event": kind, "at": self.clock(), **fields}
+        body = {"app": record.app_id, "event": kind, "at": self.wall_clock(), **fields}
         level = logging.INFO if kind in ("launch", "exit", "restart-scheduled") else logging.WARNING
         event(log, f"app-{kind}", level, **{k: v for k, v in body.items() if k != "event"})
         self._publish(f"$sys.audit.apps.{kind}", body)
@@ -514,7 +526,7 @@ class Supervisor:
             record.token = None
 
     def _write_state(self) -> None:
-        now = self.clock()
+        now, wall = self.clock(), self.wall_clock()
         self.paths.write_state(
             {
                 "pid": os.getpid(),
@@ -529,6 +541,6 @@ class Supervisor:
                     if "persistence" in self.services
                     else None
                 ),
-                "apps": {app_id: r.as_dict(now) for app_id, r in self.apps.items()},
+                "apps": {app_id: r.as_dict(now, wall) for app_id, r in self.apps.items()},
             }
         )

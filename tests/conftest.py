@@ -20,9 +20,12 @@ from typing import Any
 import pytest
 
 from broker import protocol as P
+from broker.config import CONFIG_FD_VARIABLE, PlatformConfig
+from broker.delivery import DELIVERY_FIELDS, DeliveryConfig
 from broker.paths import PlatformPaths
 from clients.bus import Bus
 from security.credentials import CredentialStore
+from security.handoff import handoff_pipe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,6 +50,30 @@ def stop_process(process: subprocess.Popen[Any], grace: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(grace)
+
+
+def platform_config(**settings: Any) -> PlatformConfig:
+    """The config of a test broker or service: the defaults with persistence off, changed by
+    `settings` (PlatformConfig fields; DeliveryConfig fields go to [delivery])."""
+    delivery = {name: settings.pop(name) for name in DELIVERY_FIELDS if name in settings}
+    settings.setdefault("persistence", False)
+    return PlatformConfig(**settings, delivery=DeliveryConfig(**delivery))
+
+
+def spawn_service(
+    module: str, home: Path, apps: Path, config: PlatformConfig, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`python -m MODULE` with `config` on PLEXUS_CONFIG_FD, as the supervisor starts it."""
+    fd = handoff_pipe(config.to_document())
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", module, "--home", str(home), "--apps", str(apps)],
+            cwd=REPO,
+            env={**(env or os.environ), CONFIG_FD_VARIABLE: str(fd)},
+            pass_fds=(fd,),
+        )
+    finally:
+        os.close(fd)
 
 
 def write_manifest(apps: Path, app_id: str, body: str) -> Path:
@@ -88,37 +115,19 @@ class BrokerHandle:
     def credentials(self) -> CredentialStore:
         return CredentialStore(self.paths.creds_dir)
 
-    def start(self, *extra: str) -> None:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "broker",
-                "--home",
-                str(self.home),
-                "--apps",
-                str(self.apps),
-                *extra,
-            ],
-            cwd=REPO,
-        )
+    def start(self, **settings: Any) -> None:
+        """The broker, with `platform_config(**settings)` (persistence off unless asked)."""
+        self.process = spawn_service("broker", self.home, self.apps, platform_config(**settings))
         wait_for(lambda: Path(self.endpoint.removeprefix("ipc://")).exists())
 
-    def start_persistence(self, *extra: str) -> None:
-        """The persistence service of this home (start the broker with --persistence on)."""
+    def start_persistence(self, **settings: Any) -> None:
+        """The persistence service of this home (start the broker with persistence=True)."""
         token = self.credentials.mint("$persistence")
-        self.persistence = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "persistence",
-                "--home",
-                str(self.home),
-                "--apps",
-                str(self.apps),
-                *extra,
-            ],
-            cwd=REPO,
+        self.persistence = spawn_service(
+            "persistence",
+            self.home,
+            self.apps,
+            platform_config(**settings),
             env={**os.environ, "PLEXUS_TOKEN": token},
         )
         store = self.paths.store_endpoint().removeprefix("ipc://")

@@ -29,6 +29,7 @@ from msgpack import unpackb
 
 from broker import protocol as P
 from broker.codec import encode_pub_header, new_message_id, pack
+from broker.config import PlatformConfig
 from broker.paths import PlatformPaths
 from perf import procutil
 from perf.model import LatencySummary, Phase, WorkerReport, WorkerSpec, topic_for
@@ -93,12 +94,14 @@ class PlexusBroker(BrokerHandle):
                 str(home),
                 "--apps",
                 str(apps),
-                # the raw workers send no heartbeats; spawning 500 of them takes ~30 s
-                "--peer-timeout-ms",
-                str(int(config.max_seconds * 1000) + 60_000),
             ],
             config.max_seconds,
             config.workdir / "plexus-broker.log",
+            config_document=PlatformConfig(
+                persistence=False,
+                # the raw workers send no heartbeats; spawning 500 of them takes ~30 s
+                peer_timeout_ms=int(config.max_seconds * 1000) + 60_000,
+            ).to_document(),
         )
         self._ctx = zmq.Context()
         self._cmd: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)

@@ -30,16 +30,11 @@ def chaos_broker(short_tmp: Path) -> Iterator[BrokerHandle]:
         },
     )
     handle.start(
-        "--heartbeat-ms",
-        "200",
-        "--peer-timeout-ms",
-        "1000",
-        "--grace-ms",
-        "20000",
-        "--window",
-        str(WINDOW),
-        "--queue-max",
-        str(2 * COUNT),
+        heartbeat_ms=200,
+        peer_timeout_ms=1000,
+        grace_ms=20000,
+        window=WINDOW,
+        queue_max=2 * COUNT,
     )
     yield handle
     handle.close()

@@ -33,7 +33,7 @@ MANIFESTS = {
 @pytest.fixture
 def platform(short_tmp: Path) -> Iterator[BrokerHandle]:
     handle = BrokerHandle.prepared(short_tmp, MANIFESTS)
-    handle.start("--persistence", "on")
+    handle.start(persistence=True)
     handle.start_persistence()
     yield handle
     handle.close()
@@ -59,7 +59,7 @@ def crash(handle: BrokerHandle, victim: str) -> None:
     """kill -9 one process and start it again at once (what the supervisor does)."""
     if victim == "broker":
         handle.kill()
-        handle.start("--persistence", "on")
+        handle.start(persistence=True)
     else:
         handle.kill_persistence()
         handle.start_persistence()

@@ -248,7 +248,7 @@ def test_stats_are_for_platform_identities_only(broker: BrokerHandle) -> None:
 
 def test_busy_publisher_that_receives_nothing_keeps_its_session(short_tmp: Path) -> None:
     handle = BrokerHandle.prepared(short_tmp, {"pub": '[permissions]\npublish = ["market.>"]\n'})
-    handle.start("--heartbeat-ms", "100", "--peer-timeout-ms", "500")
+    handle.start(heartbeat_ms=100, peer_timeout_ms=500)
     try:
         pub = handle.connect("pub")
         deadline = time.monotonic() + 2.0  # four peer timeouts of publishing, nothing received

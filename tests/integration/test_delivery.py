@@ -24,18 +24,13 @@ from broker.codec import pack
 from clients.bus import AuthenticationError, Message
 from tests.conftest import REPO, BrokerHandle, plexus_cli, wait_for
 
-FAST = [
-    "--heartbeat-ms",
-    "100",
-    "--peer-timeout-ms",
-    "600",
-    "--grace-ms",
-    "1500",
-    "--backoff-base-ms",
-    "100",
-    "--ack-timeout-ms",
-    "2000",
-]
+FAST = {
+    "heartbeat_ms": 100,
+    "peer_timeout_ms": 600,
+    "grace_ms": 1500,
+    "backoff_base_ms": 100,
+    "ack_timeout_ms": 2000,
+}
 
 
 @pytest.fixture
@@ -47,7 +42,7 @@ def fast_broker(short_tmp: Path) -> Iterator[BrokerHandle]:
             "sub": '[permissions]\nsubscribe = ["jobs.>"]\n',
         },
     )
-    handle.start(*FAST, "--window", "10", "--queue-max", "100")
+    handle.start(**FAST, window=10, queue_max=100)
     # what `plexus run` would record, so the real CLI can talk to this broker
     handle.paths.write_state(
         {
@@ -114,7 +109,7 @@ def test_resume_within_grace_gets_everything_in_order(fast_broker: BrokerHandle)
     gone = raw_session(fast_broker, "sub", "worker", "jobs.>")
     gone.close()
     pub = fast_broker.connect("pub")
-    for i in range(99):  # the session's queue holds 100 (--queue-max), all kept for it
+    for i in range(99):  # the session's queue holds 100 (queue_max), all kept for it
         pub.publish("jobs.seq", i)
     pub.publish("jobs.seq", 99, confirm=True)
     back = fast_broker.connect("sub", session="worker")
@@ -210,7 +205,7 @@ def test_publish_during_broker_outage_is_resent_and_deduplicated(
     thread = threading.Thread(target=publish_while_down)
     thread.start()
     time.sleep(0.3)  # the publish is queued while nothing listens
-    fast_broker.start(*FAST)
+    fast_broker.start(**FAST)
     thread.join(25)
     assert outcome, "the publish made during the outage was never confirmed"
     stats = fast_broker.connect("$cli").broker_stats()

@@ -46,7 +46,7 @@ def store_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[zmq.Socke
 
     root = Path(tempfile.mkdtemp(prefix="px-fz-", dir="/tmp"))
     handle = BrokerHandle.prepared(root, MANIFESTS)
-    handle.start("--persistence", "on")
+    handle.start(persistence=True)
     handle.start_persistence()
     sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0

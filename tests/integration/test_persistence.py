@@ -1,4 +1,4 @@
-"""Persistence with real processes: a broker with --persistence on, the persistence service,
+"""Persistence with real processes: a broker with persistence on, the persistence service,
 real LMDB files, real kill -9.
 
 What must hold: a confirm means stored; history and replay answer from the store (with
@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import pytest
@@ -31,18 +32,16 @@ MANIFESTS = {
 CANARY = "CANARY-7f3a9c-never-on-disk"
 
 
-def start_stored(
-    root: Path, *persistence_args: str, broker_args: tuple[str, ...] = ()
-) -> BrokerHandle:
+def start_stored(root: Path, **persistence_settings: Any) -> BrokerHandle:
     handle = BrokerHandle.prepared(root, MANIFESTS)
-    handle.start("--persistence", "on", *broker_args)
-    handle.start_persistence(*persistence_args)
+    handle.start(persistence=True)
+    handle.start_persistence(**persistence_settings)
     return handle
 
 
 @pytest.fixture
 def stored(short_tmp: Path) -> Iterator[BrokerHandle]:
-    handle = start_stored(short_tmp, "--sensitive-topic", "orders.secret.>")
+    handle = start_stored(short_tmp, sensitive_topics=("orders.secret.>",))
     yield handle
     handle.close()
 
@@ -139,7 +138,7 @@ def test_a_flipped_byte_in_a_ciphertext_is_a_storage_error(short_tmp: Path) -> N
             ]
             txn.put(key, encode_record(record.ts_ns, fields))
         env.close()
-        handle.start("--persistence", "on")
+        handle.start(persistence=True)
         handle.start_persistence()
         with pytest.raises(StorageError) as broken:
             handle.connect("sub").history("orders.new", last=1)
@@ -174,7 +173,7 @@ def test_a_killed_broker_rebuilds_durable_subscriptions_and_pending_deliveries(
     stored.buses.remove(durable)
     wait_stored(stored)
     stored.kill()
-    stored.start("--persistence", "on")
+    stored.start(persistence=True)
     for i in range(20, 25):
         pub.publish("jobs.work", i)
     pub.flush(15)
@@ -198,7 +197,7 @@ def test_dead_letters_survive_a_broker_restart(stored: BrokerHandle) -> None:
     before = cli.dead_letters()["entries"]
     wait_stored(stored)
     stored.kill()
-    stored.start("--persistence", "on")
+    stored.start(persistence=True)
     after = stored.connect("$cli", session="after").dead_letters()["entries"]
     assert [(e["id"], e["reason"], e["topic"]) for e in after] == [
         (e["id"], e["reason"], e["topic"]) for e in before
@@ -206,7 +205,7 @@ def test_dead_letters_survive_a_broker_restart(stored: BrokerHandle) -> None:
 
 
 def test_retention_deletes_old_segments_and_frees_their_space(short_tmp: Path) -> None:
-    handle = start_stored(short_tmp, "--max-age-s", "1", "--segment-period-s", "0.3")
+    handle = start_stored(short_tmp, max_age_s=1.0, segment_period_s=0.3)
     try:
         pub = handle.connect("pub")
         segments = handle.paths.store_dir / "segments"
@@ -236,7 +235,7 @@ def test_retention_deletes_old_segments_and_frees_their_space(short_tmp: Path) -
 
 
 def test_the_size_limit_is_kept_with_a_warning(short_tmp: Path) -> None:
-    handle = start_stored(short_tmp, "--max-size-mb", "1")
+    handle = start_stored(short_tmp, max_size_mb=1)
     try:
         alerts = handle.connect("$cli", session="alerts").subscribe("$sys.alerts.storage")
         pub = handle.connect("pub")

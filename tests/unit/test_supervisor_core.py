@@ -1,5 +1,5 @@
 """The supervisor's decisions through its OS seam, without processes or sleeps: `after`
-ordering and a crash seen on the next poll."""
+ordering, a crash seen on the next poll, and timers that ignore the wall clock."""
 
 from __future__ import annotations
 
@@ -52,22 +52,26 @@ class RecordingSpawner(Spawner):
 
 
 class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
 
     def __call__(self) -> float:
         return self.now
 
 
-def make(tmp_path: Path, manifests: dict[str, str]) -> tuple[Supervisor, RecordingSpawner, Clock]:
+def make(
+    tmp_path: Path, manifests: dict[str, str], wall: Clock | None = None
+) -> tuple[Supervisor, RecordingSpawner, Clock]:
+    """A supervisor on a fake OS; its monotonic clock is returned, `wall` its wall clock."""
     apps = tmp_path / "apps"
-    apps.mkdir()
+    apps.mkdir(parents=True)
     for app_id, body in manifests.items():
         (apps / f"{app_id}.toml").write_text(f'id = "{app_id}"\ncommand = ["true"]\n{body}')
     spawner, clock = RecordingSpawner(), Clock()
     paths = PlatformPaths.resolve(tmp_path / "h")
     paths.prepare()
-    supervisor = Supervisor(paths, apps, PlatformConfig(settle_s=1.0), spawner, clock)
+    config = PlatformConfig(settle_s=1.0, restart_budget=3, restart_window_s=60.0)
+    supervisor = Supervisor(paths, apps, config, spawner, clock, wall or Clock(1.7e9))
     supervisor.apps = {
         a: AppRecord(m, Lifecycle(supervisor._policy(m))) for a, m in load_manifests(apps).items()
     }
@@ -107,3 +111,61 @@ def test_a_crash_is_seen_on_the_next_poll_and_restarted_after_backoff(tmp_path: 
     clock.now = record.life.due_at
     supervisor.poll()
     assert spawner.spawned == ["app", "app"]
+
+
+def _decisions(tmp_path: Path, jump: float) -> list[tuple[Any, ...]]:
+    """Crash an app until its restart budget is spent, then stop another one, jumping the
+    wall clock by `jump` seconds (and back) between steps; what the supervisor decided."""
+    wall = Clock(1.7e9)
+    supervisor, spawner, clock = make(tmp_path, {"app": "", "other": ""}, wall)
+    trace: list[tuple[Any, ...]] = []
+
+    def step(advance: float) -> None:
+        clock.now += advance
+        wall.now += advance + (jump if len(trace) % 2 == 0 else -jump)
+        supervisor.poll()
+        life = supervisor.apps["app"].life
+        trace.append(
+            (
+                life.state,
+                len(spawner.spawned),
+                round(life.due_at - clock.now, 6) if life.state is State.BACKOFF else None,
+                len(spawner.signals),
+            )
+        )
+
+    step(0.0)
+    step(1.0)  # settled: RUNNING
+    for _ in range(4):  # three restarts fit the budget, the fourth crash is FATAL
+        spawner.processes["app"].status = 1
+        step(0.0)
+        delay = supervisor.apps["app"].life.due_at - clock.now
+        step(delay - 0.01)  # not yet due
+        step(0.01)  # due: spawned again
+        step(1.0)
+    supervisor._command({"op": "stop", "app": "other"}, clock.now)
+    step(supervisor.config.stop_grace_s - 0.01)  # SIGTERM sent, no SIGKILL yet
+    step(0.01)  # grace over: SIGKILL
+    listed = supervisor._command({"op": "list"}, clock.now)["apps"]["other"]
+    trace.append((listed["state"], listed["restarts"]))
+    return trace
+
+
+def test_a_wall_clock_jump_changes_no_restart_or_backoff_decision(tmp_path: Path) -> None:
+    steady = _decisions(tmp_path / "steady", 0.0)
+    assert [t[0] for t in steady[-4:-1]].count(State.FATAL) == 3  # the budget was spent
+    assert steady[-2][3] == steady[-3][3] + 1  # SIGKILL after the grace, on the monotonic clock
+    for jump in (3600.0, -3600.0):
+        assert _decisions(tmp_path / f"jump{jump:+.0f}", jump) == steady
+
+
+def test_the_wall_clock_only_stamps(tmp_path: Path) -> None:
+    wall = Clock(1.7e9)
+    supervisor, _spawner, clock = make(tmp_path, {"app": ""}, wall)
+    supervisor.poll()
+    clock.now += 2.0
+    wall.now += 2.0 + 3600.0  # the wall clock jumped an hour meanwhile
+    supervisor.poll()
+    listed = supervisor._command({"op": "list"}, clock.now)["apps"]["app"]
+    assert listed["uptime_s"] == 2.0  # measured on the monotonic clock
+    assert listed["started_at"] == wall.now - 2.0  # shown in wall time

@@ -1,0 +1,209 @@
+"""The platform config: one frozen dataclass, one set of defaults, one schema.
+
+`plexus run --config FILE` reads TOML into `PlatformConfig` (`supervisor.config`); the
+supervisor hands the result to the broker and the persistence service as one msgpack
+document on an inherited pipe (`PLEXUS_CONFIG_FD`), and each child derives its own
+settings from it. Nothing else carries a setting, so the three processes cannot disagree.
+It sits on the broker's floor because both the broker and the services read it.
+
+    [broker]
+    heartbeat_ms = 2000        # how often clients and broker prove they are alive
+    peer_timeout_ms = 10000    # silence after which a session ends
+    recovery_timeout_s = 10.0  # longest wait for the persistence service at broker start
+    [platform]
+    persistence = true         # false: no message data is written to disk
+    stop_grace_s = 5.0         # SIGTERM -> SIGKILL delay when stopping an app
+    restart_backoff_s = 0.5    # first restart delay, doubled per restart ...
+    restart_backoff_cap_s = 30.0   # ... up to this
+    restart_budget = 5         # restarts within restart_window_s, then FATAL
+    restart_window_s = 60.0
+    settle_s = 1.0             # alive this long: an app counts as running
+    cpu_window_s = 5.0         # over its CPU limit this long: an app is killed
+    [delivery]                 # broker.delivery.DeliveryConfig
+    [persistence]
+    max_age_s = 2592000        # retention: 30 days
+    max_size_mb = 0            # retention: store size budget (0 = none); cleanup from 90%
+    segment_max_mb = 256       # roll to a new LMDB segment at this size ...
+    segment_period_s = 3600    # ... or this age
+    sensitive_topics = []      # patterns whose payloads are stored encrypted (AES-256-GCM)
+
+The document is the same four sections as a msgpack map, plus `"version": 1`; it must
+name every key, so a child never fills a gap with a default of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from broker import protocol as P
+from broker.delivery import DeliveryConfig
+from broker.errors import WireError
+from broker.topics import pattern_tokens
+from security.handoff import HandoffError, read_fd_variable
+
+CONFIG_FD_VARIABLE = "PLEXUS_CONFIG_FD"
+"""Names the inherited descriptor holding the config document of a platform service."""
+DOCUMENT_VERSION = 1
+
+
+class ConfigError(Exception):
+    """The config cannot be used; the message names the source, key and fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformConfig:
+    """Settings of one platform run (sections and meaning: the module docstring)."""
+
+    heartbeat_ms: int = P.DEFAULT_HEARTBEAT_MS
+    peer_timeout_ms: int = P.DEFAULT_PEER_TIMEOUT_MS
+    persistence: bool = True
+    stop_grace_s: float = 5.0
+    restart_backoff_s: float = 0.5
+    restart_backoff_cap_s: float = 30.0
+    restart_budget: int = 5
+    restart_window_s: float = 60.0
+    settle_s: float = 1.0
+    cpu_window_s: float = 5.0
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    max_age_s: float = 30 * 86_400.0
+    max_size_mb: int = 0
+    segment_max_mb: int = 256
+    segment_period_s: float = 3600.0
+    sensitive_topics: tuple[str, ...] = ()
+    recovery_timeout_s: float = 10.0
+
+    def to_tables(self) -> dict[str, dict[str, Any]]:
+        """The config as its sections (the shape of the TOML file and of the document)."""
+        tables: dict[str, dict[str, Any]] = {}
+        for section, keys in SCHEMA.items():
+            owner: Any = self.delivery if section == "delivery" else self
+            tables[section] = {key: getattr(owner, key) for key in keys}
+        tables["persistence"]["sensitive_topics"] = list(self.sensitive_topics)
+        return tables
+
+    def to_document(self) -> bytes:
+        """The msgpack document a platform service reads from `PLEXUS_CONFIG_FD`."""
+        data: bytes = msgpack.packb({"version": DOCUMENT_VERSION, **self.to_tables()})
+        return data
+
+    @classmethod
+    def from_document(cls, data: bytes, source: str = "config document") -> PlatformConfig:
+        """The config `to_document` wrote; ConfigError saying what is wrong with anything else."""
+        try:
+            doc = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise ConfigError(f"{source}: not a msgpack document ({exc})") from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{source}: must be a map of sections, not {type(doc).__name__}")
+        version = doc.pop("version", None)
+        if version != DOCUMENT_VERSION:
+            raise ConfigError(
+                f"{source}: version {version!r}, this build reads {DOCUMENT_VERSION}; "
+                "run the supervisor and the services of one installation"
+            )
+        return from_tables(doc, source, complete=True)
+
+
+_Rule = tuple[type, tuple[float, float] | None]
+
+SCHEMA: dict[str, dict[str, _Rule]] = {
+    "broker": {
+        "heartbeat_ms": (int, (50, 600_000)),
+        "peer_timeout_ms": (int, (100, 3_600_000)),
+        "recovery_timeout_s": (float, (0.1, 3600.0)),
+    },
+    "platform": {
+        "persistence": (bool, None),
+        "stop_grace_s": (float, (0.1, 600.0)),
+        "restart_backoff_s": (float, (0.01, 600.0)),
+        "restart_backoff_cap_s": (float, (0.01, 3600.0)),
+        "restart_budget": (int, (0, 1000)),
+        "restart_window_s": (float, (1.0, 86400.0)),
+        "settle_s": (float, (0.0, 600.0)),
+        "cpu_window_s": (float, (0.5, 3600.0)),
+    },
+    "persistence": {
+        "max_age_s": (float, (1.0, 10 * 365 * 86_400.0)),
+        "max_size_mb": (int, (0, 2**30)),
+        "segment_max_mb": (int, (1, 1 << 20)),
+        "segment_period_s": (float, (0.1, 365 * 86_400.0)),
+        "sensitive_topics": (tuple, None),
+    },
+    "delivery": {
+        "grace_ms": (int, (0, 7 * 86_400_000)),
+        "retries": (int, (0, 100)),
+        "backoff_base_ms": (int, (1, 3_600_000)),
+        "backoff_cap_ms": (int, (1, 86_400_000)),
+        "ack_timeout_ms": (int, (10, 86_400_000)),
+        "window": (int, (1, 100_000)),
+        "queue_max": (int, (1, 10_000_000)),
+        "queue_max_bytes": (int, (1024, 2**40)),
+    },
+}
+"""Every key of every section: (type, inclusive bounds or None)."""
+
+
+def _number(value: Any) -> float:
+    """`value`, known to be an int or a float, as a number mypy can compare."""
+    return float(value)
+
+
+def _checked(source: str, section: str, key: str, raw: Any) -> Any:
+    """The value of one config key, or ConfigError naming it and the fix."""
+    schema = SCHEMA[section]
+    if key not in schema:
+        raise ConfigError(f"{source}: unknown key {section}.{key}; use {sorted(schema)}")
+    kind, bounds = schema[key]
+    if kind is tuple:
+        if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+            raise ConfigError(f"{source}: {section}.{key} must be a list of strings")
+        for pattern in raw:
+            try:
+                pattern_tokens(pattern)
+            except WireError as exc:
+                raise ConfigError(f"{source}: {section}.{key}: {exc.detail}") from None
+        return tuple(raw)
+    value: Any = float(raw) if kind is float and type(raw) is int else raw
+    if type(value) is not kind:
+        raise ConfigError(f"{source}: {section}.{key} must be {kind.__name__}")
+    if bounds is not None and not bounds[0] <= _number(value) <= bounds[1]:
+        raise ConfigError(f"{source}: {section}.{key} must be in {bounds}")
+    return value
+
+
+def from_tables(tables: Mapping[str, Any], source: str, complete: bool = False) -> PlatformConfig:
+    """A checked config from its sections; `complete`: every key must be given."""
+    values: dict[str, dict[str, Any]] = {section: {} for section in SCHEMA}
+    for section, table in tables.items():
+        if section not in SCHEMA or not isinstance(table, dict):
+            raise ConfigError(f"{source}: unknown section [{section}]; use {sorted(SCHEMA)}")
+        for key, raw in table.items():
+            values[section][key] = _checked(source, section, key, raw)
+    if complete:
+        missing = [f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys if k not in values[s]]
+        if missing:
+            raise ConfigError(f"{source}: lacks {', '.join(missing)}; write it with to_document()")
+    config = PlatformConfig(
+        **values["broker"],
+        **values["platform"],
+        **values["persistence"],
+        delivery=DeliveryConfig(**values["delivery"]),
+    )
+    if config.peer_timeout_ms <= config.heartbeat_ms:
+        raise ConfigError(f"{source}: broker.peer_timeout_ms must exceed broker.heartbeat_ms")
+    return config
+
+
+def config_from_environment(environ: Mapping[str, str] | None = None) -> PlatformConfig:
+    """The config the supervisor handed over on `PLEXUS_CONFIG_FD`; the defaults without it."""
+    try:
+        data = read_fd_variable(CONFIG_FD_VARIABLE, environ)
+    except HandoffError as exc:
+        raise ConfigError(str(exc)) from None
+    if data is None:
+        return PlatformConfig()
+    return PlatformConfig.from_document(data, f"config document on {CONFIG_FD_VARIABLE}")
