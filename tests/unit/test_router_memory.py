@@ -109,9 +109,9 @@ class Harness:
 @pytest.fixture(autouse=True)
 def small_dedupe_window(monkeypatch: pytest.MonkeyPatch) -> None:
     """The router remembers the ids of the last 131072 accepted publishes to drop resends:
-    bounded, but it would take that many messages to fill. A window of 256 fills during
-    the warm-up, so any growth left after it is not the dedupe window."""
-    monkeypatch.setattr(router_module, "_DEDUPE_LIMIT", 256)
+    bounded, but it takes that many publishes to fill (~170 bytes each, so it would show
+    as a slow climb). A window of one id is full at once: growth left is not the window."""
+    monkeypatch.setattr(router_module, "_DEDUPE_LIMIT", 1)
 
 
 def make_router() -> Router:
