@@ -64,6 +64,7 @@ def received(out: Path) -> list[int]:
     return [int(line) for line in out.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.timeout(300)  # its own deadlines add up to 150 s on a slow machine
 @pytest.mark.parametrize("round_", range(3))
 def test_kill_9_consumer_mid_stream_loses_nothing(
     chaos_broker: BrokerHandle, short_tmp: Path, round_: int

@@ -65,6 +65,7 @@ def crash(handle: BrokerHandle, victim: str) -> None:
         handle.start_persistence()
 
 
+@pytest.mark.timeout(600)  # 20 000 paced publishes and ten restarts: ~30 s, slower when loaded
 @pytest.mark.parametrize("victim", ["broker", "persistence"])
 def test_ten_crashes_in_twenty_thousand_confirmed_publishes_lose_nothing(
     platform: BrokerHandle, victim: str

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import zmq
 
@@ -93,8 +92,7 @@ def test_failing_handler_is_retried_with_backoff_then_dead_lettered(
     assert [a for a, _ in attempts] == [1, 2, 3, 4]
     gaps = [b - a for (_, a), (_, b) in itertools.pairwise(attempts)]
     # backoff 100, 200, 400 ms (base 100 ms, doubling); timer ticks add up to ~50 ms each
-    assert gaps[0] >= 0.09 and gaps[1] >= 0.18 and gaps[2] >= 0.36, gaps
-    assert gaps[2] > gaps[0], gaps
+    assert gaps[0] >= 0.09 and gaps[1] >= 0.18 and gaps[2] >= 0.36, gaps  # lower bounds only
     (entry,) = entries
     assert entry["reason"] == "nacked" and entry["attempts"] == 4
     assert entry["topic"] == "jobs.one" and entry["sender"] == "pub"
@@ -138,24 +136,23 @@ def test_session_gone_past_grace_dead_letters_its_queue(fast_broker: BrokerHandl
     assert {e["session"] for e in entries} == {"absent"}
 
 
-def test_slow_consumer_overflow_goes_to_the_dlq_and_memory_stays_bounded(
-    fast_broker: BrokerHandle,
-) -> None:
+def test_slow_consumer_overflow_goes_to_the_dlq(fast_broker: BrokerHandle) -> None:
+    """A subscriber that never acks holds its window and queue (110), and every further
+    message becomes a queue-full dead letter, none lost or kept elsewhere. That memory then
+    stays bounded is checked on the router itself with tracemalloc
+    (tests/unit/test_router_memory.py); an RSS ceiling here measured the allocator."""
     slow = fast_broker.connect("sub", session="slow")
     slow.subscribe("jobs.>", manual_ack=True)  # never acks: window 10, queue 100
     pub = fast_broker.connect("pub")
-    assert fast_broker.process is not None
-    broker_proc = psutil.Process(fast_broker.process.pid)
     payload = b"x" * 4096
-    for i in range(2000):
-        pub.publish("jobs.flood", payload, confirm=(i % 500 == 499))
-    rss_mid = broker_proc.memory_info().rss
-    for i in range(3000):
+    for i in range(5000):
         pub.publish("jobs.flood", payload, confirm=(i % 500 == 499))
     stats = fast_broker.connect("$cli").broker_stats()
-    assert stats["dlq_by_reason"]["queue-full"] >= 5000 - 110
+    assert stats["published"] == 5000
     assert stats["queued"] <= 110
-    assert broker_proc.memory_info().rss - rss_mid < 16 * 2**20  # bounded dead letters too
+    assert stats["dlq_by_reason"]["queue-full"] == stats["dlq_size"] >= 5000 - 110
+    assert stats["queued"] + stats["dlq_size"] == 5000, stats
+    assert stats["dlq_dropped"] == 0
 
 
 def test_frozen_subscriber_is_declared_unresponsive(fast_broker: BrokerHandle) -> None:
@@ -180,12 +177,11 @@ def test_frozen_subscriber_is_declared_unresponsive(fast_broker: BrokerHandle) -
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "ready"
         child.send_signal(signal.SIGSTOP)
-        stopped = time.monotonic()
-        notice = watcher.get(timeout=5)
+        notice = watcher.get(timeout=10)  # peer timeout 0.6 s: generous
         assert notice is not None
         assert notice.data["app"] == "sub" and notice.data["session"] == "frozen"
         assert notice.sender == "$broker"
-        assert time.monotonic() - stopped < 0.6 + 0.5  # peer timeout + one timer tick margin
+        assert notice.data["silent_ms"] >= 600  # declared only after the peer timeout
     finally:
         child.kill()
         child.wait(5)
@@ -204,7 +200,7 @@ def test_publish_during_broker_outage_is_resent_and_deduplicated(
 
     thread = threading.Thread(target=publish_while_down)
     thread.start()
-    time.sleep(0.3)  # the publish is queued while nothing listens
+    wait_for(lambda: pub.unconfirmed == 1, 5)  # queued while nothing listens
     fast_broker.start(**FAST)
     thread.join(25)
     assert outcome, "the publish made during the outage was never confirmed"
@@ -213,6 +209,9 @@ def test_publish_during_broker_outage_is_resent_and_deduplicated(
 
 
 def test_durable_subscription_outlives_the_grace_period(fast_broker: BrokerHandle) -> None:
+    """A session whose only subscription is durable is kept past the grace period. A
+    non-durable witness session, gone just after it, shows when the grace is over: it
+    expires, the durable one does not (no fixed sleep guessing the broker's timers)."""
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
     sock.rcvtimeo = 5000
@@ -224,9 +223,16 @@ def test_durable_subscription_outlives_the_grace_period(fast_broker: BrokerHandl
     sock.send_multipart([P.SUB, pack({"sid": 1, "pattern": "jobs.>", "durable": True})])
     assert sock.recv_multipart()[0] == P.SUBOK
     sock.close()
+    raw_session(fast_broker, "sub", "witness", "jobs.>").close()
     operator = fast_broker.connect("$cli")
-    wait_for(lambda: operator.broker_stats()["sessions_detached"] >= 1, 5)
-    time.sleep(2.0)  # past the 1.5 s grace period: a non-durable session would be gone
+    wait_for(lambda: operator.broker_stats()["sessions_detached"] >= 2, 5)
+
+    def witness_expired() -> dict[str, Any] | None:
+        stats = operator.broker_stats()
+        return stats if stats["sessions_expired"] >= 1 else None
+
+    stats = wait_for(witness_expired, 10)
+    assert stats["sessions_expired"] == 1 and stats["sessions_detached"] == 1  # the keeper
     fast_broker.connect("pub").publish("jobs.kept", "still here", confirm=True)
     back = fast_broker.connect("sub", session="keeper")
     message = back.subscribe("jobs.>", durable=True).get(5)
@@ -255,7 +261,16 @@ def test_a_taken_over_session_stays_with_the_newer_connection(fast_broker: Broke
     first.subscribe("jobs.>")
     second = fast_broker.connect("sub", session="desk")
     sub = second.subscribe("jobs.>")
-    time.sleep(1.0)  # several heartbeats: the old client must not take the session back
+
+    def first_told_it_was_taken_over() -> bool:
+        try:
+            first.flush(1)  # nothing to flush: raises what ended its connection, if anything
+        except AuthenticationError as exc:
+            return exc.code == 203
+        return False
+
+    wait_for(first_told_it_was_taken_over, 5)
+    time.sleep(0.5)  # not a wait for anything: five heartbeats in which it must stay out
     fast_broker.connect("pub").publish("jobs.x", 1, confirm=True)
     message = sub.get(5)
     assert message is not None and message.data == 1
