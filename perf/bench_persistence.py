@@ -346,7 +346,7 @@ def _segment_defaults() -> tuple[int, int]:
 
 def open_writer(store_dir: Path, clock: Callable[[], int] = time.time_ns) -> Any:
     """A StoreWriter on `store_dir` laid out as the service lays it out."""
-    from broker.recovery import SEGMENTS_DIR, STATE_FILE
+    from broker.paths import SEGMENTS_DIR, STATE_FILE
     from persistence.state import StateStore
     from persistence.store import MessageStore, SegmentPolicy
     from persistence.writer import StoreWriter
@@ -994,7 +994,7 @@ def _replay_baselines(store_dir: Path, first_seq: int, count: int) -> tuple[floa
     in this process beside the running service (LMDB readers do not block its writer)."""
     import lmdb
 
-    from broker.recovery import SEGMENTS_DIR
+    from broker.paths import SEGMENTS_DIR
     from persistence.segments import list_segment_files, seq_key
     from persistence.store import MessageStore
 
@@ -1062,7 +1062,7 @@ def section_store(args: argparse.Namespace) -> dict[str, Any]:
 def _measure_reads(
     args: argparse.Namespace, platform_: Platform, first_ts: int, n: int
 ) -> dict[str, Any]:
-    from broker.recovery import SEGMENTS_DIR
+    from broker.paths import SEGMENTS_DIR
     from clients.bus import Bus
     from persistence.store import MessageStore
 
