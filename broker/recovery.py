@@ -97,13 +97,10 @@ class RecoveryReport:
         self._deliveries: dict[SessionKey, list[Delivery]] = {}
 
 
-def apply_restore(
-    router: Restorable, page: EvRestore, now_ns: int, report: RecoveryReport
-) -> None:
+def apply_restore(router: Restorable, page: EvRestore, now_ns: int, report: RecoveryReport) -> None:
     """Apply one EVRESTORE page to `router`; on the `done` page, restore the sessions."""
     report.pages += 1
-    if page.watermark > report.watermark:
-        report.watermark = page.watermark
+    report.watermark = max(report.watermark, page.watermark)
     router.log.start_after(page.watermark)
     for app, session, subscriptions in page.sessions:
         report._subscriptions.setdefault((app, session), {}).update(subscriptions)

@@ -95,9 +95,7 @@ class RestoreReader:
         watermark = self.watermark()
         page = _Page()
         for kind, row, size in self._rows():
-            if page.rows and (
-                page.rows >= self._page_rows or page.size + size > self._page_bytes
-            ):
+            if page.rows and (page.rows >= self._page_rows or page.size + size > self._page_bytes):
                 yield page.record(watermark, done=False)
                 page = _Page()
             getattr(page, kind).append(row)
@@ -125,7 +123,9 @@ class RestoreReader:
             row = (stored.sender, stored.msg_id, stored.seq, stored.ts_ns)
             yield "recent", row, _ROW_OVERHEAD + len(stored.sender) + len(stored.msg_id)
 
-    def _delivery(self, app: str, session: str, seq: int, sids: list[int]) -> tuple[Any, ...] | None:
+    def _delivery(
+        self, app: str, session: str, seq: int, sids: list[int]
+    ) -> tuple[Any, ...] | None:
         stored = self._messages.get(seq)
         if stored is None:
             self.skipped += 1

@@ -126,7 +126,7 @@ class StoreWriter:
         record["dead_ns"] = ts_ns
         return record
 
-    def _apply(
+    def _apply(  # noqa: PLR0912 (one case per stored kind)
         self, txn: lmdb.Transaction, event: R.Event, dead_letters: dict[int, dict[str, Any]]
     ) -> None:
         state = self.state

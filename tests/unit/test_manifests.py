@@ -262,13 +262,12 @@ def test_catalog_rereads_an_unchanged_directory_at_most_once_a_second(
 ) -> None:
     clock = _Clock()
     scans: list[Path] = []
-    real = catalog_module.load_manifests
 
     def counting(directory: Path) -> dict[str, Manifest]:
         scans.append(directory)
-        return real(directory)
+        return load_manifests(directory)
 
-    monkeypatch.setattr(catalog_module, "load_manifests", counting)
+    monkeypatch.setattr("broker.catalog.load_manifests", counting)
     catalog = ManifestCatalog(tmp_path, clock)
     assert len(scans) == 1
     for _ in range(100):
