@@ -111,12 +111,13 @@ class EventFeed:
             event(log, "event-gap", logging.WARNING, fetch_from=gap)
         return fresh
 
-    def skip_to(self, seq: int) -> None:
-        """Events up to `seq` will never come (they died with a crashed broker before
-        anyone stored them): continue after them."""
-        self.received = max(self.received, seq)
-        if self.fetching_from and self.fetching_from <= seq:
-            self.fetching_from = 0
+    def continue_after(self, seq: int) -> None:
+        """The stream goes on after `seq`: events between the feed and it will never come
+        (they died with a crashed broker before anyone stored them), and after a broker's
+        restore anything the feed took beyond `seq` came from the dead broker (the new
+        one numbers after `seq` again)."""
+        self.received = seq
+        self.fetching_from = 0
 
     def _gap(self) -> int:
         self.gaps += 1
@@ -223,8 +224,7 @@ class BrokerLink:
         resume = error.ref.get("resume_from")
         if type(resume) is int and resume > feed.received:
             event(log, "events-skipped", logging.WARNING, first=feed.received + 1, resume=resume)
-            feed.skip_to(resume - 1)
-            feed.fetching_from = 0
+            feed.continue_after(resume - 1)
             return False
         if error.code == int(Code.NOT_WELCOMED):
             self.welcomed = self.synced = False

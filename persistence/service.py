@@ -216,9 +216,15 @@ class PersistenceService:
             stream.link.send(page.frames())
             pages += 1
             watermark = page.watermark
-        # the new broker numbers events after the store's watermark; anything between
-        # ours and it died with the old broker unstored
-        stream.feed.skip_to(watermark)
+        # the new broker numbers its events after the store's watermark: events between
+        # ours and it died with the old broker unstored, and events still pending beyond
+        # it (a commit that failed, e.g. disk full) came from the old broker: never stored,
+        # never confirmed, their seqs about to be reused, so they go
+        dropped = [e for e in self._pending if e.seq > watermark]
+        if dropped:
+            self._pending = [e for e in self._pending if e.seq <= watermark]
+            event(log, "restore-dropped-pending", logging.WARNING, events=len(dropped))
+        stream.feed.continue_after(watermark)
         self.restores += 1
         event(
             log,

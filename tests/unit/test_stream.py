@@ -69,12 +69,13 @@ def test_a_malformed_batch_or_an_old_schema_is_dropped_not_fatal() -> None:
     assert (feed.malformed, feed.received) == (2, 0)
 
 
-def test_skip_to_moves_past_events_that_will_never_come() -> None:
+def test_continue_after_moves_the_feed_either_way() -> None:
     feed = EventFeed(received=3, fetching_from=4)
-    feed.skip_to(9)
+    feed.continue_after(9)  # events that will never come
     assert (feed.received, feed.fetching_from) == (9, 0)
-    feed.skip_to(2)
-    assert feed.received == 9
+    feed.continue_after(6)  # a restored broker numbers after the store's watermark
+    assert feed.received == 6
+    assert seqs(feed.ingest(*batch(7, 2))) == [7, 8]
 
 
 @given(
