@@ -24,6 +24,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(PY) -m tests.layers          # the import floors (also tests/unit/test_layers.py in make test)
 
 bench: $(STAMP)
 	bash perf/setup.sh $(PY)

@@ -392,5 +392,44 @@ def decode_events(blob: bytes) -> list[Event]:
             and type(item[2]) is int
         ):
             raise ProtocolViolation(Code.MALFORMED_FRAME, "an event must be [seq, kind, ts, …]")
-        events.append(Event(item[0], item[2], decode_record(item[1], item[3:])))
+        build = _BUILDERS.get(item[1]) if type(item[1]) is int else None
+        event = build(item) if build is not None else None
+        if event is None:  # the slow path names what is wrong
+            event = Event(item[0], item[2], decode_record(item[1], item[3:]))
+        events.append(event)
     return events
+
+
+def _builder(kind: int) -> Any:
+    """A function [seq, kind, ts, field…] -> Event, or None when a field's type or the
+    arity is wrong: the checks of `decode_record` and both constructors fused into one
+    generated function (decoding is the hot path of every consumer; the frozen
+    dataclasses' own __init__ and the generic check loop cost twice as much)."""
+    checks = _FIELD_CHECKS[kind]
+    names = [f"f{i}" for i in range(len(checks))]
+    spec: dict[str, Any] = {"new": object.__new__, "sa": object.__setattr__}
+    spec |= {"Record": RECORDS[kind], "Event": Event}
+    spec |= {f"T{i}": expected for i, (_, expected) in enumerate(checks)}
+    lines = [
+        "def build(item):",
+        f"    if len(item) != {3 + len(checks)}:",
+        "        return None",
+        f"    seq, _kind, ts, {', '.join(names)}, = item" if names else "    seq, _kind, ts = item",
+    ]
+    if names:
+        typed = " and ".join(f"type(f{i}) is T{i}" for i in range(len(checks)))
+        lines += [f"    if not ({typed}):", "        return None"]
+    lines.append("    record = new(Record)")
+    lines += [f"    sa(record, {name!r}, f{i})" for i, (name, _) in enumerate(checks)]
+    lines += [
+        "    event = new(Event)",
+        "    sa(event, 'seq', seq)",
+        "    sa(event, 'ts_ns', ts)",
+        "    sa(event, 'record', record)",
+        "    return event",
+    ]
+    exec("\n".join(lines), spec)  # noqa: S102 (code built here from our own field lists)
+    return spec["build"]
+
+
+_BUILDERS: Final = {kind: _builder(kind) for kind in RECORDS}

@@ -1,5 +1,8 @@
 """Where one platform keeps its state: the home dir, its runtime dir and the bus endpoint.
 
+The one place for file names that several processes share (the store's layout, the run
+dir's sockets), so no service imports another's module to find a file.
+
 Everything of one platform lives under its home (`--home`, else `$PLEXUS_HOME`, else the
 per-user data dir), so two homes never meet. Sockets live in `HOME/run` (mode 0700); when
 that path is too long for an ipc socket name (Linux allows 107 bytes), a short private
@@ -20,6 +23,11 @@ from typing import Any
 import zmq
 
 _IPC_PATH_LIMIT = 100
+
+STATE_FILE = "state.mdb"
+"""The durable-state LMDB environment under `store_dir` (persistence.state)."""
+SEGMENTS_DIR = "segments"
+"""The message segments under `store_dir` (persistence.segments)."""
 
 
 def default_home() -> Path:
@@ -76,6 +84,14 @@ class PlatformPaths:
     def store_dir(self) -> Path:
         """LMDB segments and the durable-state environment."""
         return self.home / "store"
+
+    @property
+    def segments_dir(self) -> Path:
+        return self.store_dir / SEGMENTS_DIR
+
+    @property
+    def state_path(self) -> Path:
+        return self.store_dir / STATE_FILE
 
     @property
     def keys_dir(self) -> Path:

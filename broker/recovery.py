@@ -1,150 +1,191 @@
-"""A restarted broker rebuilds what must survive it from the store.
+"""A restarted broker rebuilds what must survive it from the pages persistence sends.
 
-Read-only, once, before the broker serves apps (with persistence on, it waits until the
-persistence service reports that everything it received is committed, so the store is
-complete up to that watermark):
+The broker never opens the store nor the key ring: persistence owns both. When the
+broker's EVSYNCOK asks for a restore, persistence reads the store and sends the durable
+state as EVRESTORE pages (`broker.wire.EvRestore`, docs/protocol.md §14.5), payloads of
+sensitive messages already opened. `apply_restore` turns one page into router state; it
+is pure (no file, no socket, no key) and the server calls it for every page, ending
+recovery on the page marked `done`:
 
-- durable subscriptions, each in a detached session that waits for its app;
-- their unacknowledged deliveries, queued again in publish order (payloads of sensitive
-  messages opened with the key ring);
+- the watermark: event numbering continues after it;
+- durable sessions and their unacknowledged deliveries (in publish order): gathered
+  page by page, since one session's backlog may span many pages, and restored, detached
+  and waiting for their app, when the last page arrives;
 - the dead-letter queue, entry ids kept;
-- the ids of recent messages, so a publisher resending what was stored before the crash
-  is confirmed without the message being routed twice;
-- the event sequence, continued after the watermark.
+- the ids of recent messages, oldest first, so a publisher resending what was stored
+  before the crash is confirmed without the message being routed twice.
+
+A row that does not have the documented types is skipped and logged, never fatal: the
+broker recovers all it can.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, Protocol
 
 from broker.codec import encode_sids
 from broker.delivery import Delivery
 from broker.dlq import DeadLetter
 from broker.logs import event
-from broker.paths import PlatformPaths
-from broker.router import Router
-from persistence.keyring import KeyRing, StorageDataError
-from persistence.state import StateStore
-from persistence.store import MessageStore
+from broker.wire import EvRestore
 
 log = logging.getLogger("plexus.broker")
 
-STATE_FILE = "state.mdb"
-SEGMENTS_DIR = "segments"
-RECENT_IDS = 131_072
+SessionKey = tuple[str, str]
+
+_DELIVERY_TYPES: Final = (str, str, int, list, str, int, str, bytes, bytes, bytes, bool)
+"""app, session, stored_seq, sids, sender, ts_ns, topic, msg_id, header, payload, sensitive"""
+_DELIVERY_SIDS: Final = 3
+_DEAD_LETTER_TYPES: Final = (
+    *(int, str, str, str, int, int, str, int),
+    *(str, int, str, bytes, bytes, bytes, bool, list),
+)
+"""entry_id, reason, app, session, dead_ns, attempts, error, stored_seq,
+sender, published_ns, topic, msg_id, header, payload, sensitive, sids"""
+_DEAD_LETTER_SIDS: Final = 15
 
 
-@dataclass(slots=True)
+class _Numbering(Protocol):
+    def start_after(self, seq: int) -> None: ...
+
+
+class _DeadLetters(Protocol):
+    def restore(self, entry: DeadLetter) -> None: ...
+
+
+class Restorable(Protocol):
+    """What recovery needs of the router (broker.router.Router has it)."""
+
+    @property
+    def log(self) -> _Numbering: ...
+
+    @property
+    def dlq(self) -> _DeadLetters: ...
+
+    def restore_session(
+        self,
+        key: SessionKey,
+        subscriptions: dict[int, str],
+        deliveries: list[Delivery],
+        now_ns: int,
+    ) -> bool: ...
+
+    def remember_published(
+        self, sender: str, msg_id: bytes, stored_seq: int, stored_ts_ns: int
+    ) -> None: ...
+
+
+@dataclass
 class RecoveryReport:
+    """What a restore brought back; one per recovery, passed to every page's call."""
+
     watermark: int = 0
+    pages: int = 0
     sessions: int = 0
     subscriptions: int = 0
     deliveries: int = 0
     dead_letters: int = 0
     recent_ids: int = 0
     skipped: int = 0
+    done: bool = False
+
+    def __post_init__(self) -> None:
+        # not a field: asdict(report) stays the counters the broker logs
+        self._subscriptions: dict[SessionKey, dict[int, str]] = {}
+        self._deliveries: dict[SessionKey, list[Delivery]] = {}
 
 
-class _LazyKeys:
-    """Opens the key ring only when a sealed payload is met (most stores have none)."""
-
-    def __init__(self, paths: PlatformPaths) -> None:
-        self._paths = paths
-        self._ring: KeyRing | None = None
-
-    def open(self, msg_id: bytes, topic: str, sealed: bytes) -> bytes:
-        if self._ring is None:
-            self._ring = KeyRing.open(self._paths.keys_dir)
-        return self._ring.open_sealed(msg_id, topic, sealed)
-
-
-def recover(router: Router, paths: PlatformPaths, now_ns: int) -> RecoveryReport:
-    """Restore `router` from the store under `paths` (nothing there: a first start)."""
-    report = RecoveryReport()
-    state_path = paths.store_dir / STATE_FILE
-    if not state_path.exists():
-        return report
-    state = StateStore(state_path, readonly=True)
-    messages = MessageStore(paths.store_dir / SEGMENTS_DIR, readonly=True)
-    keys = _LazyKeys(paths)
-    try:
-        report.watermark = max(state.watermark(), messages.last_seq())
-        router.log.start_after(report.watermark)
-        for key, subscriptions in state.subscriptions().items():
-            deliveries = []
-            for seq, sids in state.pending_of(*key):
-                stored = messages.get(seq)
-                if stored is None:
-                    report.skipped += 1
-                    continue
-                try:
-                    payload = (
-                        keys.open(stored.msg_id, stored.topic, stored.payload)
-                        if stored.sealed
-                        else stored.payload
-                    )
-                except StorageDataError as exc:
-                    report.skipped += 1
-                    event(log, "recovery-record-unreadable", logging.ERROR, seq=seq, error=str(exc))
-                    continue
-                delivery = Delivery(
-                    0,
-                    encode_sids(tuple(sids)),
-                    stored.sender,
-                    stored.ts_ns,
-                    stored.topic,
-                    stored.msg_id,
-                    stored.header,
-                    payload,
-                    stored_seq=seq,
-                    durable_sids=encode_sids(tuple(sids)),
-                    sensitive=stored.sealed,
-                )
-                deliveries.append(delivery)
-            if router.restore_session(key, subscriptions, deliveries, now_ns):
-                report.sessions += 1
-                report.subscriptions += len(subscriptions)
-                report.deliveries += len(deliveries)
-            else:
-                event(log, "recovery-app-gone", logging.WARNING, app=key[0], session=key[1])
-        for record in state.dead_letters():
-            entry = _dead_letter(record.entry_id, record.fields, keys)
-            if entry is None:
-                report.skipped += 1
-                continue
-            router.dlq.restore(entry)
+def apply_restore(router: Restorable, page: EvRestore, now_ns: int, report: RecoveryReport) -> None:
+    """Apply one EVRESTORE page to `router`; on the `done` page, restore the sessions."""
+    report.pages += 1
+    report.watermark = max(report.watermark, page.watermark)
+    router.log.start_after(page.watermark)
+    for app, session, subscriptions in page.sessions:
+        report._subscriptions.setdefault((app, session), {}).update(subscriptions)
+    for row in page.deliveries:
+        if not _typed(row, _DELIVERY_TYPES, _DELIVERY_SIDS, "delivery", report):
+            continue
+        key = (row[0], row[1])
+        report._deliveries.setdefault(key, []).append(_delivery(row))
+    for row in page.dead_letters:
+        if _typed(row, _DEAD_LETTER_TYPES, _DEAD_LETTER_SIDS, "dead letter", report):
+            router.dlq.restore(_dead_letter(row))
             report.dead_letters += 1
-        for stored in reversed(messages.recent(RECENT_IDS)):
-            router.remember_published(stored.sender, stored.msg_id, stored.seq, stored.ts_ns)
-            report.recent_ids += 1
-    finally:
-        messages.close()
-        state.close()
-    return report
+    for sender, msg_id, seq, ts_ns in page.recent:
+        router.remember_published(sender, msg_id, seq, ts_ns)
+        report.recent_ids += 1
+    if page.done:
+        _restore_sessions(router, now_ns, report)
 
 
-def _dead_letter(entry_id: int, f: dict[str, Any], keys: _LazyKeys) -> DeadLetter | None:
-    payload = f["payload"]
-    if f.get("sealed"):
-        try:
-            payload = keys.open(f["msg_id"], f["topic"], payload)
-        except StorageDataError as exc:
-            event(log, "recovery-record-unreadable", logging.ERROR, dlq=entry_id, error=str(exc))
-            return None
+def _restore_sessions(router: Restorable, now_ns: int, report: RecoveryReport) -> None:
+    for key, subscriptions in report._subscriptions.items():
+        deliveries = report._deliveries.pop(key, [])
+        if router.restore_session(key, subscriptions, deliveries, now_ns):
+            report.sessions += 1
+            report.subscriptions += len(subscriptions)
+            report.deliveries += len(deliveries)
+        else:
+            report.skipped += len(deliveries)
+            event(log, "recovery-app-gone", logging.WARNING, app=key[0], session=key[1])
+    for key, orphans in report._deliveries.items():  # pending without a durable subscription
+        report.skipped += len(orphans)
+        event(log, "recovery-orphan-deliveries", logging.WARNING, app=key[0], session=key[1])
+    report._subscriptions.clear()
+    report._deliveries.clear()
+    report.done = True
+
+
+def _typed(
+    row: tuple[Any, ...], types: tuple[type, ...], sids_at: int, what: str, report: RecoveryReport
+) -> bool:
+    """Whether `row` has the documented field types (sids: a list of ints)."""
+    ok = (
+        len(row) == len(types)
+        and all(type(value) is kind for value, kind in zip(row, types, strict=True))
+        and all(type(sid) is int for sid in row[sids_at])
+    )
+    if not ok:
+        report.skipped += 1
+        event(log, "recovery-row-malformed", logging.ERROR, what=what, fields=len(row))
+    return ok
+
+
+def _delivery(row: tuple[Any, ...]) -> Delivery:
+    _app, _session, seq, sids, sender, ts_ns, topic, msg_id, header, payload, sensitive = row
+    packed = encode_sids(tuple(sids))
+    return Delivery(
+        0,
+        packed,
+        sender,
+        ts_ns,
+        topic,
+        msg_id,
+        header,
+        payload,
+        stored_seq=seq,
+        durable_sids=packed,
+        sensitive=sensitive,
+    )
+
+
+def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
+    (entry_id, reason, app, session, dead_ns, attempts, error, stored_seq) = row[:8]
+    (sender, published_ns, topic, msg_id, header, payload, sensitive, sids) = row[8:]
     delivery = Delivery(
         0,
-        f["sids"],
-        f["sender"],
-        f["published_ns"],
-        f["topic"],
-        f["msg_id"],
-        f["header"],
+        encode_sids(tuple(sids)),
+        sender,
+        published_ns,
+        topic,
+        msg_id,
+        header,
         payload,
-        attempt=f["attempts"],
-        last_error=f["error"],
-        stored_seq=f["stored_seq"],
-        sensitive=bool(f["sensitive"]),
+        attempt=attempts,
+        last_error=error,
+        stored_seq=stored_seq,
+        sensitive=sensitive,
     )
-    return DeadLetter(entry_id, f["reason"], f["app"], f["session"], f["dead_ns"], delivery)
+    return DeadLetter(entry_id, reason, app, session, dead_ns, delivery)

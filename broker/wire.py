@@ -57,6 +57,12 @@ MAX_HISTORY: Final = 100_000
 
 EVRESTORE: Final = b"EVRESTORE"
 """persistence -> broker, after EVSYNCOK: the durable state a recovering broker rebuilds."""
+RESTORE_RECENT_IDS: Final = 131_072
+"""How many of the newest stored message ids a restore carries (the broker's dedupe)."""
+RESTORE_PAGE_ROWS: Final = 1000
+RESTORE_PAGE_BYTES: Final = P.MAX_PAYLOAD_BYTES
+"""Budget of one EVRESTORE page (rows' variable fields): one page is always below the
+broker's MAX_FRAME_BYTES, also when its one row carries a maximal payload."""
 
 
 def expect_frames(frames: list[bytes], count: int) -> None:
@@ -779,7 +785,11 @@ class EvRestore:
     sensitive] unacknowledged, in publish order; `dead_letters`: [entry_id, reason, app,
     session, dead_ns, attempts, error, stored_seq, sender, published_ns, topic, msg_id,
     header, payload, sensitive, sids]; `recent`: [sender, msg_id, seq, ts_ns] of recent
-    messages (resends are confirmed, not routed again). `done` ends the restore.
+    messages, oldest first (resends are confirmed, not routed again). `done` ends the
+    restore. `sids` are lists of ints; payloads are opened (never sealed); `sensitive`
+    says the message was stored sealed. Pages are bounded (at most `RESTORE_PAGE_ROWS`
+    rows and about `RESTORE_PAGE_BYTES`, so a page fits the broker's frame limit); a
+    session's deliveries may span pages.
     """
 
     COMMAND: ClassVar[bytes] = EVRESTORE
@@ -828,9 +838,14 @@ class EvRestore:
         recent: list[tuple[str, bytes, int, int]] = []
         for item in _list(body, "recent"):
             row = _row(item, 4, "recent id")
-            if not (isinstance(row[0], str) and isinstance(row[1], bytes)):
+            if not (
+                isinstance(row[0], str)
+                and isinstance(row[1], bytes)
+                and type(row[2]) is int
+                and type(row[3]) is int
+            ):
                 raise ProtocolViolation(Code.BAD_HEADER, "EVRESTORE recent id is malformed")
-            recent.append((row[0], row[1], int(row[2]), int(row[3])))
+            recent.append((row[0], row[1], row[2], row[3]))
         return cls(
             required_int(body, "wm", 0, _SEQ_MAX),
             tuple(sessions),

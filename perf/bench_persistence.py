@@ -56,7 +56,7 @@ from unittest import mock
 import msgpack
 import zmq
 
-from broker import events as E
+from broker import event_records as R
 from broker import protocol as P
 from broker.codec import encode_pub_header, new_message_id
 from broker.config import PlatformConfig
@@ -312,8 +312,9 @@ def _temp_root(prefix: str) -> Path:
 
 
 class EventMaker:
-    """MSG events as the broker writes them: real headers and ids, 256 B payloads, random
-    topics out of 1,000, contiguous seqs, timestamps 3.6 ms apart (1 M messages an hour)."""
+    """Published events (stream v2) as the broker writes them: real headers and ids, 256 B
+    payloads, random topics out of 1,000, contiguous seqs, timestamps 3.6 ms apart (1 M
+    messages an hour)."""
 
     def __init__(self, first_ts_ns: int, seed: int = 7) -> None:
         self.rng = random.Random(seed)
@@ -325,16 +326,18 @@ class EventMaker:
     def ts_of(self, seq: int) -> int:
         return self.first_ts_ns + (seq - 1) * SPACING_NS
 
-    def batch(self, n: int) -> list[E.Event]:
-        out: list[E.Event] = []
+    def batch(self, n: int) -> list[R.Event]:
+        out: list[R.Event] = []
         pick = self.rng.randrange
         topics, payload = self.topics, self.payload
         for seq in range(self.next_seq, self.next_seq + n):
             msg_id = new_message_id()
             topic = topics[pick(TOPICS)]
             header = encode_pub_header(msg_id, topic)
-            fields: tuple[Any, ...] = (PUB_APP, topic, msg_id, False, header, payload, [])
-            out.append(E.Event(seq, E.MSG, self.ts_of(seq), fields))
+            record = R.Published(
+                PUB_APP, "bench", topic, msg_id, "", "", False, header, payload, []
+            )
+            out.append(R.Event(seq, self.ts_of(seq), record))
         self.next_seq += n
         return out
 
@@ -349,7 +352,7 @@ def _segment_defaults() -> tuple[int, int]:
 
 def open_writer(store_dir: Path, clock: Callable[[], int] = time.time_ns) -> Any:
     """A StoreWriter on `store_dir` laid out as the service lays it out."""
-    from broker.recovery import SEGMENTS_DIR, STATE_FILE
+    from broker.paths import SEGMENTS_DIR, STATE_FILE
     from persistence.state import StateStore
     from persistence.store import MessageStore, SegmentPolicy
     from persistence.writer import StoreWriter
@@ -383,7 +386,7 @@ def disk_usage(path: Path) -> tuple[int, int]:
 # -- section 1: StoreWriter throughput --------------------------------------------------------
 
 
-def _writer_run(events: list[E.Event], root: Path) -> tuple[float, list[float]]:
+def _writer_run(events: list[R.Event], root: Path) -> tuple[float, list[float]]:
     """(msg/s, commit seconds per batch) of StoreWriter.commit on a fresh store."""
     writer = open_writer(root / "store")
     batches = [events[k : k + COMMIT_BATCH] for k in range(0, len(events), COMMIT_BATCH)]
@@ -437,11 +440,10 @@ def section_writer(n: int, repeat: int) -> dict[str, Any]:
     records = [
         (
             seq_key(e.seq),
-            encode_record(
-                e.ts_ns, [e.fields[0], e.fields[1], e.fields[2], e.fields[4], e.fields[5], False]
-            ),
+            encode_record(e.ts_ns, [m.sender, m.topic, m.msg_id, m.header, m.payload, False]),
         )
         for e in events
+        if isinstance(m := e.record, R.Published)
     ]
     writer_rates: list[float] = []
     lmdb_rates: list[float] = []
@@ -997,7 +999,7 @@ def _replay_baselines(store_dir: Path, first_seq: int, count: int) -> tuple[floa
     in this process beside the running service (LMDB readers do not block its writer)."""
     import lmdb
 
-    from broker.recovery import SEGMENTS_DIR
+    from broker.paths import SEGMENTS_DIR
     from persistence.segments import list_segment_files, seq_key
     from persistence.store import MessageStore
 
@@ -1065,7 +1067,7 @@ def section_store(args: argparse.Namespace) -> dict[str, Any]:
 def _measure_reads(
     args: argparse.Namespace, platform_: Platform, first_ts: int, n: int
 ) -> dict[str, Any]:
-    from broker.recovery import SEGMENTS_DIR
+    from broker.paths import SEGMENTS_DIR
     from clients.bus import Bus
     from persistence.store import MessageStore
 

@@ -1,4 +1,2 @@
-"""Persistence service: stores the event stream in LMDB segments.
-
-Arrives with the persistence issue; nothing here yet writes to disk.
-"""
+"""Persistence service (floor 4): the event stream into LMDB segments and durable state,
+history and replay out of them, and the restore a recovering broker is sent."""

@@ -2,14 +2,16 @@
 
 One thread, one poll loop (the broker's shape):
 
-1. take event batches from the SUB socket (and EVDATA re-sends on the link), contiguous
-   after the watermark, fetching any gap from the broker;
+1. follow the event stream as `$persistence` (clients.stream: batches from the SUB
+   socket and EVDATA re-sends, contiguous after the watermark, gaps fetched);
 2. group-commit what arrived as soon as nothing more is readable (or a batch is big), one
    synced transaction per environment, then EVACK the new watermark so the broker sends
    the CONFIRMs that waited for it: under load batches grow, idle the latency is one fsync;
-3. answer HISTORY and REPLAY on the query socket (ZAP PLAIN; the app's subscribe
-   permissions decide what it may read; sealed payloads are opened for it);
-4. once a second: retention (persistence.retention) and a re-read of the key ring when
+3. on WELCOME, commit what is pending, then EVSYNC; when the broker's EVSYNCOK asks for a
+   restore (it restarted), send it the durable state as EVRESTORE pages
+   (persistence.restore): the broker never opens the store nor the key ring;
+4. answer HISTORY and REPLAY on the query socket (persistence.answers);
+5. once a second: retention (persistence.retention) and a re-read of the key ring when
    `plexus keys rotate` changed it.
 """
 
@@ -25,25 +27,21 @@ from typing import Any
 import lmdb
 import zmq
 
-from broker import events as E
+from broker import event_records as R
 from broker import protocol as P
-from broker.codec import pack, required_int, required_text, unpack_map
-from broker.errors import Code, ProtocolViolation, WireError, error_body
+from broker import wire
+from broker.catalog import ManifestCatalog
 from broker.logs import event
 from broker.paths import PlatformPaths
-from broker.permissions import Authorizer, permissions_of
-from broker.recovery import SEGMENTS_DIR, STATE_FILE
-from broker.server import ManifestCatalog
-from broker.topics import is_literal, pattern_matches, pattern_tokens, validate_topic
-from persistence import queries as Q
-from persistence.keyring import KeyRing
-from persistence.link import BrokerLink, EventFeed
+from clients.stream import StreamConsumer
+from persistence.answers import QueryAnswers
+from persistence.restore import RestoreReader
 from persistence.retention import RetentionPolicy, plan_retention
-from persistence.segments import StoredMessage
 from persistence.state import StateStore
 from persistence.store import MessageStore, SegmentPolicy
 from persistence.writer import StoreWriter
 from security.credentials import CredentialStore
+from security.keyring import KeyRing
 from security.zap import answer_zap, bind_zap
 
 log = logging.getLogger("plexus.persistence")
@@ -84,17 +82,15 @@ class PersistenceService:
         paths.store_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.keys = KeyRing.open(paths.keys_dir, clock)
         self.messages = MessageStore(
-            paths.store_dir / SEGMENTS_DIR, readonly=False, policy=config.segments, clock=clock
+            paths.segments_dir, readonly=False, policy=config.segments, clock=clock
         )
-        self.state = StateStore(paths.store_dir / STATE_FILE, readonly=False)
+        self.state = StateStore(paths.state_path, readonly=False)
         self.writer = StoreWriter(self.messages, self.state, self.keys, config.sensitive_topics)
-        self.feed = EventFeed(self.writer.watermark)
-        self._pending: list[E.Event] = []
+        self.answers = QueryAnswers(self.messages, self.keys, ManifestCatalog(config.apps_dir))
+        self._pending: list[R.Event] = []
         self._token = token
         self._credentials = CredentialStore(paths.creds_dir)
-        self._catalog = ManifestCatalog(config.apps_dir)
-        self.link: BrokerLink | None = None
-        self._sub: zmq.Socket[bytes] | None = None
+        self.stream: StreamConsumer | None = None
         self._query: zmq.Socket[bytes] | None = None
         self._zap: zmq.Socket[bytes] | None = None
         self._next_housekeeping = 0
@@ -102,6 +98,7 @@ class PersistenceService:
         self._retry_at = 0
         self._pending_since = 0
         self.commits = 0
+        self.restores = 0
 
     def bind(self) -> None:
         paths = self.config.paths
@@ -113,14 +110,16 @@ class PersistenceService:
         query.maxmsgsize = 64 * 1024
         query.bind(paths.store_endpoint())
         self._query = query
-        sub: zmq.Socket[bytes] = self._context.socket(zmq.SUB)
-        sub.linger = 0
-        sub.rcvhwm = 100_000
-        sub.setsockopt(zmq.SUBSCRIBE, E.EV)
-        sub.connect(paths.events_endpoint())
-        self._sub = sub
-        self.link = BrokerLink(self._context, paths.bus_endpoint(), self._token)
-        self.link.hello()
+        self.stream = StreamConsumer(
+            self._context,
+            paths.bus_endpoint(),
+            paths.events_endpoint(),
+            P.PERSISTENCE_ID,
+            self._token,
+            watermark=self.writer.watermark,
+            session="store",
+        )
+        self.stream.start()
         event(
             log,
             "persistence-listening",
@@ -131,40 +130,41 @@ class PersistenceService:
 
     def close(self) -> None:
         """Take what the broker published before it stopped, commit it, close."""
-        if self._sub is not None:
-            while self._sub.poll(200):
-                self._from_stream(self._sub)
+        stream = self.stream
+        if stream is not None:
+            while stream.sub.poll(200):
+                self._take(stream.read_stream())
         self._commit()
-        for sock in (self._sub, self._query, self._zap):
+        for sock in (self._query, self._zap):
             if sock is not None:
                 sock.close(linger=0)
-        if self.link is not None:
-            self.link.close()
+        if stream is not None:
+            stream.close()
         self.messages.close()
         self.state.close()
 
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self, should_stop: Callable[[], bool]) -> None:
-        sub, query, zap, link = self._sub, self._query, self._zap, self.link
-        assert sub is not None and query is not None and zap is not None and link is not None
+        stream, query, zap = self.stream, self._query, self._zap
+        assert stream is not None and query is not None and zap is not None
         poller = zmq.Poller()
-        for sock in (sub, query, zap, link.socket):
+        for sock in (*stream.sockets(), query, zap):
             poller.register(sock, zmq.POLLIN)
         while not should_stop():
             busy = self._pending and not self._retry_at
             ready = dict(poller.poll(_COMMIT_WINDOW_MS if busy else 100))
             if zap in ready:
                 answer_zap(zap, self._credentials, P.ZAP_DOMAIN)
-            if link.socket in ready:
-                self._from_broker(link)
-            if sub in ready:
-                self._from_stream(sub)
+            fresh, controls = stream.read(ready)
+            self._take(fresh)
+            for control in controls:
+                self._on_control(stream, control)
             if self._commit_due(bool(ready)):
                 self._commit()
             if query in ready:
-                self._answer_query(query)
-            self._tick(link)
+                self.answers.serve(query)
+            self._tick(stream)
 
     def _commit_due(self, more_waiting: bool) -> bool:
         """Group commit: when a big batch is pending, or the stream paused, or the oldest
@@ -177,70 +177,64 @@ class PersistenceService:
         waited = time.monotonic_ns() - self._pending_since
         return waited >= _COMMIT_WINDOW_NS or (not more_waiting and waited >= _MIN_WAIT_NS)
 
-    def _tick(self, link: BrokerLink) -> None:
-        if not link.welcomed:
-            link.hello()
-        elif link.idle_for_ns() >= _ACK_IDLE_NS:
-            link.ack(self.writer.watermark)  # doubles as the link's heartbeat
-            if link.synced:  # and asks for anything newer (a lost last batch shows up here)
-                link.fetch(self.feed.received + 1)
-        feed = self.feed
+    def _tick(self, stream: StreamConsumer) -> None:
+        stream.tick(self.writer.watermark)
         now = time.monotonic_ns()
-        if feed.fetching_from and link.synced and now - feed.fetch_sent_ns > 500_000_000:
-            feed.fetch_sent_ns = now
-            link.fetch(feed.fetching_from)
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + _HOUSEKEEPING_NS
-            self._housekeeping(link)
+            self._housekeeping(stream)
 
-    def _from_stream(self, sub: zmq.Socket[bytes]) -> None:
-        for _ in range(256):
-            try:
-                frames = sub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(frames) == 3:
-                self._ingest(frames[1], frames[2])
-
-    def _ingest(self, head: bytes, blob: bytes) -> int:
-        """Take one batch; returns how many new events it brought."""
-        try:
-            _epoch, first = E.decode_head(head)
-            fresh, gap = self.feed.take(first, blob)
-        except ProtocolViolation as exc:
-            event(log, "event-batch-malformed", logging.ERROR, error=str(exc))
-            return 0
+    def _take(self, fresh: list[R.Event]) -> None:
         if fresh and not self._pending:
             self._pending_since = time.monotonic_ns()
         self._pending.extend(fresh)
-        if gap is not None and not self.feed.fetching_from:
-            self.feed.fetching_from = gap
-            self.feed.fetch_sent_ns = 0  # ask at the next tick
-            event(log, "event-gap", logging.WARNING, fetch_from=gap)
-        return len(fresh)
 
-    def _from_broker(self, link: BrokerLink) -> None:
-        while (message := link.receive()) is not None:
-            command, frames = message
-            if command == P.WELCOME:
-                link.welcomed = True
-                self._commit()  # the broker rebuilds from the store: it must be complete
-                link.sync(self.writer.watermark)
-            elif command == P.EVSYNCOK:
-                link.synced = True
-                body = unpack_map(frames[1], "EVSYNCOK")
-                event(log, "persistence-synced", watermark=self.writer.watermark, **body)
-                if body.get("next", 0) > self.writer.watermark + 1:
-                    self.feed.fetching_from = self.feed.received + 1
-                    self.feed.fetch_sent_ns = 0
-            elif command == P.EVDATA and len(frames) == 3:
-                # a re-send is bounded: keep asking until the broker has nothing more
-                if self._ingest(frames[1], frames[2]) > 0:
-                    link.fetch(self.feed.received + 1)
-                else:
-                    self.feed.fetching_from = 0
-            elif command == P.ERROR:
-                link.on_error(frames, self.feed)
+    def _on_control(self, stream: StreamConsumer, control: wire.Welcome | wire.EvSyncOk) -> None:
+        if isinstance(control, wire.Welcome):
+            self._commit()  # what the broker may ask to restore must be in the store
+            stream.sync(self.writer.watermark)
+            return
+        event(
+            log,
+            "persistence-synced",
+            watermark=self.writer.watermark,
+            next=control.next,
+            epoch=control.epoch,
+            restore=control.restore,
+        )
+        if control.restore:
+            self._send_restore(stream)
+
+    def _send_restore(self, stream: StreamConsumer) -> None:
+        """The broker restarted and waits: send it the durable state, page by page."""
+        self._commit()
+        started = time.monotonic_ns()
+        reader = RestoreReader(self.messages, self.state, self.keys)
+        pages = 0
+        watermark = 0
+        for page in reader.pages():
+            stream.link.send(page.frames())
+            pages += 1
+            watermark = page.watermark
+        # the new broker numbers its events after the store's watermark: events between
+        # ours and it died with the old broker unstored, and events still pending beyond
+        # it (a commit that failed, e.g. disk full) came from the old broker: never stored,
+        # never confirmed, their seqs about to be reused, so they go
+        dropped = [e for e in self._pending if e.seq > watermark]
+        if dropped:
+            self._pending = [e for e in self._pending if e.seq <= watermark]
+            event(log, "restore-dropped-pending", logging.WARNING, events=len(dropped))
+        stream.feed.continue_after(watermark)
+        self.restores += 1
+        event(
+            log,
+            "restore-sent",
+            pages=pages,
+            rows=reader.rows,
+            skipped=reader.skipped,
+            watermark=watermark,
+            ms=round((time.monotonic_ns() - started) / 1e6, 1),
+        )
 
     def _commit(self) -> None:
         if not self._pending or time.monotonic_ns() < self._retry_at:
@@ -254,8 +248,8 @@ class PersistenceService:
             return
         self._retry_at = 0
         self.commits += 1
-        if self.link is not None and self.link.welcomed:
-            self.link.ack(watermark)
+        if self.stream is not None:
+            self.stream.ack(watermark)
 
     def _write_failed(self, exc: lmdb.Error) -> None:
         """The broker keeps the events (unacknowledged) and their publishers unconfirmed;
@@ -268,13 +262,13 @@ class PersistenceService:
             "hint": "free disk space under HOME/store or lower [persistence] max_size_mb",
         }
         event(log, "store-write-failed", logging.ERROR, **notice)
-        if self.link is not None and self.link.welcomed:
-            self.link.alert(STORAGE_ALERT_TOPIC, notice)
-            self._housekeeping(self.link)
+        if self.stream is not None and self.stream.link.welcomed:
+            self.stream.link.alert(STORAGE_ALERT_TOPIC, notice)
+            self._housekeeping(self.stream)
 
     # -- retention --------------------------------------------------------------------------
 
-    def _housekeeping(self, link: BrokerLink) -> None:
+    def _housekeeping(self, stream: StreamConsumer) -> None:
         self.keys.refresh()
         self.messages.refresh()
         plan = plan_retention(
@@ -303,76 +297,6 @@ class PersistenceService:
                 "hint": "raise [persistence].max_size_mb or lower max_age_s",
             }
             event(log, "storage-near-limit", logging.WARNING, **notice)
-            if link.welcomed:
-                link.alert(STORAGE_ALERT_TOPIC, notice)
+            if stream.link.welcomed:
+                stream.link.alert(STORAGE_ALERT_TOPIC, notice)
         self._warned = plan.warn
-
-    # -- queries ----------------------------------------------------------------------------
-
-    def _answer_query(self, query: zmq.Socket[bytes]) -> None:
-        for _ in range(8):
-            try:
-                first = query.recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            peer = first.bytes
-            frames = query.recv_multipart(copy=False)
-            user_id = frames[0].get("User-Id")
-            app_id = user_id if isinstance(user_id, str) else ""
-            try:
-                body = self._query_body(app_id, [frame.bytes for frame in frames])
-                reply = [Q.RESULT, pack(body)]
-            except WireError as exc:
-                reply = [Q.ERROR, pack(error_body(exc.code, exc.detail, exc.ref))]
-            except Exception:  # a bug or a broken store costs one answer, never the service
-                log.exception("query failed for %s", app_id)
-                failed = error_body(Code.INTERNAL, "the persistence service failed on this query")
-                reply = [Q.ERROR, pack(failed)]
-            query.send_multipart([peer, *reply])
-
-    def _query_body(self, app_id: str, frames: list[bytes]) -> dict[str, Any]:
-        if len(frames) != 2 or frames[0] not in Q.COMMANDS:
-            raise ProtocolViolation(Code.UNKNOWN_COMMAND, "send HISTORY or REPLAY with a body")
-        body = unpack_map(frames[1])
-        authorizer = Authorizer(app_id, permissions_of(app_id, self._catalog.permissions))
-        if frames[0] == Q.HISTORY:
-            topic = required_text(body, "topic")
-            validate_topic(topic)
-            authorizer.check_subscribe(topic)
-            last = required_int(body, "last", 1, Q.MAX_HISTORY)
-            found = self.messages.history(topic, last)
-            return {"messages": [self._row(m) for m in found], "done": True}
-        pattern = required_text(body, "pattern")
-        pattern_tokens(pattern)
-        authorizer.check_subscribe(pattern)
-        since = required_int(body, "since", 0, 2**63)
-        until = body.get("until")
-        until = until if type(until) is int else None
-        after = body.get("after", 0)
-        after = after if type(after) is int and after >= 0 else 0
-        match = _matcher(pattern)
-        rows: list[list[Any]] = []
-        size = 0
-        last_seq = after
-        literal = pattern if is_literal(pattern) else None
-        for message in self.messages.scan(since, after, match, literal):
-            if until is not None and message.ts_ns > until:
-                return {"messages": rows, "after": last_seq, "done": True}
-            rows.append(self._row(message))
-            last_seq = message.seq
-            size += len(message.payload) + len(message.header)
-            if len(rows) >= Q.PAGE_MESSAGES or size >= Q.PAGE_BYTES:
-                return {"messages": rows, "after": last_seq, "done": False}
-        return {"messages": rows, "after": last_seq, "done": True}
-
-    def _row(self, message: StoredMessage) -> list[Any]:
-        payload = message.payload
-        if message.sealed:
-            payload = self.keys.open_sealed(message.msg_id, message.topic, payload)
-        return [message.seq, message.ts_ns, message.sender, message.header, payload]
-
-
-def _matcher(pattern: str) -> Callable[[str], bool]:
-    if is_literal(pattern):
-        return pattern.__eq__
-    return lambda topic: pattern_matches(pattern, topic)

@@ -13,14 +13,17 @@ sealed with AES-256-GCM before they reach either environment.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any, Protocol
 
 import lmdb
 
-from broker import events as E
+from broker import event_records as R
 from broker.topics import TopicIndex
 from persistence.state import StateStore
 from persistence.store import MessageStore, Row
+
+_DEAD_FIELDS = tuple(item.name for item in fields(R.DeadLettered))
 
 
 class Sealer(Protocol):
@@ -28,7 +31,12 @@ class Sealer(Protocol):
 
 
 class StoreWriter:
-    """Turns events into rows and state changes; `commit` is one group commit."""
+    """Turns events into rows and state changes; `commit` is one group commit.
+
+    Of event stream v2 it stores `Published` (the message; its `targets` as pending
+    deliveries), durable `Subscribed`/`Unsubscribed`, `Acked`, `DeadLettered`,
+    `DlqReplayed` and `DlqPurged`; every other kind only moves the watermark.
+    """
 
     def __init__(
         self,
@@ -58,15 +66,16 @@ class StoreWriter:
         self.sealed += 1
         return self._sealer.seal(msg_id, topic, payload)
 
-    def commit(self, events: Sequence[E.Event]) -> int:
+    def commit(self, events: Sequence[R.Event]) -> int:
         """Store `events` (contiguous, after the watermark) durably; returns the watermark."""
         fresh = [event for event in events if event.seq > self.watermark]
         if not fresh:
             return self.watermark
+        published = R.Published
         rows = [
-            self._row(event)
+            self._row(event.seq, event.ts_ns, event.record)
             for event in fresh
-            if event.kind == E.MSG and event.seq > self._stored_up_to
+            if type(event.record) is published and event.seq > self._stored_up_to
         ]
         try:
             self.messages.append(rows)
@@ -74,7 +83,11 @@ class StoreWriter:
             self._stored_up_to = max(self._stored_up_to, self.messages.last_seq())
             raise
         # sealed once, outside the retry: a grown map re-runs the transaction, not the sealing
-        dead_letters = {e.seq: self._dead_record(e) for e in fresh if e.kind == E.DEAD}
+        dead_letters = {
+            e.seq: self._dead_record(e.ts_ns, e.record)
+            for e in fresh
+            if isinstance(e.record, R.DeadLettered)
+        }
         while True:
             try:
                 with self.state.env.begin(write=True) as txn:
@@ -88,52 +101,58 @@ class StoreWriter:
         self.watermark = fresh[-1].seq
         return self.watermark
 
-    def _row(self, event: E.Event) -> Row:
-        sender, topic, msg_id, sensitive, header, payload, _targets = event.fields
-        sealed = self._protect(sensitive, msg_id, topic, payload)
-        stored = sealed if sealed is not None else payload
-        return (event.seq, event.ts_ns, sender, topic, msg_id, header, stored, sealed is not None)
-
-    def _dead_record(self, event: E.Event) -> dict[str, Any]:
-        """The stored form of a dead letter: its payload sealed when sensitive."""
-        record = dict(zip(E.FIELDS[E.DEAD], event.fields, strict=True))
-        sealed = self._protect(
-            record["sensitive"], record["msg_id"], record["topic"], record["payload"]
+    def _row(self, seq: int, ts_ns: int, record: Any) -> Row:
+        message: R.Published = record
+        sealed = self._protect(message.sensitive, message.msg_id, message.topic, message.payload)
+        stored = sealed if sealed is not None else message.payload
+        return (
+            seq,
+            ts_ns,
+            message.sender,
+            message.topic,
+            message.msg_id,
+            message.header,
+            stored,
+            sealed is not None,
         )
+
+    def _dead_record(self, ts_ns: int, dead: R.DeadLettered) -> dict[str, Any]:
+        """The stored form of a dead letter: its payload sealed when sensitive."""
+        record = {name: getattr(dead, name) for name in _DEAD_FIELDS}
+        sealed = self._protect(dead.sensitive, dead.msg_id, dead.topic, dead.payload)
         record["sealed"] = sealed is not None
         if sealed is not None:
             record["payload"] = sealed
-        record["dead_ns"] = event.ts_ns
+        record["dead_ns"] = ts_ns
         return record
 
-    def _apply(  # noqa: PLR0912
-        self, txn: lmdb.Transaction, event: E.Event, dead_letters: dict[int, dict[str, Any]]
+    def _apply(  # noqa: PLR0912 (one case per stored kind)
+        self, txn: lmdb.Transaction, event: R.Event, dead_letters: dict[int, dict[str, Any]]
     ) -> None:
         state = self.state
-        kind, f = event.kind, event.fields
-        if kind == E.MSG:
-            for app, session, sids in f[6]:
-                state.put_pending(txn, app, session, event.seq, sids)
-        elif kind == E.SUB:
-            app, session, sid, pattern, durable = f
-            if durable:
+        match event.record:
+            case R.Published(targets=targets):
+                for app, session, sids in targets:
+                    state.put_pending(txn, app, session, event.seq, sids)
+            case R.Subscribed(app=app, session=session, sid=sid, pattern=pattern, durable=True):
                 state.put_subscription(txn, app, session, sid, pattern)
-        elif kind == E.UNSUB:
-            state.drop_subscription(txn, *f)
-        elif kind == E.ACK:
-            app, session, stored_seqs = f
-            for seq in stored_seqs:
-                state.drop_pending(txn, app, session, seq)
-        elif kind == E.DEAD:
-            record = dead_letters[event.seq]
-            state.put_dead_letter(txn, record["entry_id"], record)
-            if record["stored_seq"]:
-                state.drop_pending(txn, record["app"], record["session"], record["stored_seq"])
-        elif kind == E.DLQ_REPLAY:
-            entry_id, app, session, stored_seq, sids = f
-            state.drop_dead_letter(txn, entry_id)
-            if stored_seq and sids:
-                state.put_pending(txn, app, session, stored_seq, sids)
-        elif kind == E.DLQ_PURGE:
-            for entry_id in f[0]:
+            case R.Unsubscribed(app=app, session=session, sid=sid, durable=True):
+                state.drop_subscription(txn, app, session, sid)
+            case R.Acked(app=app, session=session, stored_seqs=stored_seqs):
+                for seq in stored_seqs:
+                    state.drop_pending(txn, app, session, seq)
+            case R.DeadLettered(entry_id=entry_id, app=app, session=session, stored_seq=seq):
+                state.put_dead_letter(txn, entry_id, dead_letters[event.seq])
+                if seq:
+                    state.drop_pending(txn, app, session, seq)
+            case R.DlqReplayed(
+                entry_id=entry_id, app=app, session=session, stored_seq=seq, sids=sids
+            ):
                 state.drop_dead_letter(txn, entry_id)
+                if seq and sids:
+                    state.put_pending(txn, app, session, seq, sids)
+            case R.DlqPurged(entry_ids=entry_ids):
+                for entry_id in entry_ids:
+                    state.drop_dead_letter(txn, entry_id)
+            case _:  # routing, attempts, nacks, sessions, security, lifecycle: not stored
+                pass

@@ -19,9 +19,9 @@ import click
 
 from broker.paths import PlatformPaths
 from clients.bus import BusError, Message
-from persistence.keyring import KeyFileError, KeyRing
 from plexus import exits
 from plexus.common import exit_code, fail, home_option, message_record, operator_bus
+from security.keyring import KeyFileError, KeyRing
 
 _PROGRESS_EVERY_S = 0.2
 

@@ -1,1 +1,1 @@
-"""Security leaves of Plexus: credentials (and, later, the key ring). Imports nothing of ours."""
+"""Security leaves of Plexus (floor 1): credentials, the key ring, ZAP. Imports nothing above."""

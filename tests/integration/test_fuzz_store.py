@@ -16,7 +16,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from persistence import queries as Q
+from broker import wire
 from tests.conftest import BrokerHandle
 
 MANIFESTS = {"app": '[permissions]\npublish = ["a.>"]\nsubscribe = ["a.>"]\n'}
@@ -34,10 +34,12 @@ bodies = st.dictionaries(
     st.sampled_from(["topic", "last", "pattern", "since", "until", "after", "x"]), values
 ).map(lambda d: msgpack.packb(d, use_bin_type=True))
 frames = st.lists(
-    st.sampled_from([Q.HISTORY, Q.REPLAY, b"NOPE", b""]) | st.binary(max_size=32),
+    st.sampled_from([wire.HISTORY, wire.REPLAY, b"NOPE", b""]) | st.binary(max_size=32),
     min_size=1,
     max_size=3,
-) | st.tuples(st.sampled_from([Q.HISTORY, Q.REPLAY]), bodies | st.binary(max_size=64)).map(list)
+) | st.tuples(st.sampled_from([wire.HISTORY, wire.REPLAY]), bodies | st.binary(max_size=64)).map(
+    list
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +74,14 @@ def test_every_malformed_query_gets_an_answer(
     store_socket: zmq.Socket[Any], request: list[bytes]
 ) -> None:
     answer = ask(store_socket, request)
-    assert answer[0] in (Q.RESULT, Q.ERROR)
-    if answer[0] == Q.ERROR:
-        body = msgpack.unpackb(answer[1])
-        assert 100 <= body["code"] < 600 and body["hint"]
+    assert answer[0] in (wire.RESULT, wire.Error.COMMAND)
+    if answer[0] == wire.Error.COMMAND:
+        error = wire.Error.decode(answer)
+        assert 100 <= error.code < 600 and error.hint
+    else:
+        wire.Result.decode(answer)
 
 
 def test_a_good_query_still_works(store_socket: zmq.Socket[Any]) -> None:
-    answer = ask(store_socket, [Q.HISTORY, msgpack.packb({"topic": "a.b", "last": 3})])
-    assert answer[0] == Q.RESULT
+    answer = ask(store_socket, wire.History("a.b", 3).frames())
+    assert wire.Result.decode(answer) == wire.Result((), done=True)

@@ -9,11 +9,11 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from persistence.link import EventFeed
 
 from broker import events as E
 from broker.codec import encode_sids
 from broker.errors import Code, ProtocolViolation
-from persistence.link import EventFeed
 
 # -- helpers ------------------------------------------------------------------------------
 

@@ -15,14 +15,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.errors import Code, StorageFailure
-from persistence import keyring
-from persistence.keyring import (
+from persistence.errors import storage_failure
+from security import keyring
+from security.keyring import (
     NONCE_BYTES,
     PASSPHRASE_ENV,
     KeyFileError,
     KeyMissing,
     KeyRing,
-    StorageDataError,
+    KeyRingError,
+    SealedRecordError,
     TamperedRecord,
     record_aad,
     wrap_aad,
@@ -149,7 +151,7 @@ def test_every_single_byte_flip_is_detected(ring: KeyRing) -> None:
     for position in range(len(sealed)):
         damaged = bytearray(sealed)
         damaged[position] ^= 0x5A
-        with pytest.raises(StorageDataError):
+        with pytest.raises(SealedRecordError):
             ring.open_sealed(MSG_ID, TOPIC, bytes(damaged))
 
 
@@ -180,7 +182,7 @@ def test_wrong_msg_id_or_topic_is_tampered(ring: KeyRing, msg_id: bytes, topic: 
     sealed = ring.seal(MSG_ID, TOPIC, PAYLOAD)
     with pytest.raises(TamperedRecord) as caught:
         ring.open_sealed(msg_id, topic, sealed)
-    assert caught.value.code is Code.STORED_DATA_CORRUPT
+    assert storage_failure(caught.value).code is Code.STORED_DATA_CORRUPT
     assert caught.value.ref["topic"] == topic
 
 
@@ -189,23 +191,30 @@ def test_unknown_key_id_is_key_missing(ring: KeyRing) -> None:
     foreign = sealed[:1] + (99).to_bytes(4, "big") + sealed[5:]
     with pytest.raises(KeyMissing) as caught:
         ring.open_sealed(MSG_ID, TOPIC, foreign)
-    assert caught.value.code is Code.KEY_UNAVAILABLE
+    assert storage_failure(caught.value).code is Code.KEY_UNAVAILABLE
     assert caught.value.ref["key_id"] == 99
     assert "99" in str(caught.value)
 
 
-def test_error_classes_carry_codes_and_readable_messages() -> None:
+def test_record_errors_carry_no_wire_code_and_persistence_maps_them() -> None:
     tampered = TamperedRecord("bad tag", msg_id="01")
-    missing = KeyMissing("no key 7")
+    missing = KeyMissing("no key 7", key_id=7)
     for error in (tampered, missing):
-        assert isinstance(error, StorageDataError)
-        assert isinstance(error, StorageFailure)
-    assert tampered.code is Code.STORED_DATA_CORRUPT
-    assert int(tampered.code) == 502
-    assert missing.code is Code.KEY_UNAVAILABLE
-    assert int(missing.code) == 504
-    assert str(tampered) == "STORED_DATA_CORRUPT (502): bad tag"
+        assert isinstance(error, SealedRecordError)
+        assert isinstance(error, KeyRingError)
+        assert not hasattr(error, "code")  # floor 1: the wire codes live above
+    assert isinstance(KeyFileError("x"), KeyRingError)
+    assert str(tampered) == "bad tag"
     assert tampered.ref == {"msg_id": "01"}
+    corrupt, unavailable = storage_failure(tampered), storage_failure(missing)
+    assert isinstance(corrupt, StorageFailure)
+    assert corrupt.code is Code.STORED_DATA_CORRUPT
+    assert int(corrupt.code) == 502
+    assert unavailable.code is Code.KEY_UNAVAILABLE
+    assert int(unavailable.code) == 504
+    assert str(corrupt) == "STORED_DATA_CORRUPT (502): bad tag"
+    assert corrupt.ref == {"msg_id": "01"}
+    assert unavailable.ref == {"key_id": 7}
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +234,7 @@ def shared_ring(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyRing]:
 def test_random_bytes_only_raise_storage_data_errors(
     shared_ring: KeyRing, data: bytes, msg_id: bytes, topic: str
 ) -> None:
-    with pytest.raises(StorageDataError):
+    with pytest.raises(SealedRecordError):
         shared_ring.open_sealed(msg_id, topic, data)
 
 
@@ -235,7 +244,7 @@ def test_random_bodies_under_real_key_ids_only_raise_storage_data_errors(
     shared_ring: KeyRing, key_id: int, rest: bytes
 ) -> None:
     data = b"\x01" + key_id.to_bytes(4, "big") + rest
-    with pytest.raises(StorageDataError):
+    with pytest.raises(SealedRecordError):
         shared_ring.open_sealed(MSG_ID, TOPIC, data)
 
 

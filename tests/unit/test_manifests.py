@@ -1,4 +1,5 @@
-"""App manifests: the DESIGN.md example parses; every bad field names the file and the field."""
+"""App manifests: the DESIGN.md example parses; every bad field names the file and the field;
+the catalog answers permissions by id and re-reads the directory only when it must."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from broker import catalog as catalog_module
+from broker.catalog import ManifestCatalog
 from broker.manifests import (
     Limits,
     Manifest,
@@ -223,3 +226,64 @@ def test_not_a_directory(tmp_path: Path) -> None:
 
 def test_empty_directory(tmp_path: Path) -> None:
     assert load_manifests(tmp_path) == {}
+
+
+# -- the catalog (permissions by id, for the broker and the query socket) ------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def test_catalog_answers_permissions_and_none_without_a_manifest(tmp_path: Path) -> None:
+    write(tmp_path, "a.toml", 'id = "a"\n[permissions]\nsubscribe = ["t.>"]\n')
+    catalog = ManifestCatalog(tmp_path, _Clock())
+    found = catalog.permissions("a")
+    assert found is not None
+    assert found.subscribe == ("t.>",)
+    assert catalog.permissions("ghost") is None
+    assert ManifestCatalog(None).permissions("a") is None
+
+
+def test_catalog_sees_a_new_manifest_when_the_directory_changes(tmp_path: Path) -> None:
+    clock = _Clock()
+    catalog = ManifestCatalog(tmp_path, clock)
+    assert catalog.permissions("late") is None
+    write(tmp_path, "late.toml", 'id = "late"\n')  # the dir's mtime moves: seen at once
+    assert catalog.permissions("late") is not None
+
+
+def test_catalog_rereads_an_unchanged_directory_at_most_once_a_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = _Clock()
+    scans: list[Path] = []
+
+    def counting(directory: Path) -> dict[str, Manifest]:
+        scans.append(directory)
+        return load_manifests(directory)
+
+    monkeypatch.setattr("broker.catalog.load_manifests", counting)
+    catalog = ManifestCatalog(tmp_path, clock)
+    assert len(scans) == 1
+    for _ in range(100):
+        assert catalog.permissions("unknown") is None
+    assert len(scans) == 1
+    clock.now += catalog_module.RESCAN_INTERVAL_NS
+    assert catalog.permissions("unknown") is None
+    assert len(scans) == 2
+
+
+def test_catalog_keeps_the_last_good_manifests_when_the_directory_turns_invalid(
+    tmp_path: Path,
+) -> None:
+    clock = _Clock()
+    write(tmp_path, "a.toml", 'id = "a"\n')
+    catalog = ManifestCatalog(tmp_path, clock)
+    write(tmp_path, "b.toml", 'id = "b"\nrestart = "maybe"\n')
+    assert catalog.permissions("b") is None  # re-read, refused, logged
+    assert catalog.permissions("a") is not None

@@ -1,10 +1,11 @@
 """The message store on real LMDB files: segments, rolling, reading across segments, a
-read-only reader in another process, and the writer that applies events to the store and
-the durable state."""
+read-only reader in another process, the writer that applies events to the store and
+the durable state, and the restore pages read back from both for a recovering broker."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import subprocess
@@ -19,9 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import persistence.store as store_module
-from broker import events as E
+from broker import event_records as R
 from broker.codec import encode_sids
+from broker.protocol import MAX_FRAME_BYTES
 from broker.topics import pattern_matches
+from broker.wire import EvRestore
+from persistence.restore import RestoreReader
 from persistence.segments import (
     Segment,
     StoredMessage,
@@ -35,6 +39,7 @@ from persistence.segments import (
 from persistence.state import StateStore
 from persistence.store import MessageStore, Row, SegmentPolicy
 from persistence.writer import StoreWriter
+from security.keyring import TamperedRecord
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = SegmentPolicy(max_bytes=1)
@@ -575,9 +580,9 @@ def test_get_of_a_segment_deleted_since_the_last_listing_is_none(
 # -- the writer and the durable state -------------------------------------------------------
 
 
-def ev(seq: int, kind: int, *fields: Any) -> E.Event:
+def ev(seq: int, record: R.EventRecord) -> R.Event:
     """An event as a consumer receives it (encoded, then decoded)."""
-    (event,) = E.decode_events(E.encode_event(seq, kind, seq * 1_000, *fields))
+    (event,) = R.decode_events(R.encode_event(seq, seq * 1_000, record))
     return event
 
 
@@ -587,23 +592,35 @@ def msg(
     payload: bytes = b"plain",
     sensitive: bool = False,
     targets: Sequence[tuple[str, str, tuple[int, ...]]] = (),
-) -> E.Event:
-    packed = [[app, session, encode_sids(sids)] for app, session, sids in targets]
-    return ev(seq, E.MSG, "pub", topic, b"id-%d" % seq, sensitive, b"hdr", payload, packed)
+) -> R.Event:
+    packed: list[R.Target] = [[app, session, encode_sids(sids)] for app, session, sids in targets]
+    record = R.Published(
+        "pub", "s", topic, b"id-%d" % seq, "", "", sensitive, b"hdr", payload, packed
+    )
+    return ev(seq, record)
 
 
-def dead(
-    seq: int,
+def sub(seq: int, app: str, session: str, sid: int, pattern: str, durable: bool) -> R.Event:
+    return ev(seq, R.Subscribed(app, session, sid, pattern, durable, False))
+
+
+def unsub(seq: int, app: str, session: str, sid: int, durable: bool = True) -> R.Event:
+    return ev(seq, R.Unsubscribed(app, session, sid, durable, "unsubscribe"))
+
+
+def ack(seq: int, app: str, session: str, stored_seqs: list[int]) -> R.Event:
+    return ev(seq, R.Acked(app, session, stored_seqs, [b"id-%d" % s for s in stored_seqs]))
+
+
+def dead_record(
     entry_id: int,
     stored_seq: int,
     session: tuple[str, str] = ("sub", "s1"),
     topic: str = "t.a",
     sensitive: bool = False,
     payload: bytes = b"plain",
-) -> E.Event:
-    return ev(
-        seq,
-        E.DEAD,
+) -> R.DeadLettered:
+    return R.DeadLettered(
         entry_id,
         session[0],
         session[1],
@@ -620,6 +637,18 @@ def dead(
         payload,
         encode_sids((1,)),
     )
+
+
+def dead(
+    seq: int,
+    entry_id: int,
+    stored_seq: int,
+    session: tuple[str, str] = ("sub", "s1"),
+    topic: str = "t.a",
+    sensitive: bool = False,
+    payload: bytes = b"plain",
+) -> R.Event:
+    return ev(seq, dead_record(entry_id, stored_seq, session, topic, sensitive, payload))
 
 
 class FakeSealer:
@@ -691,19 +720,23 @@ def test_ack_and_dead_remove_pending(stores: Stores) -> None:
     writer = stores.writer()
     target = [("sub", "s1", (1,))]
     writer.commit([msg(1, targets=target), msg(2, targets=target), msg(3, targets=target)])
-    writer.commit([ev(4, E.ACK, "sub", "s1", [1, 99])])  # an unknown seq is harmless
+    writer.commit([ack(4, "sub", "s1", [1, 99])])  # an unknown seq is harmless
     assert [seq for seq, _ in stores.state.pending_of("sub", "s1")] == [2, 3]
     writer.commit([dead(5, entry_id=70, stored_seq=2)])
     assert [seq for seq, _ in stores.state.pending_of("sub", "s1")] == [3]
     writer.commit([dead(6, entry_id=71, stored_seq=0)])  # not a stored delivery
     assert [seq for seq, _ in stores.state.pending_of("sub", "s1")] == [3]
-    writer.commit([ev(7, E.ACK, "other", "s1", [3])])  # another app's ack
+    writer.commit([ack(7, "other", "s1", [3])])  # another app's ack
     assert [seq for seq, _ in stores.state.pending_of("sub", "s1")] == [3]
 
     letters = {letter.entry_id: letter.fields for letter in stores.state.dead_letters()}
     assert sorted(letters) == [70, 71]
     first = letters[70]
-    for name, value in zip(E.FIELDS[E.DEAD], dead(5, 70, 2).fields, strict=True):
+    for name, value in zip(
+        [f.name for f in dataclasses.fields(R.DeadLettered)],
+        R.values(dead_record(70, 2)),
+        strict=True,
+    ):
         assert first[name] == value, name
     assert first["sealed"] is False
     assert first["dead_ns"] == 5_000
@@ -713,10 +746,10 @@ def test_durable_subscriptions_and_unsub_of_their_pending(stores: Stores) -> Non
     writer = stores.writer()
     writer.commit(
         [
-            ev(1, E.SUB, "sub", "s1", 1, "t.>", True),
-            ev(2, E.SUB, "sub", "s1", 2, "t.a", True),
-            ev(3, E.SUB, "sub", "s1", 3, "x.*", False),  # not durable: not stored
-            ev(4, E.SUB, "sub", "s2", 1, "t.>", True),
+            sub(1, "sub", "s1", 1, "t.>", True),
+            sub(2, "sub", "s1", 2, "t.a", True),
+            sub(3, "sub", "s1", 3, "x.*", False),  # not durable: not stored
+            sub(4, "sub", "s2", 1, "t.>", True),
             msg(5, targets=[("sub", "s1", (1, 2)), ("sub", "s2", (1,))]),
             msg(6, targets=[("sub", "s1", (1,))]),
             msg(7, targets=[("sub", "s1", (2,))]),
@@ -726,15 +759,15 @@ def test_durable_subscriptions_and_unsub_of_their_pending(stores: Stores) -> Non
         ("sub", "s1"): {1: "t.>", 2: "t.a"},
         ("sub", "s2"): {1: "t.>"},
     }
-    writer.commit([ev(8, E.UNSUB, "sub", "s1", 1)])
+    writer.commit([unsub(8, "sub", "s1", 1)])
     assert stores.state.subscriptions() == {("sub", "s1"): {2: "t.a"}, ("sub", "s2"): {1: "t.>"}}
     # sid 1 left every pending entry of s1 (an entry left with no sid is gone) ...
     assert stores.state.pending_of("sub", "s1") == [(5, [2]), (7, [2])]
     # ... and the other session's sid 1 is untouched
     assert stores.state.pending_of("sub", "s2") == [(5, [1])]
-    writer.commit([ev(9, E.UNSUB, "sub", "s1", 3)])  # a non-durable sid: nothing stored
+    writer.commit([unsub(9, "sub", "s1", 3, durable=False)])  # not durable: nothing stored
     assert stores.state.pending_of("sub", "s1") == [(5, [2]), (7, [2])]
-    writer.commit([ev(10, E.UNSUB, "sub", "s1", 2)])
+    writer.commit([unsub(10, "sub", "s1", 2)])
     assert stores.state.subscriptions() == {("sub", "s2"): {1: "t.>"}}
     assert stores.state.pending_of("sub", "s1") == []
 
@@ -752,21 +785,21 @@ def test_dead_letters_replay_and_purge(stores: Stores) -> None:
     )
     assert stores.state.pending_of("sub", "s1") == []
     assert [d.entry_id for d in stores.state.dead_letters()] == [7, 8, 9, 10]
-    writer.commit([ev(6, E.DLQ_REPLAY, 7, "sub", "s1", 1, encode_sids((1, 4)))])
+    writer.commit([ev(6, R.DlqReplayed(7, "sub", "s1", 1, encode_sids((1, 4)), "$op"))])
     assert [d.entry_id for d in stores.state.dead_letters()] == [8, 9, 10]
     assert stores.state.pending_of("sub", "s1") == [(1, [1, 4])]
-    writer.commit([ev(7, E.DLQ_REPLAY, 8, "sub", "s1", 0, b"")])  # not durable: no pending
+    writer.commit([ev(7, R.DlqReplayed(8, "sub", "s1", 0, b"", "$op"))])  # not durable
     assert [d.entry_id for d in stores.state.dead_letters()] == [9, 10]
     assert stores.state.pending_of("sub", "s1") == [(1, [1, 4])]
-    writer.commit([ev(8, E.DLQ_PURGE, [9, 123])])
+    writer.commit([ev(8, R.DlqPurged([9, 123], "$op"))])
     assert [d.entry_id for d in stores.state.dead_letters()] == [10]
-    writer.commit([ev(9, E.DLQ_PURGE, [10])])
+    writer.commit([ev(9, R.DlqPurged([10], "$broker"))])
     assert list(stores.state.dead_letters()) == []
 
 
 def test_watermark_is_persisted_and_commit_is_idempotent(stores: Stores) -> None:
     writer = stores.writer()
-    first = [msg(1, targets=[("sub", "s1", (1,))]), ev(2, E.ACK, "sub", "s1", [1]), msg(3)]
+    first = [msg(1, targets=[("sub", "s1", (1,))]), ack(2, "sub", "s1", [1]), msg(3)]
     assert writer.commit(first) == 3
     assert stores.state.watermark() == 3
     assert writer.commit(first) == 3  # everything already applied: nothing happens
@@ -784,7 +817,7 @@ def test_watermark_is_persisted_and_commit_is_idempotent(stores: Stores) -> None
     assert stores.state.pending_of("sub", "s1") == [(4, [1])]
     assert writer.stored == 1
     # a batch without any message still moves the watermark
-    assert writer.commit([ev(5, E.SUB, "sub", "s1", 9, "t.>", False)]) == 5
+    assert writer.commit([sub(5, "sub", "s1", 9, "t.>", False)]) == 5
     stores.reopen()
     assert stores.state.watermark() == 5
     assert stores.writer().watermark == 5
@@ -797,8 +830,9 @@ def test_messages_stored_before_a_crash_are_not_stored_twice(stores: Stores) -> 
     events = [msg(1, targets=[("sub", "s1", (1,))]), msg(2), msg(3, targets=[("sub", "s1", (1,))])]
     stores.messages.append(
         [
-            (e.seq, e.ts_ns, "pub", e.get("topic"), e.get("msg_id"), b"hdr", b"plain", False)
+            (e.seq, e.ts_ns, "pub", e.record.topic, e.record.msg_id, b"hdr", b"plain", False)
             for e in events[:2]
+            if isinstance(e.record, R.Published)
         ]
     )
     stores.reopen()
@@ -919,3 +953,141 @@ def test_sealed_counter_counts_each_payload_once_across_a_state_grow(tmp_path: P
         assert writer.sealed == 10
     finally:
         stores.close()
+
+
+def test_kinds_persistence_does_not_store_only_move_the_watermark(stores: Stores) -> None:
+    writer = stores.writer()
+    ignored: list[R.EventRecord] = [
+        R.Routed(b"id-1", "pub", "t.a", [["sub", "s1"]]),
+        R.DeliveryAttempted("sub", "s1", [[b"id-1", 1, 77]]),
+        R.Nacked("sub", "s1", b"id-1", 1, "busy", True),
+        R.RetryScheduled("sub", "s1", b"id-1", 2, 200, "nacked"),
+        R.SessionChanged("sub", "s1", "detached", "peer gone"),
+        R.AuthFailed("intruder", "ipc", "PLAIN", "bad token"),
+        R.Denied("app", "s", "publish", "x.y", 300, "not allowed", ""),
+        R.Lifecycle("ticker", "restart", {"exit": 1}),
+        R.ConsumerSkipped("$audit", 1, 5, "behind"),
+        R.Subscribed("sub", "s1", 4, "t.>", False, False),
+        R.Unsubscribed("sub", "s1", 4, False, "session-ended"),
+    ]
+    events = [ev(seq, record) for seq, record in enumerate(ignored, start=1)]
+    assert writer.commit(events) == len(ignored)
+    assert stores.state.watermark() == len(ignored)
+    assert stores.messages.last_seq() == 0
+    assert stores.state.subscriptions() == {}
+    assert stores.state.pending_count() == 0
+    assert list(stores.state.dead_letters()) == []
+
+
+# -- the restore pages a recovering broker is sent ------------------------------------------
+
+
+class FakeOpener:
+    """Opens what FakeSealer sealed; anything else is a tampered record."""
+
+    def open_sealed(self, msg_id: bytes, topic: str, sealed: bytes) -> bytes:
+        if not sealed.startswith(b"SEALED:"):
+            raise TamperedRecord("not sealed by FakeSealer", msg_id=msg_id.hex(), topic=topic)
+        return sealed[len(b"SEALED:") :][::-1]
+
+
+def restore_of(stores: Stores, **bounds: int) -> tuple[RestoreReader, list[EvRestore]]:
+    reader = RestoreReader(stores.messages, stores.state, FakeOpener(), **bounds)
+    pages = [EvRestore.decode(page.frames()) for page in reader.pages()]  # over the wire
+    return reader, pages
+
+
+def test_restore_of_an_empty_store_is_one_done_page(stores: Stores) -> None:
+    reader, pages = restore_of(stores)
+    assert pages == [EvRestore(0, done=True)]
+    assert (reader.rows, reader.skipped) == (0, 0)
+
+
+def test_restore_carries_sessions_deliveries_dead_letters_and_recent_ids(
+    stores: Stores,
+) -> None:
+    writer = stores.writer(sensitive_topics=["secret.>"])
+    writer.commit(
+        [
+            sub(1, "sub", "s1", 1, "t.>", True),
+            sub(2, "sub", "s1", 2, "secret.>", True),
+            sub(3, "sub", "s2", 1, "t.a", True),
+            msg(4, targets=[("sub", "s1", (1,)), ("sub", "s2", (1,))]),
+            msg(5, topic="secret.x", payload=b"hush", targets=[("sub", "s1", (2,))]),
+            msg(6, targets=[("sub", "s1", (1,))]),
+            ack(7, "sub", "s1", [6]),
+            dead(8, entry_id=3, stored_seq=0, sensitive=True, payload=b"dead-secret"),
+            msg(9),
+        ]
+    )
+    reader, pages = restore_of(stores)
+    (page,) = pages
+    assert page.done
+    assert page.watermark == 9
+    assert sorted(page.sessions) == [
+        ("sub", "s1", {1: "t.>", 2: "secret.>"}),
+        ("sub", "s2", {1: "t.a"}),
+    ]
+    by_session = {(d[0], d[1], d[2]): d for d in page.deliveries}
+    assert sorted(by_session) == [("sub", "s1", 4), ("sub", "s1", 5), ("sub", "s2", 4)]
+    assert by_session["sub", "s1", 5] == (
+        *("sub", "s1", 5, [2], "pub", 5_000, "secret.x", b"id-5", b"hdr"),
+        *(b"hush", True),  # opened for the broker; still marked as stored sealed
+    )
+    assert by_session["sub", "s1", 4][3] == [1]
+    (letter,) = page.dead_letters
+    assert letter[0] == 3
+    assert letter[13:] == (b"dead-secret", True, [1])
+    assert [r[2] for r in page.recent] == [4, 5, 6, 9]  # oldest first
+    assert page.recent[0] == ("pub", b"id-4", 4, 4_000)
+    assert (reader.rows, reader.skipped) == (2 + 3 + 1 + 4, 0)
+
+
+def test_restore_pages_are_bounded_by_rows_and_by_bytes(stores: Stores) -> None:
+    writer = stores.writer()
+    events = [sub(1, "sub", "s1", 1, "t.>", True)]
+    events += [msg(seq, targets=[("sub", "s1", (1,))]) for seq in range(2, 30)]
+    writer.commit(events)
+    _, pages = restore_of(stores, page_rows=10)
+    sizes = [len(p.sessions) + len(p.deliveries) + len(p.recent) for p in pages]
+    assert sizes == [10, 10, 10, 10, 10, 7]  # 1 session, 28 deliveries, 28 recent ids
+    assert [p.done for p in pages] == [False] * 5 + [True]
+    assert {p.watermark for p in pages} == {29}
+    deliveries = [d[2] for p in pages for d in p.deliveries]
+    assert deliveries == list(range(2, 30))  # in publish order, across pages
+    assert [r[2] for p in pages for r in p.recent] == list(range(2, 30))
+
+    big = b"x" * (1024 * 1024)  # the largest payload a publish may carry
+    writer.commit([msg(seq, payload=big, targets=[("sub", "s1", (1,))]) for seq in (30, 31)])
+    _, pages = restore_of(stores)
+    for page in pages:
+        assert len(page.frames()[1]) < MAX_FRAME_BYTES  # the broker's per-frame limit
+    assert [d[2] for p in pages for d in p.deliveries] == list(range(2, 32))
+
+
+def test_restore_watermark_covers_messages_stored_beyond_the_state(stores: Stores) -> None:
+    """A crash between the two commits leaves messages past the state's watermark: the
+    broker must number new events after them, never reuse their seqs."""
+    stores.messages.append([(1, 1_000, "pub", "t.a", b"id-1", b"hdr", b"p", False)])
+    _, pages = restore_of(stores)
+    assert pages[-1].watermark == 1
+    assert stores.state.watermark() == 0
+
+
+def test_restore_skips_what_cannot_be_read_and_sends_the_rest(stores: Stores) -> None:
+    writer = stores.writer()
+    writer.commit(
+        [
+            sub(1, "sub", "s1", 1, "t.>", True),
+            msg(2, targets=[("sub", "s1", (1,))]),
+            msg(3, targets=[("sub", "s1", (1,))]),
+        ]
+    )
+    with stores.state.env.begin(write=True) as txn:  # pending for a message retention deleted
+        stores.state.put_pending(txn, "sub", "s1", 1, encode_sids((1,)))
+    stores.messages.append([(4, 4_000, "pub", "t.a", b"id-4", b"hdr", b"garbage", True)])
+    with stores.state.env.begin(write=True) as txn:  # a sealed record that does not open
+        stores.state.put_pending(txn, "sub", "s1", 4, encode_sids((1,)))
+    reader, pages = restore_of(stores)
+    assert [d[2] for d in pages[-1].deliveries] == [2, 3]
+    assert reader.skipped == 2

@@ -32,6 +32,14 @@ Files in `keys_dir` (0700, owned by the user; every file 0600):
 Sealed record: version (1 byte, = 1) | key id (4 bytes, big-endian) | nonce (12 bytes) |
 ciphertext || tag (16 bytes), with associated data
 b"plexus-record-v1\\0" + version + key id + len(msg_id) (4 B) + msg_id + topic (UTF-8).
+
+Errors (floor 1: they carry no wire code; persistence maps them where it answers):
+
+    KeyRingError
+    ├── KeyFileError         the key directory or a file: missing, damaged, too open
+    └── SealedRecordError    a sealed record does not open (`detail`, `ref`)
+        ├── TamperedRecord   malformed or failed its tag
+        └── KeyMissing       its key id is not in the ring
 """
 
 from __future__ import annotations
@@ -53,8 +61,6 @@ import msgpack
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-
-from broker.errors import Code, StorageFailure
 
 RECORD_VERSION = 1
 USAGE_LIMIT = 2**28
@@ -87,26 +93,34 @@ RING_FILE = "ring"
 LOCK_FILE = "lock"
 
 
-class KeyFileError(Exception):
+class KeyRingError(Exception):
+    """Anything the key ring refuses."""
+
+
+class KeyFileError(KeyRingError):
     """The key directory or one of its files is missing, damaged or open to other users."""
 
 
-class StorageDataError(StorageFailure):
-    """A stored record cannot be turned back into its plaintext; `.code` says why."""
+class SealedRecordError(KeyRingError):
+    """A sealed record cannot be turned back into its plaintext.
+
+    `detail` says why and what to do; `ref` names the record (`msg_id` hex, `topic`, and
+    `key_id` when its header was readable). A service that answers on the wire maps the
+    two kinds below to its own error codes (persistence: 502 and 504).
+    """
+
+    def __init__(self, detail: str, **ref: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.ref = ref
 
 
-class TamperedRecord(StorageDataError):
+class TamperedRecord(SealedRecordError):
     """The record is malformed or failed its integrity check (wrong msg id, topic or bytes)."""
 
-    def __init__(self, detail: str, **ref: Any) -> None:
-        super().__init__(Code.STORED_DATA_CORRUPT, detail, **ref)
 
-
-class KeyMissing(StorageDataError):
+class KeyMissing(SealedRecordError):
     """The record names a key id the ring does not hold."""
-
-    def __init__(self, detail: str, **ref: Any) -> None:
-        super().__init__(Code.KEY_UNAVAILABLE, detail, **ref)
 
 
 def wrap_aad(key_id: int) -> bytes:
