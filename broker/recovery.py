@@ -71,7 +71,7 @@ def recover(router: Router, paths: PlatformPaths, now_ns: int) -> RecoveryReport
     keys = _LazyKeys(paths)
     try:
         report.watermark = max(state.watermark(), messages.last_seq())
-        router.log.start_after(report.watermark)
+        router.stream.start_after(report.watermark)
         for key, subscriptions in state.subscriptions().items():
             deliveries = []
             for seq, sids in state.pending_of(*key):

@@ -55,7 +55,7 @@ PAGE_MESSAGES: Final = 1000
 PAGE_BYTES: Final = 4 * 2**20
 MAX_HISTORY: Final = 100_000
 
-EVRESTORE: Final = b"EVRESTORE"
+EVRESTORE: Final = P.EVRESTORE
 """persistence -> broker, after EVSYNCOK: the durable state a recovering broker rebuilds."""
 
 
