@@ -130,7 +130,7 @@ def error_codes(out: list[Outbound]) -> list[int]:
 # -- an event for every kind ------------------------------------------------------------------
 
 
-def test_an_event_for_every_kind() -> None:  # noqa: PLR0915 - one story, every kind
+def test_an_event_for_every_kind() -> None:
     b = Broker(consumers=("$audit",), limits=StreamLimits(max_events=10_000))
     seen: list[R.Event] = []
     b.hello(b"s", "sub")
