@@ -34,6 +34,8 @@ from broker.codec import (
     decode_pub_header,
     decode_sids,
     decode_stamp,
+    encode_sids,
+    encode_stamp,
     pack,
     required_int,
     required_text,
@@ -441,6 +443,24 @@ class Deliver:
     COMMAND: ClassVar[bytes] = P.DELIVER
     items: tuple[Delivered, ...]
 
+    def frames(self) -> list[bytes]:
+        return self.frames_of(
+            [
+                (
+                    encode_sids(item.sids),
+                    encode_stamp(
+                        item.stamp.seq,
+                        item.stamp.sender,
+                        item.stamp.timestamp_ns,
+                        item.stamp.attempt,
+                    ),
+                    item.header,
+                    item.payload,
+                )
+                for item in self.items
+            ]
+        )
+
     @staticmethod
     def frames_of(groups: list[tuple[bytes, bytes, bytes, bytes]]) -> list[bytes]:
         """The hot-path encoder: (packed sids, packed stamp, header, payload) groups."""
@@ -546,6 +566,9 @@ class Request:
     header_raw: bytes
     payload: bytes
 
+    def frames(self) -> list[bytes]:
+        return [P.REQ, self.header_raw, self.payload]
+
     @classmethod
     def decode(cls, frames: list[bytes]) -> Self:
         expect_frames(frames, 3)
@@ -573,6 +596,9 @@ class Reply:
     error: str | None
     header_raw: bytes
     payload: bytes
+
+    def frames(self) -> list[bytes]:
+        return [P.REP, self.header_raw, self.payload]
 
     @classmethod
     def decode(cls, frames: list[bytes]) -> Self:
@@ -823,14 +849,23 @@ class EvRestore:
             ):
                 raise ProtocolViolation(Code.BAD_HEADER, "EVRESTORE session entry is malformed")
             sessions.append((item[0], item[1], {sid: pattern for sid, pattern in item[2]}))
-        deliveries = tuple(_row(item, 11, "delivery") for item in _list(body, "deliveries"))
-        dead = tuple(_row(item, 16, "dead letter") for item in _list(body, "dead_letters"))
+        deliveries = tuple(
+            _row(item, 11, "delivery", _DELIVERY_TYPES) for item in _list(body, "deliveries")
+        )
+        dead = tuple(
+            _row(item, 16, "dead letter", _DEAD_TYPES) for item in _list(body, "dead_letters")
+        )
         recent: list[tuple[str, bytes, int, int]] = []
         for item in _list(body, "recent"):
             row = _row(item, 4, "recent id")
-            if not (isinstance(row[0], str) and isinstance(row[1], bytes)):
+            if not (
+                isinstance(row[0], str)
+                and isinstance(row[1], bytes)
+                and type(row[2]) is int
+                and type(row[3]) is int
+            ):
                 raise ProtocolViolation(Code.BAD_HEADER, "EVRESTORE recent id is malformed")
-            recent.append((row[0], row[1], int(row[2]), int(row[3])))
+            recent.append((row[0], row[1], row[2], row[3]))
         return cls(
             required_int(body, "wm", 0, _SEQ_MAX),
             tuple(sessions),
@@ -848,9 +883,27 @@ def _list(body: dict[str, Any], key: str) -> list[Any]:
     return value
 
 
-def _row(item: Any, width: int, what: str) -> tuple[Any, ...]:
+_S, _I, _B, _F = (str,), (int,), (bytes,), (bool,)
+_SIDS = (bytes, list)
+_DELIVERY_TYPES: Final = (_S, _S, _I, _SIDS, _S, _I, _S, _B, _B, _B, _F)
+"""[app, session, stored_seq, sids, sender, ts_ns, topic, msg_id, header, payload, sensitive]"""
+_DEAD_TYPES: Final = (_I, _S, _S, _S, _I, _I, _S, _I, _S, _I, _S, _B, _B, _B, _F, _SIDS)
+"""[entry_id, reason, app, session, dead_ns, attempts, error, stored_seq, sender,
+published_ns, topic, msg_id, header, payload, sensitive, sids]"""
+
+
+def _row(
+    item: Any, width: int, what: str, types: tuple[tuple[type, ...], ...] | None = None
+) -> tuple[Any, ...]:
     if not isinstance(item, list) or len(item) != width:
         raise ProtocolViolation(Code.BAD_HEADER, f"EVRESTORE {what} must have {width} fields")
+    if types is not None:
+        for index, (value, allowed) in enumerate(zip(item, types, strict=True)):
+            # bool is an int subclass: an int field takes no bool, a bool field no int
+            if type(value) not in allowed:
+                raise ProtocolViolation(
+                    Code.BAD_HEADER, f"EVRESTORE {what} field {index} has the wrong type"
+                )
     return tuple(item)
 
 
