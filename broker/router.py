@@ -21,6 +21,7 @@ follows the stream (`stream.active`).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -38,7 +39,6 @@ from broker.codec import (
     encode_stamp,
     new_message_id,
     pack,
-    unpack_map,
 )
 from broker.delivery import Delivery, DeliveryConfig, Mailbox
 from broker.dlq import DeadLetterQueue
@@ -71,7 +71,7 @@ from broker.sessions import Session, SessionKey, Sessions
 from broker.statistics import ExtraStats, RouterStats, snapshot, stats_command
 from broker.subscriptions import Subscriptions
 from broker.topics import validate_topic
-from broker.wire import Ack, Confirm, Error, Nack, Ping, Pong
+from broker.wire import Ack, Confirm, Error, Hello, Nack, Ping, Pong, Subscribe, request_id
 
 __all__ = ["Outbound", "Router", "RouterConfig", "RouterStats", "Session", "SessionKey"]
 
@@ -180,7 +180,7 @@ class Router:
             return self._handlers[command](session, frames, now_ns)
         except WireError as exc:
             if command in (P.STATS, P.DLQ):
-                exc.ref.setdefault("rid", _rid_of(frames))
+                exc.ref.setdefault("rid", request_id(frames))
             if isinstance(exc, (PermissionViolation, AuthFailure)) or (
                 exc.code == Code.UNKNOWN_REPLY
             ):
@@ -227,19 +227,15 @@ class Router:
         action = _DENIAL_ACTIONS.get(command, "command")
         target = command[:16].decode("ascii", "replace")
         cid = ""
-        try:
-            if command == P.HELLO and len(frames) == 2:
-                value = unpack_map(frames[1]).get("session")
-                name = value if isinstance(value, str) else name
-            elif command == P.SUB and len(frames) == 2:
-                body = unpack_map(frames[1])
-                target = str(body.get("pattern", target))[:255]
-                action = "serve" if body.get("serve") is True else action
+        with contextlib.suppress(ProtocolViolation):  # the refusal stands, context or not
+            if command == P.HELLO:
+                name = Hello.decode(frames).session
+            elif command == P.SUB:
+                sub = Subscribe.decode(frames)
+                target, action = sub.pattern[:255], "serve" if sub.serve else action
             elif command in (P.REQ, P.REP) and len(frames) == 3:
                 header = decode_pub_header(frames[1])
                 target, cid = header.topic[:255], header.correlation_id
-        except ProtocolViolation:
-            pass
         self.emit(Denied(app_id, name, action, target, int(exc.code), exc.detail, cid))
 
     # -- publishing -------------------------------------------------------------------------
@@ -670,14 +666,3 @@ class Router:
 
     def snapshot(self, now_ns: int, reset: bool = False) -> dict[str, Any]:
         return snapshot(self, now_ns, reset)
-
-
-def _rid_of(frames: list[bytes]) -> int:
-    """The `rid` of a STATS or DLQ request, 0 when it has none (error path only)."""
-    if len(frames) != 2:
-        return 0
-    try:
-        rid = unpack_map(frames[1]).get("rid", 0)
-    except ProtocolViolation:
-        return 0
-    return rid if type(rid) is int and 0 <= rid < 2**31 else 0

@@ -92,6 +92,17 @@ def _rid(body: dict[str, Any]) -> int:
     return _optional_int(body, "rid", 0, 0, MAX_RID)
 
 
+def request_id(frames: list[bytes]) -> int:
+    """The `rid` of a request whose body may not decode as a whole (for the `ref` of the
+    ERROR answering it); 0 when there is none."""
+    if len(frames) != 2:
+        return 0
+    try:
+        return _rid(unpack_map(frames[1]))
+    except ProtocolViolation:
+        return 0
+
+
 def _int_list(body: dict[str, Any], key: str, what: str) -> tuple[int, ...]:
     values = body.get(key)
     if not isinstance(values, list) or not all(type(v) is int for v in values):

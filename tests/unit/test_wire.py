@@ -28,7 +28,7 @@ plain_maps = st.dictionaries(st.text(max_size=8), scalars, max_size=4)
 
 
 @st.composite
-def headers(draw: st.DrawFn, **extra: Any) -> bytes:
+def headers(draw: st.DrawFn, /, **extra: Any) -> bytes:
     fields = {key: draw(value) for key, value in extra.items()}
     return encode_pub_header(
         draw(msg_ids),
@@ -148,7 +148,7 @@ def test_every_record_has_a_strategy() -> None:
     assert set(RECORDS) == set(W.CONTROL_RECORDS.values())
 
 
-@pytest.mark.parametrize("cls", sorted(RECORDS, key=lambda c: c.__name__))
+@pytest.mark.parametrize("cls", sorted(RECORDS, key=str))
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_round_trip(cls: type[Any], data: st.DataObject) -> None:
@@ -194,7 +194,7 @@ bodies = (
 )
 
 
-@pytest.mark.parametrize("cls", sorted(RECORDS, key=lambda c: c.__name__))
+@pytest.mark.parametrize("cls", sorted(RECORDS, key=str))
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rest=st.lists(bodies, max_size=6))
 def test_malformed_frames_are_a_protocol_violation_only(cls: type[Any], rest: list[bytes]) -> None:
