@@ -536,9 +536,19 @@ class Ack:
         step = P.MAX_ACK_BATCH
         return [cls(tuple(seqs[i : i + step])) for i in range(0, len(seqs), step)]
 
+    @staticmethod
+    def seqs_of(frames: list[bytes]) -> list[int]:
+        """The hot-path decoder (one ACK per DELIVER received): the seqs, no record."""
+        if len(frames) != 2:
+            expect_frames(frames, 2)
+        seqs = unpack_map(frames[1], "ACK").get("seqs")
+        if type(seqs) is not list or not all(type(s) is int for s in seqs):
+            raise ProtocolViolation(Code.BAD_HEADER, "ACK field 'seqs' must be a list of ints")
+        return seqs
+
     @classmethod
     def decode(cls, frames: list[bytes]) -> Self:
-        return cls(_int_list(_body(frames, "ACK"), "seqs", "ACK"))
+        return cls(tuple(cls.seqs_of(frames)))
 
 
 @dataclass(frozen=True, slots=True)
