@@ -100,6 +100,10 @@ class PubHeader:
     """Direct send: only subscriptions of this app id receive the message."""
     sensitive: bool = False
     """Stored only encrypted (header `sens`)."""
+    correlation_id: str = ""
+    """Header `cid` ("" when absent): joins a message to its conversation in the events."""
+    traceparent: str = ""
+    """Header `tp` ("" when absent): the W3C trace context, reported in the events."""
 
 
 def decode_pub_header(raw: bytes) -> PubHeader:
@@ -115,7 +119,7 @@ def pub_fields(header: dict[str, Any]) -> PubHeader:
             Code.BAD_HEADER, f"header field 'id' must be {MESSAGE_ID_BYTES} bytes (bin)"
         )
     topic = required_text(header, "topic")
-    _optional_text(header, "cid")
+    correlation_id = _optional_text(header, "cid")
     traceparent = _optional_text(header, "tp")
     if traceparent is not None and not _TRACEPARENT.fullmatch(traceparent):
         raise ProtocolViolation(Code.BAD_HEADER, "header field 'tp' is not a W3C traceparent")
@@ -129,7 +133,9 @@ def pub_fields(header: dict[str, Any]) -> PubHeader:
     if not isinstance(confirm, bool):
         raise ProtocolViolation(Code.BAD_HEADER, "header field 'cf' must be a boolean")
     dest = _optional_text(header, "dest")
-    return PubHeader(msg_id, topic, confirm, dest, sensitive)
+    return PubHeader(
+        msg_id, topic, confirm, dest, sensitive, correlation_id or "", traceparent or ""
+    )
 
 
 def encode_pub_header(

@@ -11,7 +11,9 @@ Pure and clock-free: every call takes `now_ns`. The lifecycle of one delivery is
                      DEAD (the caller moves it to the dead-letter queue)
 
 `Mailbox` bounds the queue by count and bytes; `offer` refuses beyond them so the caller
-can dead-letter the message with reason `queue-full` instead of losing it.
+can dead-letter the message with reason `queue-full` instead of losing it. Every failure
+(nack, ack timeout, detach) returns an `Outcome` naming what is retried, after which delay,
+and what is dead, so the caller can report each (RetryScheduled, DeadLettered events).
 """
 
 from __future__ import annotations
@@ -83,6 +85,18 @@ class Delivery:
 
 
 @dataclass(slots=True)
+class Outcome:
+    """Failed deliveries sorted out: retried (with the delay in ns before the next attempt,
+    0 for "on resume") or dead (out of attempts: for the dead-letter queue)."""
+
+    retried: list[tuple[Delivery, int]] = field(default_factory=list)
+    dead: list[Delivery] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.retried or self.dead)
+
+
+@dataclass(slots=True)
 class Mailbox:
     """Queue, in-flight window and retry schedule of one session."""
 
@@ -140,12 +154,15 @@ class Mailbox:
         """The acknowledged in-flight delivery, None for an unknown seq."""
         return self.inflight.pop(seq, None)
 
-    def nack(self, seq: int, now_ns: int, error: str) -> Delivery | None:
-        """Schedule a retry of an in-flight delivery; returns it when it is out of attempts."""
+    def nack(self, seq: int, now_ns: int, error: str) -> Outcome | None:
+        """Schedule a retry of an in-flight delivery (or find it out of attempts); None
+        for an unknown seq."""
         delivery = self.inflight.pop(seq, None)
         if delivery is None:
             return None
-        return self._retry_or_dead(delivery, now_ns, error)
+        outcome = Outcome()
+        self._retry_or_dead(delivery, now_ns, error, outcome)
+        return outcome
 
     def reject(self, seq: int, error: str) -> Delivery | None:
         """Take an in-flight delivery out for good (the receiver can never process it)."""
@@ -154,35 +171,38 @@ class Mailbox:
             delivery.last_error = error
         return delivery
 
-    def expire(self, now_ns: int) -> list[Delivery]:
-        """Treat in-flight deliveries past their ack deadline as failed; returns the dead."""
+    def expire(self, now_ns: int) -> Outcome:
+        """Treat in-flight deliveries past their ack deadline as failed."""
+        outcome = Outcome()
+        if not self.inflight:
+            return outcome
         late = [d for d in self.inflight.values() if d.due_ns <= now_ns]
-        dead: list[Delivery] = []
         for delivery in late:
             del self.inflight[delivery.seq]
-            gone = self._retry_or_dead(delivery, now_ns, "no ack within the ack timeout")
-            if gone is not None:
-                dead.append(gone)
-        return dead
+            self._retry_or_dead(delivery, now_ns, "no ack within the ack timeout", outcome)
+        return outcome
 
-    def detach(self) -> list[Delivery]:
-        """The receiver went away: in-flight deliveries are redelivered on resume, in order.
+    def detach(self) -> Outcome:
+        """The receiver went away: in-flight deliveries are redelivered on resume, in order
+        (retried with delay 0).
 
         That redelivery counts as an attempt (the receiver may have died of the message);
-        deliveries out of attempts are returned for the dead-letter queue.
+        deliveries out of attempts are dead, for the dead-letter queue.
         """
-        dead: list[Delivery] = []
+        outcome = Outcome()
         for delivery in sorted(self.inflight.values(), key=lambda d: d.seq, reverse=True):
             if delivery.attempt >= 1 + self.config.retries:
                 delivery.last_error = "its receiver disconnected before acknowledging it"
-                dead.append(delivery)
+                outcome.dead.append(delivery)
                 continue
             delivery.attempt += 1
             self.queue.appendleft(delivery)
             self.queued_bytes += delivery.size
+            outcome.retried.append((delivery, 0))
         self.inflight.clear()
-        dead.reverse()
-        return dead
+        outcome.dead.reverse()
+        outcome.retried.reverse()
+        return outcome
 
     def drain(self) -> list[Delivery]:
         """Everything still held (for dead-lettering at expiry), oldest first."""
@@ -202,11 +222,12 @@ class Mailbox:
         candidates.extend(d.due_ns for d in self.inflight.values())
         return min(candidates) if candidates else None
 
-    def _retry_or_dead(self, delivery: Delivery, now_ns: int, error: str) -> Delivery | None:
+    def _retry_or_dead(self, delivery: Delivery, now_ns: int, error: str, outcome: Outcome) -> None:
         delivery.last_error = error
         if delivery.attempt >= 1 + self.config.retries:
-            return delivery
+            outcome.dead.append(delivery)
+            return
         delivery.attempt += 1
-        due = now_ns + self.config.backoff_ns(delivery.attempt)
-        heapq.heappush(self.retry, (due, delivery.seq, delivery))
-        return None
+        delay = self.config.backoff_ns(delivery.attempt)
+        heapq.heappush(self.retry, (now_ns + delay, delivery.seq, delivery))
+        outcome.retried.append((delivery, delay))

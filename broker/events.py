@@ -1,131 +1,55 @@
-"""The broker's event stream: what persistence and audit consume, and what the broker keeps
-until they have it.
+"""The broker's event stream: numbering, batching, and retention for several consumers.
 
-Every accepted publish, subscription change and delivery outcome becomes one event with a
-broker sequence number (contiguous from 1 across restarts: a restarted broker continues
-after the store's watermark). An event is one msgpack array `[seq, kind, ts_ns, ...]`;
-the fields after the kind are listed in `FIELDS`. Events leave the broker in batches on
-the PUB socket as `[b"EV", epoch(8) + first_seq(8), concatenated events]` and, for a
-consumer that saw a gap, the same layout over its DEALER connection (EVDATA).
+Every event (broker.event_records) gets the next broker sequence number, contiguous from 1
+across restarts with persistence on (a restarted broker continues after the store's
+watermark). Events leave in batches on the PUB socket as `[EV, head, blob]` and, for a
+consumer that saw a gap, the same layout over its DEALER link (EVDATA).
 
-`EventLog` numbers events and retains them, encoded, until the persistence watermark
-passes them: a consumer that lost a batch (PUB/SUB drops under its high-water mark, and a
-slow joiner misses the first ones) fetches the range again, so nothing is lost silently.
-It also holds the CONFIRMs that wait for "stored and synced".
+Why retention: PUB/SUB drops under its high-water mark and a slow joiner misses the first
+batches, so each consumer (persistence, audit, tracing, the gateway: platform identities)
+has its own cursor, moved by EVSYNC and EVACK, and fetches missed ranges. The log keeps an
+event until every registered consumer has passed it, bounded by count and bytes. A
+consumer other than the confirming one (`$persistence`) that falls behind the bound is
+skipped: its cursor moves past the dropped range and `trim` reports the range, so the
+caller records it (ConsumerSkipped) and alerts - never silently. The confirming consumer
+is never skipped: when it is `backpressure_bytes` behind, `full` makes the broker refuse
+new publishes (refused, not lost), and its cursor alone releases the held CONFIRMs.
+
+Nobody registered (and nobody expected from the start): events are numbered but never
+encoded, the cheap path of `--no-persistence` without consumers.
+
+While a starting broker waits for persistence to tell it where the stream stands
+(`waiting`), events are kept unnumbered and numbered on `resume()`, right after the
+store's watermark.
 """
 
 from __future__ import annotations
 
 import bisect
-import struct
-import time
-from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
-import msgpack
+from broker.event_records import (
+    EV,
+    RECORDS,
+    EventRecord,
+    batch_head,
+    encode_event,
+    encode_fields,
+)
 
-from broker.errors import Code, ProtocolViolation
-
-EV: Final = b"EV"
-"""PUB topic frame (and EVDATA frame) of an event batch."""
-
-MSG: Final = 1
-SUB: Final = 2
-UNSUB: Final = 3
-ACK: Final = 4
-DEAD: Final = 5
-DLQ_REPLAY: Final = 6
-DLQ_PURGE: Final = 7
-
-FIELDS: Final = {
-    MSG: ("sender", "topic", "msg_id", "sensitive", "header", "payload", "targets"),
-    SUB: ("app", "session", "sid", "pattern", "durable"),
-    UNSUB: ("app", "session", "sid"),
-    ACK: ("app", "session", "stored_seqs"),
-    DEAD: (
-        "entry_id",
-        "app",
-        "session",
-        "reason",
-        "attempts",
-        "error",
-        "stored_seq",
-        "sender",
-        "published_ns",
-        "topic",
-        "msg_id",
-        "sensitive",
-        "header",
-        "payload",
-        "sids",
-    ),
-    DLQ_REPLAY: ("entry_id", "app", "session", "stored_seq", "sids"),
-    DLQ_PURGE: ("entry_ids",),
-}
-"""Fields after [seq, kind, ts_ns], in order. MSG `targets` lists [app, session, sids]
-of the durable subscriptions the message was queued for: their pending deliveries."""
-
-_HEAD = struct.Struct(">QQ")
-_packer = msgpack.Packer(use_bin_type=True)
+_EARLY_LIMIT: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
-class Event:
-    """One decoded event (consumer side)."""
+class StreamLimits:
+    """Retention bounds of the event stream."""
 
-    seq: int
-    kind: int
-    ts_ns: int
-    fields: tuple[Any, ...]
-
-    def get(self, name: str) -> Any:
-        return self.fields[FIELDS[self.kind].index(name)]
-
-
-def encode_event(seq: int, kind: int, ts_ns: int, *fields: Any) -> bytes:
-    return _packer.pack([seq, kind, ts_ns, *fields])  # type: ignore[no-any-return]
-
-
-def batch_head(epoch: int, first_seq: int) -> bytes:
-    return _HEAD.pack(epoch, first_seq)
-
-
-def decode_head(raw: bytes) -> tuple[int, int]:
-    """(epoch, first seq) of a batch; ProtocolViolation if the frame is not one."""
-    if len(raw) != _HEAD.size:
-        raise ProtocolViolation(Code.MALFORMED_FRAME, "event batch head must be 16 bytes")
-    epoch, first = _HEAD.unpack(raw)
-    return int(epoch), int(first)
-
-
-def decode_events(blob: bytes) -> Iterator[Event]:
-    """The events of one batch, in order; ProtocolViolation on anything malformed."""
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(blob), 1024))
-    unpacker.feed(blob)
-    items: list[Any] = []
-    end = 0
-    try:
-        for item in unpacker:
-            items.append(item)
-            end = unpacker.tell()
-    except Exception as exc:
-        raise ProtocolViolation(
-            Code.MALFORMED_FRAME, f"event batch is not msgpack: {type(exc).__name__}"
-        ) from None
-    if end != len(blob):
-        raise ProtocolViolation(Code.MALFORMED_FRAME, "event batch is truncated")
-    events: list[Event] = []
-    for item in items:
-        if not (isinstance(item, list) and len(item) >= 3 and type(item[0]) is int):
-            raise ProtocolViolation(Code.MALFORMED_FRAME, "an event must be [seq, kind, ts]")
-        seq, kind, ts = item[0], item[1], item[2]
-        names = FIELDS.get(kind) if type(kind) is int else None
-        if names is None or len(item) != 3 + len(names) or type(ts) is not int:
-            raise ProtocolViolation(Code.MALFORMED_FRAME, f"event {seq}: bad kind or fields")
-        events.append(Event(seq, kind, ts, tuple(item[3:])))
-    return iter(events)
+    max_events: int = 2_000_000
+    max_bytes: int = 512 * 2**20
+    """Retained for consumers behind: beyond either bound the laggards are skipped."""
+    backpressure_bytes: int = 512 * 2**20
+    """The confirming consumer (persistence) this far behind: publishes are refused."""
 
 
 @dataclass(slots=True)
@@ -135,73 +59,123 @@ class PendingConfirm:
     msg_id: bytes
 
 
-class EventLog:
-    """Numbers events, batches them for publishing, retains them until acknowledged.
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """A consumer skipped past events `first`..`last` (dropped by the retention bound)."""
 
-    `retain` is False with persistence off: nothing waits for a watermark, confirms go out
-    at once, and (`publish` False) no event is even encoded: nobody stores them.
+    consumer: str
+    first: int
+    last: int
+
+
+class EventLog:
+    """Numbers events, batches them for publishing, retains them for every consumer.
+
+    `consumers`: expected from the start (registered before their first EVSYNC, so nothing
+    is dropped before they connect); `confirm_by`: the consumer whose watermark means
+    "stored and synced" (None: confirms go out at once).
     """
 
     def __init__(
         self,
         epoch: int,
-        retain: bool,
-        max_retained_bytes: int = 512 * 2**20,
-        publish: bool | None = None,
+        consumers: tuple[str, ...] = (),
+        confirm_by: str | None = None,
+        limits: StreamLimits | None = None,
+        waiting: bool = False,
     ) -> None:
         self.epoch = epoch
-        self.retain = retain
-        self.publish = retain if publish is None else publish
-        self.max_retained_bytes = max_retained_bytes
+        self.limits = limits or StreamLimits()
+        self.confirm_by = confirm_by
         self.last_seq = 0
-        self.watermark = 0
+        self.cursors: dict[str, int] = dict.fromkeys(consumers, 0)
+        """Each registered consumer's watermark: everything up to it is taken."""
+        if confirm_by is not None:
+            self.cursors.setdefault(confirm_by, 0)
+        self.active = bool(self.cursors)
+        """Some consumer is registered: events are encoded (else only numbered)."""
+        self.waiting = waiting
+        self._early: list[tuple[int, EventRecord]] = []
+        self.early_dropped = 0
         self._batch: list[bytes] = []
         self._batch_first = 0
         self.batch_started_ns = 0
-        """Monotonic time the oldest unsent event was appended (0: none waiting)."""
-        self._retained: deque[tuple[int, bytes]] = deque()
-        self._retained_bytes = 0
+        """Monotonic time the unsent batch was first seen by `batch_due` (0: not yet)."""
+        self._raws: list[bytes] = []
+        self._ends: list[int] = []
+        """Cumulative bytes up to and including each retained event (backlog in O(1))."""
+        self._head = 0
+        """Index in _raws of the oldest live retained event."""
+        self._first_seq = 1
+        """Seq of _raws[0]."""
         self._confirms: list[PendingConfirm] = []
         """Held CONFIRMs in seq order (a resend's confirm may wait on an older seq)."""
 
+    # -- numbering ---------------------------------------------------------------------------
+
     def start_after(self, seq: int) -> None:
-        """Continue numbering after `seq` (the store's watermark after a restart)."""
-        self.last_seq = max(self.last_seq, seq)
-        self.watermark = max(self.watermark, seq)
+        """Continue numbering after `seq` (the store's watermark after a restart): nothing
+        at or before it is this broker's to keep, for any consumer."""
+        if seq <= self.last_seq:
+            return
+        self.last_seq = seq
+        self._raws.clear()
+        self._ends.clear()
+        self._head = 0
+        self._first_seq = seq + 1
+        for name, cursor in self.cursors.items():
+            self.cursors[name] = max(cursor, seq)
 
-    @property
-    def backlog_bytes(self) -> int:
-        return self._retained_bytes
+    def resume(self) -> None:
+        """The stream's position is known: number what was appended while waiting."""
+        self.waiting = False
+        early, self._early = self._early, []
+        for ts_ns, record in early:
+            self.append(ts_ns, record)
 
-    @property
-    def confirms_waiting(self) -> int:
-        return len(self._confirms)
-
-    @property
-    def full(self) -> bool:
-        """Persistence is so far behind that new publishes must wait (refused, not lost)."""
-        return self.retain and self._retained_bytes >= self.max_retained_bytes
-
-    def append(self, kind: int, ts_ns: int, *fields: Any) -> int:
+    def append(self, ts_ns: int, record: EventRecord) -> int:
+        """Number one event (and encode and retain it when some consumer is registered)."""
+        if self.waiting:
+            if len(self._early) < _EARLY_LIMIT:
+                self._early.append((ts_ns, record))
+            else:
+                self.early_dropped += 1
+            return 0
         self.last_seq += 1
-        seq = self.last_seq
-        if not self.publish:
-            return seq
-        raw = _packer.pack([seq, kind, ts_ns, *fields])
+        if self.active:
+            self._keep(encode_event(self.last_seq, ts_ns, record))
+        return self.last_seq
+
+    def append_fields(self, kind: int, ts_ns: int, field_values: tuple[object, ...]) -> int:
+        """`append` for the per-message kinds, from field values in record order (the
+        caller checks `active` first and builds nothing when it is False)."""
+        if self.waiting:
+            record: EventRecord = RECORDS[kind](*field_values)
+            return self.append(ts_ns, record)
+        self.last_seq += 1
+        self._keep(encode_fields(self.last_seq, kind, ts_ns, field_values))
+        return self.last_seq
+
+    def _keep(self, raw: bytes) -> None:
         if not self._batch:
-            self._batch_first = seq
-            self.batch_started_ns = time.monotonic_ns()
+            self._batch_first = self.last_seq
         self._batch.append(raw)
-        if self.retain:
-            self._retained.append((seq, raw))
-            self._retained_bytes += len(raw)
-        return seq
+        self._raws.append(raw)
+        self._ends.append((self._ends[-1] if self._ends else 0) + len(raw))
+
+    # -- batches -----------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._batch)
 
     def batch_due(self, now_ns: int, max_age_ns: int, max_events: int) -> bool:
         """Whether the unsent events should go now (old enough or enough of them)."""
-        return bool(self._batch) and (
-            now_ns - self.batch_started_ns >= max_age_ns or len(self._batch) >= max_events
-        )
+        if not self._batch:
+            return False
+        if not self.batch_started_ns:
+            self.batch_started_ns = now_ns
+        return now_ns - self.batch_started_ns >= max_age_ns or len(self._batch) >= max_events
 
     def take_batch(self) -> list[bytes] | None:
         """The frames of the events appended since the last call, or None."""
@@ -212,49 +186,151 @@ class EventLog:
         self.batch_started_ns = 0
         return frames
 
-    def since(self, first: int, max_bytes: int = 4 * 2**20) -> list[bytes] | None:
-        """EVDATA frames re-sending retained events from `first` (bounded), None when
-        `first` is no longer retained."""
-        if first > self.last_seq:
-            return [EV, batch_head(self.epoch, first), b""]
-        if not self._retained or self._retained[0][0] > first:
-            return None
-        offset = first - self._retained[0][0]
-        chunk: list[bytes] = []
-        size = 0
-        for index in range(offset, len(self._retained)):
-            raw = self._retained[index][1]
-            chunk.append(raw)
-            size += len(raw)
-            if size >= max_bytes:
-                break
-        return [EV, batch_head(self.epoch, first), b"".join(chunk)]
+    # -- retention ---------------------------------------------------------------------------
+
+    @property
+    def retained(self) -> int:
+        return len(self._raws) - self._head
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes retained for the consumers (all of them)."""
+        return self._bytes_after(self._first_seq - 1 + self._head)
+
+    def _bytes_after(self, seq: int) -> int:
+        """Retained bytes of events after `seq`."""
+        ends = self._ends
+        if not ends:
+            return 0
+        index = seq - self._first_seq
+        if index < self._head:
+            index = self._head - 1
+        before = ends[index] if index >= 0 else 0
+        return ends[-1] - before
+
+    @property
+    def watermark(self) -> int:
+        """The confirming consumer's cursor (stored and synced); the last seq without one."""
+        if self.confirm_by is None:
+            return self.last_seq
+        return self.cursors[self.confirm_by]
+
+    @property
+    def full(self) -> bool:
+        """Persistence is so far behind that new publishes must wait (refused, not lost)."""
+        confirm_by = self.confirm_by
+        if confirm_by is None:
+            return False
+        return self._bytes_after(self.cursors[confirm_by]) >= self.limits.backpressure_bytes
 
     def oldest_available(self) -> int:
         """The first seq `since` can still send (retained, or the next one)."""
-        return self._retained[0][0] if self._retained else self.last_seq + 1
+        return self._first_seq + self._head if self.retained else self.last_seq + 1
 
-    def confirm_later(self, seq: int, peer: bytes, msg_id: bytes) -> bool:
-        """Hold a CONFIRM until event `seq` is stored; False when it already is."""
-        if not self.retain or seq <= self.watermark:
-            return False
-        bisect.insort(self._confirms, PendingConfirm(seq, peer, msg_id), key=lambda c: c.seq)
-        return True
+    def since(self, first: int, max_bytes: int = 4 * 2**20) -> list[bytes] | None:
+        """EVDATA frames re-sending retained events from `first` (bounded, at least one
+        event), None when `first` is no longer retained."""
+        if first > self.last_seq:
+            return [EV, batch_head(self.epoch, first), b""]
+        if first < self.oldest_available():
+            return None
+        start = first - self._first_seq
+        ends = self._ends
+        base = ends[start - 1] if start > 0 else 0
+        stop = bisect.bisect_left(ends, base + max_bytes, lo=start)
+        stop = min(max(stop + 1, start + 1), len(ends))
+        return [EV, batch_head(self.epoch, first), b"".join(self._raws[start:stop])]
 
-    def acknowledge(self, watermark: int) -> dict[bytes, list[bytes]]:
-        """Persistence stored everything up to `watermark`: drop it, release confirms.
+    def _drop_through(self, seq: int) -> None:
+        """Forget retained events up to `seq`."""
+        index = min(seq - self._first_seq + 1, len(self._raws))
+        if index <= self._head:
+            return
+        self._head = index
+        if self._head >= 4096 and self._head * 2 >= len(self._raws):
+            self._first_seq += self._head
+            del self._raws[: self._head]
+            del self._ends[: self._head]
+            self._head = 0
+
+    def _release_passed(self) -> None:
+        if self.cursors:
+            self._drop_through(min(self.cursors.values()))
+
+    def trim(self) -> list[Skip]:
+        """Enforce the retention bound: beyond it, drop the oldest events down to 3/4 of
+        the bound (never past the confirming consumer) and skip every consumer behind."""
+        limits = self.limits
+        if self.retained <= limits.max_events and self.backlog_bytes <= limits.max_bytes:
+            return []
+        keep_events = limits.max_events * 3 // 4
+        keep_bytes = limits.max_bytes * 3 // 4
+        last = self.last_seq - keep_events
+        ends = self._ends
+        if ends:  # also drop until what remains is under 3/4 of the byte bound
+            index = bisect.bisect_left(ends, ends[-1] - keep_bytes)
+            last = max(last, self._first_seq + index)
+        if self.confirm_by is not None:
+            last = min(last, self.cursors[self.confirm_by])
+        last = min(last, self.last_seq)
+        skips = [
+            Skip(name, cursor + 1, last)
+            for name, cursor in self.cursors.items()
+            if cursor < last and name != self.confirm_by
+        ]
+        for skip in skips:
+            self.cursors[skip.consumer] = last
+        self._drop_through(last)
+        return skips
+
+    # -- consumers ---------------------------------------------------------------------------
+
+    def register(self, consumer: str, watermark: int) -> int:
+        """A consumer's EVSYNC: its cursor becomes `watermark`, within what this broker
+        still has (a new consumer gets everything after its EVSYNC). Returns the seq the
+        broker numbers next (EVSYNCOK `next`)."""
+        floor = self.oldest_available() - 1
+        self.cursors[consumer] = max(min(watermark, self.last_seq), floor)
+        if not self.active:
+            self.active = True
+            self._first_seq, self._head = self.last_seq + 1, 0
+            self._raws.clear()
+            self._ends.clear()
+        return self.last_seq + 1
+
+    def acknowledge(self, consumer: str, watermark: int) -> dict[bytes, list[bytes]]:
+        """A consumer took everything up to `watermark` (EVACK): drop what every consumer
+        passed; for the confirming consumer, release the CONFIRMs that waited for it.
 
         Returns the message ids to confirm, by peer.
         """
-        if watermark <= self.watermark:
+        if consumer not in self.cursors:
+            self.register(consumer, watermark)
+        cursor = min(watermark, self.last_seq)
+        if cursor > self.cursors[consumer]:
+            self.cursors[consumer] = cursor
+            self._release_passed()
+        if consumer != self.confirm_by or not self._confirms:
             return {}
-        self.watermark = min(watermark, self.last_seq)
-        retained = self._retained
-        while retained and retained[0][0] <= self.watermark:
-            self._retained_bytes -= len(retained.popleft()[1])
+        cursor = self.cursors[consumer]
         released: dict[bytes, list[bytes]] = {}
-        due = bisect.bisect_right(self._confirms, self.watermark, key=lambda c: c.seq)
+        due = bisect.bisect_right(self._confirms, cursor, key=lambda c: c.seq)
         for pending in self._confirms[:due]:
             released.setdefault(pending.peer, []).append(pending.msg_id)
         del self._confirms[:due]
         return released
+
+    # -- confirms ----------------------------------------------------------------------------
+
+    @property
+    def confirms_waiting(self) -> int:
+        return len(self._confirms)
+
+    def confirm_later(self, seq: int, peer: bytes, msg_id: bytes) -> bool:
+        """Hold a CONFIRM until event `seq` is stored; False when it already is (or
+        nothing stores events)."""
+        confirm_by = self.confirm_by
+        if confirm_by is None or seq <= self.cursors[confirm_by]:
+            return False
+        bisect.insort(self._confirms, PendingConfirm(seq, peer, msg_id), key=lambda c: c.seq)
+        return True

@@ -33,17 +33,20 @@ STATSOK: Final = b"STATSOK"
 CONFIRM: Final = b"CONFIRM"
 DLQOK: Final = b"DLQOK"
 
-# Commands of the persistence service's link, persistence -> broker (platform id only)
+# Commands of an event-stream consumer's link, consumer -> broker (EVENT_CONSUMERS only)
 EVSYNC: Final = b"EVSYNC"
-"""{wm}: everything up to wm is stored; a recovering broker rebuilds from the store now."""
+"""{wm}: register (or re-register) with cursor wm; from `$persistence`: everything up to wm
+is stored, and a recovering broker asks for its durable state (EVSYNCOK restore)."""
 EVACK: Final = b"EVACK"
-"""{wm}: stored and synced up to wm (drop retained events, release held CONFIRMs)."""
+"""{wm}: taken up to wm (for persistence: stored and synced, which releases CONFIRMs)."""
 EVFETCH: Final = b"EVFETCH"
 """{from}: re-send retained events from seq `from` (a gap was seen)."""
-# ... and broker -> persistence
+EVRESTORE: Final = b"EVRESTORE"
+"""persistence -> a recovering broker: one page of the durable state (broker.wire.EvRestore)."""
+# ... and broker -> consumer
 EVSYNCOK: Final = b"EVSYNCOK"
 EVDATA: Final = b"EVDATA"
-EVENT_COMMANDS: Final = frozenset({EVSYNC, EVACK, EVFETCH})
+EVENT_COMMANDS: Final = frozenset({EVSYNC, EVACK, EVFETCH, EVRESTORE})
 
 CLIENT_COMMANDS: Final = frozenset(
     {HELLO, SUB, UNSUB, PUB, PING, BYE, STATS, ACK, NACK, DLQ, REQ, REP}
@@ -77,7 +80,14 @@ SYS_TOPIC_PREFIX: Final = "$sys."
 SUPERVISOR_ID: Final = "$supervisor"
 CLI_ID: Final = "$cli"
 PERSISTENCE_ID: Final = "$persistence"
+AUDIT_ID: Final = "$audit"
+GATEWAY_ID: Final = "$gateway"
+TRACING_ID: Final = "$tracing"
+EVENT_CONSUMERS: Final = frozenset({PERSISTENCE_ID, AUDIT_ID, GATEWAY_ID, TRACING_ID})
+"""Platform services that may follow the event stream (EV* commands, the events socket)."""
 ZAP_DOMAIN: Final = "plexus"
+EVENTS_ZAP_DOMAIN: Final = "plexus.events"
+"""ZAP domain of the events PUB socket: only EVENT_CONSUMERS with a valid credential."""
 
 DEFAULT_HEARTBEAT_MS: Final = 2_000
 DEFAULT_PEER_TIMEOUT_MS: Final = 10_000
@@ -89,3 +99,7 @@ REPLY_SID: Final = 0
 DEFAULT_REQUEST_TTL_MS: Final = 60_000
 BROKER_ID: Final = "$broker"
 UNRESPONSIVE_TOPIC: Final = "$sys.apps.unresponsive"
+EVENTS_ALERT_TOPIC: Final = "$sys.alerts.events"
+"""Broker notice: an event-stream consumer fell behind the retention bound (then skipped)."""
+LIFECYCLE_TOPIC_PREFIX: Final = "$sys.audit.apps."
+"""The supervisor's lifecycle reports (`$sys.audit.apps.<kind>`), also Lifecycle events."""

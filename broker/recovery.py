@@ -59,7 +59,7 @@ class Restorable(Protocol):
     """What recovery needs of the router (broker.router.Router has it)."""
 
     @property
-    def log(self) -> _Numbering: ...
+    def stream(self) -> _Numbering: ...
 
     @property
     def dlq(self) -> _DeadLetters: ...
@@ -101,7 +101,7 @@ def apply_restore(router: Restorable, page: EvRestore, now_ns: int, report: Reco
     """Apply one EVRESTORE page to `router`; on the `done` page, restore the sessions."""
     report.pages += 1
     report.watermark = max(report.watermark, page.watermark)
-    router.log.start_after(page.watermark)
+    router.stream.start_after(page.watermark)
     for app, session, subscriptions in page.sessions:
         report._subscriptions.setdefault((app, session), {}).update(subscriptions)
     for row in page.deliveries:

@@ -1,15 +1,16 @@
-"""The broker process's socket loop: one ROUTER for apps, one ZAP socket for authentication.
+"""The broker process's socket loop: the bus ROUTER, the events PUB, and ZAP.
 
 Shaped like the zguide's Majordomo broker: poll with a timeout, drain what is readable,
-hand each message to the pure `Router`, send what it returns, publish the events it
-produced on the PUB socket, then housekeeping. One thread owns every socket. The sender's
-identity is the ZAP `User-Id` libzmq attaches to each frame of an authenticated
-connection, read on every inbound message.
+hand each message to the pure core (broker.core, over broker.router), send what it
+returns, publish the event batches it produced on the PUB socket, then the timers. One
+thread owns every socket. The sender's identity is the ZAP `User-Id` libzmq attaches to
+each frame of an authenticated connection, read on every inbound message. The events
+socket is authenticated too (its own ZAP domain): only the platform's stream consumers
+may subscribe there.
 
-With persistence on, a starting broker first waits (holding what apps send) until the
-persistence service reports its watermark (EVSYNC), then rebuilds durable state from the
-store (broker.recovery) and serves. The service's link also acknowledges stored events
-(EVACK, which releases held CONFIRMs) and fetches ranges it missed (EVFETCH).
+The server keeps only sockets, polling and clocks: every decision (recovery, holding,
+the consumers' link, overflow, unreachable peers) is the core's. Timers run on the
+monotonic clock; the wall clock only stamps messages and events.
 """
 
 from __future__ import annotations
@@ -25,17 +26,17 @@ from typing import Any
 import zmq
 
 from broker import protocol as P
-from broker.codec import pack, required_int, unpack_map
-from broker.errors import Code, PermissionViolation, ProtocolViolation, StorageFailure, WireError
-from broker.events import EventLog
+from broker.core import BrokerCore, CoreConfig
+from broker.events import EventLog, StreamLimits
 from broker.histogram import LatencyHistogram
 from broker.logs import event
-from broker.manifests import Manifest, ManifestError, Permissions, load_manifests
+from broker.catalog import ManifestCatalog
 from broker.paths import PlatformPaths
-from broker.recovery import recover
+from broker.recovery import RecoveryReport, apply_restore
 from broker.router import Router, RouterConfig
+from broker.wire import EvRestore
 from security.credentials import CredentialStore
-from security.zap import answer_zap, bind_zap
+from security.zap import answer, bind_zap
 
 log = logging.getLogger("plexus.broker")
 
@@ -43,16 +44,9 @@ _SNDMORE = 2
 _NOBLOCK = 1
 _RCVMORE = 13
 _DRAIN_LIMIT = 512
-_RESCAN_INTERVAL_NS = 1_000_000_000
 _TIMER_TICK_NS = 50_000_000
 """How often delivery timers (retries, ack timeouts, grace periods) are looked at."""
-_EVENT_BATCH_MS = 2
-_EVENT_BATCH_NS = _EVENT_BATCH_MS * 1_000_000
-_EVENT_BATCH_MAX = 256
-"""Events go out when the oldest unsent one is 2 ms old or 256 wait: one PUB send per
-batch instead of per loop pass (a third of the broker's CPU at 10k msg/s otherwise)."""
-_HOLD_LIMIT = 100_000
-"""Most app messages held while the broker waits for persistence to start."""
+_EVENT_BATCH_POLL_MS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,84 +59,86 @@ class BrokerConfig:
     hwm: int = 10_000
     poll_ms: int = 100
     persistence: bool = False
-    """Wait for the persistence service, recover from the store, confirm once stored."""
+    """Wait for the persistence service's restore, confirm once stored."""
     recovery_timeout_s: float = 10.0
-    """Longest wait for the persistence service before recovering from the store alone."""
+    """How long persistence may stay silent before each `persistence-silent` warning."""
+    consumers: tuple[str, ...] = ()
+    """Event-stream consumers expected from the start (nothing is dropped before their
+    first EVSYNC); `$persistence` is one whenever persistence is on."""
+    stream: StreamLimits = field(default_factory=StreamLimits)
 
 
-class ManifestCatalog:
-    """App permissions by id, re-reading the apps dir when an unknown app appears.
+class RecoveryRestorer:
+    """Applies EVRESTORE pages with broker.recovery.apply_restore, one report per recovery."""
 
-    A miss re-reads the directory when it changed (its mtime) or a second has passed, so
-    a manifest added for an external app is seen at once, and unknown ids cannot make
-    the broker re-read the directory more than once a second otherwise.
-    """
+    def __init__(self) -> None:
+        self._report = RecoveryReport()
 
-    def __init__(self, apps_dir: Path | None, clock: Callable[[], int] = time.monotonic_ns) -> None:
-        self._apps_dir = apps_dir
-        self._clock = clock
-        self._manifests: dict[str, Manifest] = {}
-        self._last_scan = -_RESCAN_INTERVAL_NS
-        self._scanned_stamp = 0
-        self.rescan()
+    def apply(self, router: Router, page: EvRestore, now_ns: int) -> None:
+        apply_restore(router, page, now_ns, self._report)
 
-    def _dir_stamp(self) -> int:
-        try:
-            return self._apps_dir.stat().st_mtime_ns if self._apps_dir else 0
-        except OSError:
-            return 0
-
-    def rescan(self) -> None:
-        self._last_scan = self._clock()
-        self._scanned_stamp = self._dir_stamp()
-        if self._apps_dir is None:
-            return
-        try:
-            self._manifests = load_manifests(self._apps_dir)
-        except ManifestError as exc:
-            event(log, "manifests-invalid", logging.ERROR, error=str(exc))
-
-    def permissions(self, app_id: str) -> Permissions | None:
-        manifest = self._manifests.get(app_id)
-        if manifest is None and (
-            self._dir_stamp() != self._scanned_stamp
-            or self._clock() - self._last_scan >= _RESCAN_INTERVAL_NS
-        ):
-            self.rescan()
-            manifest = self._manifests.get(app_id)
-        return manifest.permissions if manifest else None
+    def summary(self) -> dict[str, Any]:
+        return asdict(self._report)
 
 
 class BrokerServer:
     """Binds the sockets on `bind()`, runs the loop in `run()`; constructing opens nothing."""
 
-    def __init__(self, config: BrokerConfig, context: zmq.Context[Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        context: zmq.Context[Any] | None = None,
+        monotonic: Callable[[], int] = time.monotonic_ns,
+        wall_clock: Callable[[], int] = time.time_ns,
+    ) -> None:
         self.config = config
         self._context = context or zmq.Context.instance()
+        self._monotonic = monotonic
         self._credentials = CredentialStore(config.paths.creds_dir)
-        self._catalog = ManifestCatalog(config.apps_dir)
+        self._catalog = ManifestCatalog(config.apps_dir, monotonic)
         self.route_latency = LatencyHistogram()
+        consumers = tuple(dict.fromkeys(config.consumers))
+        confirm_by = P.PERSISTENCE_ID if config.persistence else None
+        stream = EventLog(
+            epoch=wall_clock(),
+            consumers=consumers,
+            confirm_by=confirm_by,
+            limits=config.stream,
+            waiting=config.persistence,
+        )
         self.router = Router(
             self._catalog.permissions,
             config.router,
             self._extra_stats,
-            event_log=EventLog(epoch=time.time_ns(), retain=config.persistence),
-            first_delivery_seq=time.time_ns() // 1000,
+            stream=stream,
+            first_delivery_seq=wall_clock() // 1000,
+            wall_clock=wall_clock,
         )
+        now = monotonic()
+        self.core = BrokerCore(
+            self.router,
+            CoreConfig(
+                persistence=config.persistence,
+                recovery_timeout_ns=int(config.recovery_timeout_s * 1e9),
+            ),
+            RecoveryRestorer(),
+            now,
+        )
+        self._zap_policy: dict[str, frozenset[str] | None] = {
+            P.ZAP_DOMAIN: None,
+            P.EVENTS_ZAP_DOMAIN: P.EVENT_CONSUMERS,
+        }
         self._router_socket: zmq.Socket[bytes] | None = None
         self._zap: zmq.Socket[bytes] | None = None
         self._events: zmq.Socket[bytes] | None = None
-        self._recovering = config.persistence
-        self._recovery_deadline = time.monotonic() + config.recovery_timeout_s
-        self._held: list[tuple[bytes, str, list[bytes]]] = []
-        self._started = time.monotonic()
+        self._started = now
         self._auth_failures = 0
-        self._rate_mark = (time.monotonic(), 0)
+        self._rate_mark = (now, 0)
         self._rate = 0.0
         self.endpoint = ""
 
     def bind(self) -> str:
-        """Open the ZAP handler and the ROUTER; returns the bound endpoint."""
+        """Open the ZAP handler, the ROUTER and the events PUB; returns the bus endpoint."""
         self._zap = bind_zap(self._context)
         sock = self._context.socket(zmq.ROUTER)
         sock.linger = 0
@@ -159,6 +155,8 @@ class BrokerServer:
         events = self._context.socket(zmq.PUB)
         events.linger = 0
         events.sndhwm = 100_000
+        events.plain_server = True
+        events.zap_domain = P.EVENTS_ZAP_DOMAIN.encode()
         events.bind(self.config.paths.events_endpoint())
         self._events = events
         event(log, "broker-listening", endpoint=self.endpoint)
@@ -171,31 +169,25 @@ class BrokerServer:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(zap, zmq.POLLIN)
+        monotonic = self._monotonic
         tick_ns = _TIMER_TICK_NS
-        next_housekeeping = time.monotonic_ns() + tick_ns
-        log_ = self.router.log
+        next_tick = monotonic() + tick_ns
+        core = self.core
+        stream = self.router.stream
         while not should_stop():
-            waiting = log_.batch_started_ns
-            timeout = self.config.poll_ms if not waiting else _EVENT_BATCH_MS
+            timeout = _EVENT_BATCH_POLL_MS if stream.pending else self.config.poll_ms
             ready = dict(poller.poll(timeout))
             if zap in ready:
                 self._answer_zap(zap)
             if sock in ready:
                 self._drain(sock)
-            if log_.batch_due(time.monotonic_ns(), _EVENT_BATCH_NS, _EVENT_BATCH_MAX):
-                self._publish_events()
-            if self._recovering and time.monotonic() >= self._recovery_deadline:
-                event(
-                    log,
-                    "persistence-silent",
-                    logging.WARNING,
-                    waited_s=self.config.recovery_timeout_s,
-                )
-                self._recover(sock, 0)
-            now = time.monotonic_ns()
-            if now >= next_housekeeping:
-                next_housekeeping = now + tick_ns
-                self._housekeeping(sock)
+            now = monotonic()
+            batch = core.events_due(now)
+            if batch is not None:
+                self._publish_events(batch)
+            if now >= next_tick:
+                next_tick = now + tick_ns
+                self._tick(sock, now)
 
     def close(self) -> None:
         for sock in (self._router_socket, self._zap, self._events):
@@ -206,23 +198,28 @@ class BrokerServer:
     # -- authentication ---------------------------------------------------------------------
 
     def _answer_zap(self, zap: zmq.Socket[bytes]) -> None:
-        accepted, app_id, address, mechanism = answer_zap(zap, self._credentials, P.ZAP_DOMAIN)
-        if not accepted:
+        got = answer(zap, self._credentials, self._zap_policy)
+        if not got.accepted:
             self._auth_failures += 1
             event(
                 log,
                 "auth-denied",
                 logging.WARNING,
-                app=app_id,
-                address=address,
-                mechanism=mechanism,
+                app=got.app_id,
+                address=got.address,
+                mechanism=got.mechanism,
+                domain=got.domain,
+                reason=got.reason,
             )
+            self.core.auth_failed(got.app_id, got.address, got.mechanism, got.reason)
 
     # -- routing ----------------------------------------------------------------------------
 
     def _drain(self, sock: zmq.Socket[bytes]) -> None:
-        router = self.router
+        core = self.core
         clock = time.perf_counter_ns
+        monotonic = self._monotonic
+        record = self.route_latency.record
         for _ in range(_DRAIN_LIMIT):
             try:
                 peer = sock.recv(_NOBLOCK)
@@ -241,103 +238,25 @@ class BrokerServer:
                 else:
                     overflow = True
             if overflow:
-                exc = ProtocolViolation(Code.TOO_LARGE, f"more than {P.MAX_FRAMES} frames")
-                self._send(sock, [router.error(peer, exc)])
+                self._send(sock, core.overflow(peer))
                 continue
-            if self._recovering and app_id != P.PERSISTENCE_ID:
-                self._hold(sock, peer, app_id, frames)
-                continue
-            self._dispatch(sock, peer, app_id, frames, started)
-
-    def _dispatch(
-        self, sock: zmq.Socket[bytes], peer: bytes, app_id: str, frames: list[bytes], started: int
-    ) -> None:
-        router = self.router
-        if frames[0] in P.EVENT_COMMANDS:
             try:
-                self._event_command(sock, peer, app_id, frames)
-            except WireError as exc:
-                self._send(sock, [router.error(peer, exc)])
-            return
-        try:
-            outbound = router.handle(peer, app_id, frames, time.time_ns())
-        except Exception:  # a bug must cost one message, never the broker
-            log.exception("router failed on %s from %s", frames[0][:16], app_id)
-            internal = WireError(Code.INTERNAL, "the broker failed on this message")
-            self._send(sock, [router.error(peer, internal)])
-            return
-        if outbound:
-            self._send(sock, outbound)
-            if router.events:
-                self._log_events()
-            if frames[0] == P.PUB:
-                elapsed = time.perf_counter_ns() - started
-                record = self.route_latency.record
-                for _ in range((len(frames) - 1) // 2):
-                    record(elapsed)
+                outbound = core.inbound(peer, app_id, frames, monotonic())
+            except Exception:  # a bug must cost one message, never the broker
+                log.exception("broker failed on %s from %s", frames[0][:16], app_id)
+                self._send(sock, core.internal_error(peer))
+                continue
+            if outbound:
+                self._send(sock, outbound)
+                if frames[0] == P.PUB:
+                    elapsed = clock() - started
+                    for _ in range((len(frames) - 1) // 2):
+                        record(elapsed)
+            if self.router.notices:
+                self._log_notices()
 
-    # -- persistence ------------------------------------------------------------------------
-
-    def _hold(self, sock: zmq.Socket[bytes], peer: bytes, app_id: str, frames: list[bytes]) -> None:
-        """Keep an app's message until recovery is done (bounded; beyond: an error)."""
-        if len(self._held) < _HOLD_LIMIT:
-            self._held.append((peer, app_id, frames))
-            return
-        busy = StorageFailure(
-            Code.STORAGE_UNAVAILABLE, "the broker is waiting for persistence; retry shortly"
-        )
-        self._send(sock, [self.router.error(peer, busy)])
-
-    def _recover(self, sock: zmq.Socket[bytes], watermark: int) -> None:
-        """Rebuild from the store, then serve what was held meanwhile, in order."""
-        report = recover(self.router, self.config.paths, time.time_ns())
-        self.router.log.start_after(watermark)
-        self._recovering = False
-        event(log, "broker-recovered", held=len(self._held), **asdict(report))
-        held, self._held = self._held, []
-        for peer, app_id, frames in held:
-            self._dispatch(sock, peer, app_id, frames, time.perf_counter_ns())
-        self._publish_events()
-
-    def _event_command(
-        self, sock: zmq.Socket[bytes], peer: bytes, app_id: str, frames: list[bytes]
-    ) -> None:
-        """EVSYNC, EVACK, EVFETCH from the persistence service's welcomed session."""
-        session = self.router.session_of(peer)
-        if session is None:
-            raise ProtocolViolation(Code.NOT_WELCOMED, "no session: send HELLO first")
-        if app_id != P.PERSISTENCE_ID or session.app_id != app_id:
-            raise PermissionViolation(Code.COMMAND_DENIED, "event commands are for persistence")
-        session.last_seen_ns = time.time_ns()
-        if len(frames) != 2:
-            raise ProtocolViolation(Code.BAD_FRAME_COUNT, "event commands take 2 frames")
-        body = unpack_map(frames[1])
-        log_ = self.router.log
-        command = frames[0]
-        if command == P.EVFETCH:
-            first = required_int(body, "from", 1, 2**63)
-            data = log_.since(first)
-            if data is None:
-                resume = log_.oldest_available()
-                raise StorageFailure(
-                    Code.STORAGE_UNAVAILABLE,
-                    f"events {first}..{resume - 1} are not retained (lost with a crashed "
-                    "broker before they were stored; their publishers resend them)",
-                    resume_from=resume,
-                )
-            self._send(sock, [(peer, [P.EVDATA, *data[1:]])])
-            return
-        watermark = required_int(body, "wm", 0, 2**63)
-        if command == P.EVSYNC:
-            if self._recovering:
-                self._recover(sock, watermark)
-            reply = {"next": log_.last_seq + 1, "epoch": log_.epoch}
-            self._send(sock, [(peer, [P.EVSYNCOK, pack(reply)])])
-        self._send(sock, self.router.confirm_stored(watermark))
-
-    def _publish_events(self) -> None:
-        frames = self.router.log.take_batch()
-        if frames is not None and self._events is not None:
+    def _publish_events(self, frames: list[bytes]) -> None:
+        if self._events is not None:
             self._events.send_multipart(frames)
 
     def _send(self, sock: zmq.Socket[bytes], outbound: list[tuple[bytes, list[bytes]]]) -> None:
@@ -346,34 +265,33 @@ class BrokerServer:
             try:
                 send(peer, _SNDMORE | _NOBLOCK)
             except zmq.ZMQError as exc:
-                lost = (len(frames) - 1) // 4 if frames[0] == P.DELIVER else 0
-                self.router.undeliverable(peer, lost)
-                if exc.errno == zmq.EHOSTUNREACH:
-                    self.router.drop_peer(peer, time.time_ns())
+                gone = exc.errno == zmq.EHOSTUNREACH
+                self.core.unreachable(peer, frames, gone, self._monotonic())
                 continue
             last = len(frames) - 1
             for index, frame in enumerate(frames):
                 send(frame, _SNDMORE if index < last else 0)
 
-    def _housekeeping(self, sock: zmq.Socket[bytes]) -> None:
-        """Delivery timers, then the events they produced as log lines, then the rate."""
-        outbound = self.router.housekeeping(time.time_ns())
+    def _tick(self, sock: zmq.Socket[bytes], now: int) -> None:
+        """Timers, then the notices they produced as log lines, then the rate."""
+        outbound = self.core.tick(now)
         if outbound:
             self._send(sock, outbound)
-        self._log_events()
-        now = time.monotonic()
+        self._log_notices()
         mark_time, mark_count = self._rate_mark
-        if now - mark_time >= 1.0:
+        if now - mark_time >= 1_000_000_000:
             delivered = self.router.stats.delivered
-            self._rate = (delivered - mark_count) / (now - mark_time)
+            self._rate = (delivered - mark_count) * 1e9 / (now - mark_time)
             self._rate_mark = (now, delivered)
 
-    def _log_events(self) -> None:
-        for item in self.router.events:
+    def _log_notices(self) -> None:
+        for item in self.router.notices:
             name = item.pop("event")
-            level = logging.INFO if name == "session-expired" else logging.WARNING
+            level = (
+                logging.INFO if name in ("session-expired", "broker-recovered") else logging.WARNING
+            )
             event(log, name, level, **item)
-        self.router.events.clear()
+        self.router.notices.clear()
 
     def _extra_stats(self, reset: bool) -> dict[str, Any]:
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -383,9 +301,10 @@ class BrokerServer:
         return {
             "route_latency": latency,
             "auth_failures": self._auth_failures,
-            "uptime_s": round(time.monotonic() - self._started, 3),
+            "uptime_s": round((self._monotonic() - self._started) / 1e9, 3),
             "rss_max_kb": usage.ru_maxrss,
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
             "delivered_per_s": round(self._rate, 1),
             "endpoint": self.endpoint,
+            "recovering": self.core.recovering,
         }

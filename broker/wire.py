@@ -34,6 +34,8 @@ from broker.codec import (
     decode_pub_header,
     decode_sids,
     decode_stamp,
+    encode_sids,
+    encode_stamp,
     pack,
     required_int,
     required_text,
@@ -55,7 +57,7 @@ PAGE_MESSAGES: Final = 1000
 PAGE_BYTES: Final = 4 * 2**20
 MAX_HISTORY: Final = 100_000
 
-EVRESTORE: Final = b"EVRESTORE"
+EVRESTORE: Final = P.EVRESTORE
 """persistence -> broker, after EVSYNCOK: the durable state a recovering broker rebuilds."""
 RESTORE_RECENT_IDS: Final = 131_072
 """How many of the newest stored message ids a restore carries (the broker's dedupe)."""
@@ -94,6 +96,17 @@ def _optional_int(body: dict[str, Any], key: str, default: int, low: int, high: 
 
 def _rid(body: dict[str, Any]) -> int:
     return _optional_int(body, "rid", 0, 0, MAX_RID)
+
+
+def request_id(frames: list[bytes]) -> int:
+    """The `rid` of a request whose body may not decode as a whole (for the `ref` of the
+    ERROR answering it); 0 when there is none."""
+    if len(frames) != 2:
+        return 0
+    try:
+        return _rid(unpack_map(frames[1]))
+    except ProtocolViolation:
+        return 0
 
 
 def _int_list(body: dict[str, Any], key: str, what: str) -> tuple[int, ...]:
@@ -447,6 +460,24 @@ class Deliver:
     COMMAND: ClassVar[bytes] = P.DELIVER
     items: tuple[Delivered, ...]
 
+    def frames(self) -> list[bytes]:
+        return self.frames_of(
+            [
+                (
+                    encode_sids(item.sids),
+                    encode_stamp(
+                        item.stamp.seq,
+                        item.stamp.sender,
+                        item.stamp.timestamp_ns,
+                        item.stamp.attempt,
+                    ),
+                    item.header,
+                    item.payload,
+                )
+                for item in self.items
+            ]
+        )
+
     @staticmethod
     def frames_of(groups: list[tuple[bytes, bytes, bytes, bytes]]) -> list[bytes]:
         """The hot-path encoder: (packed sids, packed stamp, header, payload) groups."""
@@ -511,9 +542,19 @@ class Ack:
         step = P.MAX_ACK_BATCH
         return [cls(tuple(seqs[i : i + step])) for i in range(0, len(seqs), step)]
 
+    @staticmethod
+    def seqs_of(frames: list[bytes]) -> list[int]:
+        """The hot-path decoder (one ACK per DELIVER received): the seqs, no record."""
+        if len(frames) != 2:
+            expect_frames(frames, 2)
+        seqs = unpack_map(frames[1], "ACK").get("seqs")
+        if type(seqs) is not list or not all(type(s) is int for s in seqs):
+            raise ProtocolViolation(Code.BAD_HEADER, "ACK field 'seqs' must be a list of ints")
+        return seqs
+
     @classmethod
     def decode(cls, frames: list[bytes]) -> Self:
-        return cls(_int_list(_body(frames, "ACK"), "seqs", "ACK"))
+        return cls(tuple(cls.seqs_of(frames)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -552,6 +593,9 @@ class Request:
     header_raw: bytes
     payload: bytes
 
+    def frames(self) -> list[bytes]:
+        return [P.REQ, self.header_raw, self.payload]
+
     @classmethod
     def decode(cls, frames: list[bytes]) -> Self:
         expect_frames(frames, 3)
@@ -579,6 +623,9 @@ class Reply:
     error: str | None
     header_raw: bytes
     payload: bytes
+
+    def frames(self) -> list[bytes]:
+        return [P.REP, self.header_raw, self.payload]
 
     @classmethod
     def decode(cls, frames: list[bytes]) -> Self:
@@ -833,8 +880,12 @@ class EvRestore:
             ):
                 raise ProtocolViolation(Code.BAD_HEADER, "EVRESTORE session entry is malformed")
             sessions.append((item[0], item[1], {sid: pattern for sid, pattern in item[2]}))
-        deliveries = tuple(_row(item, 11, "delivery") for item in _list(body, "deliveries"))
-        dead = tuple(_row(item, 16, "dead letter") for item in _list(body, "dead_letters"))
+        deliveries = tuple(
+            _row(item, 11, "delivery", _DELIVERY_TYPES) for item in _list(body, "deliveries")
+        )
+        dead = tuple(
+            _row(item, 16, "dead letter", _DEAD_TYPES) for item in _list(body, "dead_letters")
+        )
         recent: list[tuple[str, bytes, int, int]] = []
         for item in _list(body, "recent"):
             row = _row(item, 4, "recent id")
@@ -863,9 +914,27 @@ def _list(body: dict[str, Any], key: str) -> list[Any]:
     return value
 
 
-def _row(item: Any, width: int, what: str) -> tuple[Any, ...]:
+_S, _I, _B, _F = (str,), (int,), (bytes,), (bool,)
+_SIDS = (bytes, list)
+_DELIVERY_TYPES: Final = (_S, _S, _I, _SIDS, _S, _I, _S, _B, _B, _B, _F)
+"""[app, session, stored_seq, sids, sender, ts_ns, topic, msg_id, header, payload, sensitive]"""
+_DEAD_TYPES: Final = (_I, _S, _S, _S, _I, _I, _S, _I, _S, _I, _S, _B, _B, _B, _F, _SIDS)
+"""[entry_id, reason, app, session, dead_ns, attempts, error, stored_seq, sender,
+published_ns, topic, msg_id, header, payload, sensitive, sids]"""
+
+
+def _row(
+    item: Any, width: int, what: str, types: tuple[tuple[type, ...], ...] | None = None
+) -> tuple[Any, ...]:
     if not isinstance(item, list) or len(item) != width:
         raise ProtocolViolation(Code.BAD_HEADER, f"EVRESTORE {what} must have {width} fields")
+    if types is not None:
+        for index, (value, allowed) in enumerate(zip(item, types, strict=True)):
+            # bool is an int subclass: an int field takes no bool, a bool field no int
+            if type(value) not in allowed:
+                raise ProtocolViolation(
+                    Code.BAD_HEADER, f"EVRESTORE {what} field {index} has the wrong type"
+                )
     return tuple(item)
 
 

@@ -61,7 +61,9 @@ def test_pub_header_round_trip(
     confirm: bool,
 ) -> None:
     raw = encode_pub_header(msg_id, topic, cid, tp, sensitive, ts, confirm)
-    assert decode_pub_header(raw) == PubHeader(msg_id, topic, confirm, sensitive=sensitive)
+    assert decode_pub_header(raw) == PubHeader(
+        msg_id, topic, confirm, sensitive=sensitive, correlation_id=cid or "", traceparent=tp or ""
+    )
     fields = unpack_map(raw)
     assert fields["id"] == msg_id
     assert fields["topic"] == topic

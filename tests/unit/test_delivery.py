@@ -51,7 +51,10 @@ def test_nack_retries_with_growing_backoff_then_dies() -> None:
     (first,) = box.pull(now)
     assert first.attempt == 1
     for attempt in (2, 3, 4):
-        assert box.nack(1, now, "boom") is None
+        outcome = box.nack(1, now, "boom")
+        assert outcome is not None and outcome.dead == []
+        [(retried, delay)] = outcome.retried
+        assert (retried.seq, retried.attempt, delay) == (1, attempt, 100 * MS << (attempt - 2))
         assert box.pull(now) == []  # not yet due
         due = box.next_due_ns()
         assert due is not None
@@ -60,17 +63,22 @@ def test_nack_retries_with_growing_backoff_then_dies() -> None:
         (again,) = box.pull(now)
         assert again.attempt == attempt
     assert gaps == [100 * MS, 200 * MS, 400 * MS]
-    dead = box.nack(1, now, "boom")
-    assert dead is not None and dead.attempt == 4 and dead.last_error == "boom"
+    outcome = box.nack(1, now, "boom")
+    assert outcome is not None and outcome.retried == []
+    [dead] = outcome.dead
+    assert dead.attempt == 4 and dead.last_error == "boom"
     assert len(box) == 0
+    assert box.nack(1, now, "boom") is None  # no longer in flight
 
 
 def test_ack_timeout_counts_as_a_failure() -> None:
     box = Mailbox(DeliveryConfig(ack_timeout_ms=1000, retries=0))
     box.offer(delivery(1))
     box.pull(0)
-    assert box.expire(999 * MS) == []
-    (dead,) = box.expire(1000 * MS)
+    assert not box.expire(999 * MS)
+    outcome = box.expire(1000 * MS)
+    assert outcome.retried == []
+    (dead,) = outcome.dead
     assert dead.seq == 1 and "ack" in dead.last_error
 
 
@@ -79,7 +87,9 @@ def test_detach_requeues_in_flight_in_order_before_the_queue() -> None:
     for seq in range(1, 6):
         box.offer(delivery(seq))
     box.pull(0)
-    assert box.detach() == []
+    outcome = box.detach()
+    assert outcome.dead == []
+    assert [(d.seq, delay) for d, delay in outcome.retried] == [(1, 0), (2, 0), (3, 0)]
     resumed = box.pull(0)
     assert [d.seq for d in resumed] == [1, 2, 3]
     assert [d.attempt for d in resumed] == [2, 2, 2]
@@ -146,7 +156,7 @@ class SessionsMachine(RuleBasedStateMachine):
         for _ in range(count):
             self.counter += 1
             frames += [encode_pub_header(new_message_id(), topic), pack([topic, self.counter])]
-            if ("sub", P.DEFAULT_SESSION) in self.router._sessions:  # else nobody subscribes
+            if ("sub", P.DEFAULT_SESSION) in self.router.sessions.by_key:  # else nobody subscribes
                 self.published.append((topic, self.counter))
         self._send(self.pub_peer, "pub", frames)
 
@@ -198,7 +208,7 @@ class SessionsMachine(RuleBasedStateMachine):
 
     def _held(self) -> set[tuple[str, int]]:
         held: set[Any] = set()
-        for session in self.router._sessions.values():
+        for session in self.router.sessions.by_key.values():
             box = session.mailbox
             for d in [*box.queue, *box.inflight.values(), *(e[2] for e in box.retry)]:
                 held.add(tuple(msgpack.unpackb(d.payload)))

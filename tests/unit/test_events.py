@@ -1,54 +1,70 @@
-"""The broker's event stream: encoding, the EventLog that retains it, and the EventFeed
-that turns batches (with drops, duplicates and reorderings) back into one ordered run."""
+"""The broker's event stream v2: typed records, their encoding, and the EventLog that
+numbers, batches and retains them for several consumers."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from persistence.link import EventFeed
 
-from broker import events as E
+from broker import event_records as R
 from broker.codec import encode_sids
 from broker.errors import Code, ProtocolViolation
+from broker.events import EventLog, Skip, StreamLimits
 
 # -- helpers ------------------------------------------------------------------------------
 
-SAMPLES: dict[int, tuple[Any, ...]] = {
-    E.MSG: (
-        "pub",
-        "market.AAPL",
-        b"\x01" * 16,
-        False,
-        b"\x81\xa1k\x01",
-        b"payload",
-        [["sub", "s1", encode_sids((1, 2))]],
-    ),
-    E.SUB: ("sub", "s1", 3, "market.>", True),
-    E.UNSUB: ("sub", "s1", 3),
-    E.ACK: ("sub", "s1", [5, 6]),
-    E.DEAD: (
-        7,
-        "sub",
-        "s1",
-        "nacked",
-        4,
-        "boom",
-        12,
-        "pub",
-        123,
-        "market.AAPL",
-        b"id",
-        True,
-        b"h",
-        b"p",
-        encode_sids((1,)),
-    ),
-    E.DLQ_REPLAY: (7, "sub", "s1", 12, encode_sids((1,))),
-    E.DLQ_PURGE: ([1, 2, 3],),
+SAMPLES: dict[int, R.EventRecord] = {
+    r.KIND: r
+    for r in (
+        R.Published(
+            "pub",
+            "main",
+            "market.AAPL",
+            b"\x01" * 16,
+            "cid-1",
+            "00-" + "a" * 32 + "-" + "b" * 16 + "-01",
+            False,
+            b"\x81\xa1k\x01",
+            b"payload",
+            [["sub", "s1", encode_sids((1, 2))]],
+        ),
+        R.Subscribed("sub", "s1", 3, "market.>", True, False),
+        R.Unsubscribed("sub", "s1", 3, True, "unsubscribe"),
+        R.Acked("sub", "s1", [5, 6], [b"\x02" * 16]),
+        R.DeadLettered(
+            7,
+            "sub",
+            "s1",
+            "nacked",
+            4,
+            "boom",
+            12,
+            "pub",
+            123,
+            "market.AAPL",
+            b"id",
+            True,
+            b"h",
+            b"p",
+            encode_sids((1,)),
+        ),
+        R.DlqReplayed(7, "sub", "s1", 12, encode_sids((1,)), "$cli"),
+        R.DlqPurged([1, 2, 3], "$cli"),
+        R.Routed(b"\x01" * 16, "pub", "market.AAPL", [["sub", "s1"]]),
+        R.DeliveryAttempted("sub", "s1", [[b"\x01" * 16, 1, 99]]),
+        R.Nacked("sub", "s1", b"\x01" * 16, 1, "no", True),
+        R.RetryScheduled("sub", "s1", b"\x01" * 16, 2, 200, "nacked"),
+        R.SessionChanged("sub", "s1", "opened", "python"),
+        R.AuthFailed("intruder", "", "PLAIN", "bad credential"),
+        R.Denied("app", "main", "publish", "$sys.x", 302, "reserved", "cid"),
+        R.Lifecycle("ticker", "launch", {"app": "ticker", "pid": 42}),
+        R.ConsumerSkipped("$audit", 1, 9, "behind the retention bound"),
+    )
 }
 
 
@@ -57,162 +73,140 @@ def pack(value: Any) -> bytes:
     return raw
 
 
-def decode_all(blob: bytes) -> list[E.Event]:
-    return list(E.decode_events(blob))
+def acked(seq: int) -> R.Acked:
+    return R.Acked("app", "s", [seq], [])
 
 
 def ack_event(seq: int, ts: int = 1) -> bytes:
-    return E.encode_event(seq, E.ACK, ts, "app", "s", [seq])
+    return R.encode_event(seq, ts, acked(seq))
 
 
-msgpack_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**64 - 1)
-    | st.text(max_size=20)
-    | st.binary(max_size=20)
-)
-msgpack_values = st.recursive(
-    msgpack_scalars, lambda inner: st.lists(inner, max_size=4), max_leaves=8
-)
-
-# -- encoding -----------------------------------------------------------------------------
+def fill(log: EventLog, count: int) -> list[bytes]:
+    """Append `count` Acked events of growing size; returns their encodings."""
+    encoded = []
+    for _ in range(count):
+        seq = log.last_seq + 1
+        record = R.Acked("app", "s", list(range(seq % 7)), [])
+        assert log.append(seq * 100, record) == seq
+        encoded.append(R.encode_event(seq, seq * 100, record))
+    return encoded
 
 
-def test_sample_table_covers_every_kind() -> None:
-    assert set(SAMPLES) == set(E.FIELDS)
-    for kind, fields in SAMPLES.items():
-        assert len(fields) == len(E.FIELDS[kind])
+def frames_events(frames: list[bytes] | None) -> tuple[int, int, list[R.Event]]:
+    assert frames is not None
+    assert len(frames) == 3
+    assert frames[0] == R.EV
+    epoch, first = R.decode_head(frames[1])
+    return epoch, first, R.decode_events(frames[2])
 
 
-@pytest.mark.parametrize("kind", sorted(E.FIELDS))
-def test_round_trip_of_each_kind_with_named_fields(kind: int) -> None:
-    fields = SAMPLES[kind]
-    blob = E.encode_event(42, kind, 1_700_000_000_000_000_000, *fields)
-    (event,) = decode_all(blob)
-    assert (event.seq, event.kind, event.ts_ns) == (42, kind, 1_700_000_000_000_000_000)
-    assert event.fields == fields
-    for name, value in zip(E.FIELDS[kind], fields, strict=True):
-        assert event.get(name) == value
+def log_for(*consumers: str, confirm_by: str | None = None, **limits: int) -> EventLog:
+    return EventLog(
+        epoch=3,
+        consumers=consumers,
+        confirm_by=confirm_by,
+        limits=StreamLimits(**limits) if limits else None,
+    )
 
 
-@settings(max_examples=60)
-@given(
-    kind=st.sampled_from(sorted(E.FIELDS)),
-    seq=st.integers(0, 2**64 - 1),
-    ts=st.integers(0, 2**64 - 1),
-    data=st.data(),
-)
-def test_round_trip_of_any_msgpack_fields(
-    kind: int, seq: int, ts: int, data: st.DataObject
-) -> None:
-    fields = tuple(data.draw(msgpack_values) for _ in E.FIELDS[kind])
-    (event,) = decode_all(E.encode_event(seq, kind, ts, *fields))
-    assert event == E.Event(seq, kind, ts, fields)
+# -- records ------------------------------------------------------------------------------
+
+
+def test_samples_cover_every_kind() -> None:
+    assert set(SAMPLES) == set(R.RECORDS)
+
+
+@pytest.mark.parametrize("kind", sorted(R.RECORDS))
+def test_round_trip_of_each_kind(kind: int) -> None:
+    record = SAMPLES[kind]
+    (event,) = R.decode_events(R.encode_event(42, 1_700_000_000_000_000_000, record))
+    assert (event.seq, event.ts_ns, event.record) == (42, 1_700_000_000_000_000_000, record)
+    assert event.kind == kind
+
+
+@pytest.mark.parametrize("kind", sorted(R.RECORDS))
+def test_fast_encoder_matches_the_record_encoder(kind: int) -> None:
+    record = SAMPLES[kind]
+    fields = tuple(R.values(record))
+    assert R.encode_fields(5, kind, 9, fields) == R.encode_event(5, 9, record)
 
 
 def test_batch_of_every_kind_decodes_in_order() -> None:
-    kinds = sorted(E.FIELDS)
     blob = b"".join(
-        E.encode_event(seq, kind, seq * 10, *SAMPLES[kind])
-        for seq, kind in enumerate(kinds, start=1)
+        R.encode_event(seq, seq * 10, SAMPLES[kind])
+        for seq, kind in enumerate(sorted(R.RECORDS), start=1)
     )
-    decoded = decode_all(blob)
+    decoded = R.decode_events(blob)
     assert [(e.seq, e.kind, e.ts_ns) for e in decoded] == [
-        (seq, kind, seq * 10) for seq, kind in enumerate(kinds, start=1)
+        (seq, kind, seq * 10) for seq, kind in enumerate(sorted(R.RECORDS), start=1)
     ]
-    assert decode_all(b"") == []
+    assert R.decode_events(b"") == []
 
 
 @given(epoch=st.integers(0, 2**64 - 1), first=st.integers(0, 2**64 - 1))
 def test_batch_head_round_trip(epoch: int, first: int) -> None:
-    head = E.batch_head(epoch, first)
-    assert len(head) == 16
-    assert E.decode_head(head) == (epoch, first)
+    head = R.batch_head(epoch, first)
+    assert len(head) == R.HEAD_BYTES == 18
+    assert R.decode_head(head) == (epoch, first)
 
 
-@pytest.mark.parametrize("size", [0, 1, 8, 15, 17, 32])
+@pytest.mark.parametrize("size", [0, 1, 8, 16, 17, 19, 32])
 def test_decode_head_rejects_wrong_length(size: int) -> None:
     with pytest.raises(ProtocolViolation) as caught:
-        E.decode_head(b"\0" * size)
+        R.decode_head(b"\0" * size)
     assert caught.value.code == Code.MALFORMED_FRAME
 
 
-def _wrong_field_counts() -> list[tuple[int, tuple[Any, ...]]]:
-    cases: list[tuple[int, tuple[Any, ...]]] = []
-    for kind, fields in SAMPLES.items():
-        cases.append((kind, fields[:-1]))
-        cases.append((kind, (*fields, "extra")))
-    return cases
-
-
-@pytest.mark.parametrize(("kind", "fields"), _wrong_field_counts())
-def test_wrong_field_count_is_a_protocol_violation(kind: int, fields: tuple[Any, ...]) -> None:
+def test_decode_head_rejects_another_schema_version() -> None:
     with pytest.raises(ProtocolViolation) as caught:
-        decode_all(E.encode_event(1, kind, 5, *fields))
-    assert caught.value.code == Code.MALFORMED_FRAME
+        R.decode_head(b"\x00\x01" + b"\0" * 16)
+    assert caught.value.code == Code.UNSUPPORTED_VERSION
+
+
+@pytest.mark.parametrize("kind", sorted(R.RECORDS))
+def test_wrong_field_count_or_type_is_a_protocol_violation(kind: int) -> None:
+    values = R.values(SAMPLES[kind])
+    for bad in (values[:-1], [*values, "extra"], [object_of_wrong_type(v) for v in values]):
+        with pytest.raises(ProtocolViolation) as caught:
+            R.decode_events(pack([1, kind, 5, *bad]))
+        assert caught.value.code == Code.MALFORMED_FRAME
+
+
+def object_of_wrong_type(value: Any) -> Any:
+    return 1.5 if not isinstance(value, float) else "x"
 
 
 @pytest.mark.parametrize(
     "blob",
     [
-        pack({"seq": 1}),  # not an array
+        pack({"seq": 1}),
         pack(5),
-        pack("event"),
         pack([]),
-        pack([1, E.ACK]),  # fewer than [seq, kind, ts]
-        pack(["1", E.ACK, 5, "a", "s", []]),  # seq not an int
-        pack([True, E.ACK, 5, "a", "s", []]),  # seq a bool
-        pack([1.0, E.ACK, 5, "a", "s", []]),  # seq a float
-        pack([1, E.ACK, "5", "a", "s", []]),  # ts not an int
-        pack([1, E.ACK, 5.0, "a", "s", []]),  # ts a float
-        pack([1, E.ACK, None, "a", "s", []]),
-        pack([1, 0, 5]),  # unknown kinds
+        pack([1, R.Acked.KIND]),
+        pack(["1", R.Acked.KIND, 5, "a", "s", [], []]),
+        pack([True, R.Acked.KIND, 5, "a", "s", [], []]),
+        pack([1, R.Acked.KIND, "5", "a", "s", [], []]),
+        pack([1, 0, 5]),
         pack([1, 99, 5, "a"]),
-        pack([1, "ack", 5, "a", "s", []]),
-        pack([1, [4], 5, "a", "s", []]),  # unhashable kind
-        pack([1, E.DLQ_PURGE, 5, [1], "extra"]),
-        b"\xc1",  # the byte msgpack never uses
-        b"\x93\x01\x04\xa2\xff\xfe",  # invalid UTF-8 in a str
-        ack_event(1) + b"\xc1",  # garbage after a valid event
-        ack_event(1) + pack(7),  # a valid event, then a non-event
+        pack([1, [4], 5, "a", "s", [], []]),
+        b"\xc1",
+        b"\x93\x01\x04\xa2\xff\xfe",
+        ack_event(1) + b"\xc1",
+        ack_event(1) + pack(7),
+        ack_event(1)[:-1],
     ],
 )
 def test_malformed_batches_raise_protocol_violation(blob: bytes) -> None:
     with pytest.raises(ProtocolViolation) as caught:
-        decode_all(blob)
+        R.decode_events(blob)
     assert caught.value.code == Code.MALFORMED_FRAME
-
-
-def test_truncated_batch_is_a_protocol_violation() -> None:
-    blob = ack_event(1) + ack_event(2) + E.encode_event(3, E.MSG, 9, *SAMPLES[E.MSG])
-    for cut in (len(blob) - 1, len(blob) - 5, len(ack_event(1)) + 3):
-        with pytest.raises(ProtocolViolation):
-            decode_all(blob[:cut])
-
-
-@pytest.mark.parametrize("kind", [True, 1.0])
-def test_non_int_kind_is_a_protocol_violation(kind: object) -> None:
-    with pytest.raises(ProtocolViolation):
-        decode_all(pack([1, kind, 5, *SAMPLES[E.MSG]]))
-
-
-def _only_protocol_violation(blob: bytes) -> None:
-    try:
-        decoded = decode_all(blob)
-    except ProtocolViolation as exc:
-        assert exc.code == Code.MALFORMED_FRAME
-        return
-    for event in decoded:
-        assert type(event.seq) is int
-        assert type(event.ts_ns) is int
-        assert len(event.fields) == len(E.FIELDS[event.kind])
 
 
 @settings(max_examples=300)
 @given(st.binary(max_size=200))
 def test_random_bytes_decode_or_raise_protocol_violation_only(blob: bytes) -> None:
-    _only_protocol_violation(blob)
+    with contextlib.suppress(ProtocolViolation):
+        R.decode_events(blob)
 
 
 @settings(max_examples=300)
@@ -230,8 +224,8 @@ def test_mutated_valid_batches_decode_or_raise_protocol_violation_only(
 ) -> None:
     blob = bytearray(
         b"".join(
-            E.encode_event(seq, kind, seq, *SAMPLES[kind])
-            for seq, kind in enumerate(sorted(E.FIELDS), start=1)
+            R.encode_event(seq, seq, SAMPLES[kind])
+            for seq, kind in enumerate(sorted(R.RECORDS), start=1)
         )
     )
     for action, where, value in edits:
@@ -244,36 +238,22 @@ def test_mutated_valid_batches_decode_or_raise_protocol_violation_only(
             blob.insert(index, value)
         else:
             del blob[index]
-    _only_protocol_violation(bytes(blob))
+    try:
+        for event in R.decode_events(bytes(blob)):
+            assert type(event.record) is R.RECORDS[event.kind]
+    except ProtocolViolation:
+        pass
 
 
-# -- EventLog -----------------------------------------------------------------------------
-
-
-def fill(log: E.EventLog, count: int) -> list[bytes]:
-    """Append `count` ACK events of growing size; returns their encodings."""
-    encoded = []
-    for _ in range(count):
-        seq = log.last_seq + 1
-        assert log.append(E.ACK, seq * 100, "app", "s", list(range(seq % 7))) == seq
-        encoded.append(E.encode_event(seq, E.ACK, seq * 100, "app", "s", list(range(seq % 7))))
-    return encoded
-
-
-def frames_events(frames: list[bytes] | None) -> tuple[int, int, list[E.Event]]:
-    assert frames is not None
-    assert len(frames) == 3
-    assert frames[0] == E.EV
-    epoch, first = E.decode_head(frames[1])
-    return epoch, first, decode_all(frames[2])
+# -- EventLog: numbering and batches ------------------------------------------------------
 
 
 def test_append_numbers_contiguously_and_batches_what_was_appended() -> None:
-    log = E.EventLog(epoch=9, retain=True)
+    log = log_for("$audit")
     assert log.take_batch() is None
     fill(log, 3)
     epoch, first, events = frames_events(log.take_batch())
-    assert (epoch, first) == (9, 1)
+    assert (epoch, first) == (3, 1)
     assert [e.seq for e in events] == [1, 2, 3]
     assert [e.ts_ns for e in events] == [100, 200, 300]
     assert log.take_batch() is None
@@ -281,80 +261,175 @@ def test_append_numbers_contiguously_and_batches_what_was_appended() -> None:
     _, first, events = frames_events(log.take_batch())
     assert first == 4
     assert [e.seq for e in events] == [4, 5]
-    assert log.last_seq == 5
+
+
+def test_batch_due_by_age_on_the_callers_clock_or_by_count() -> None:
+    log = log_for("$audit")
+    assert not log.batch_due(1_000, 2_000, 3)
+    fill(log, 1)
+    assert not log.batch_due(10_000, 2_000, 3)  # first seen now
+    assert not log.batch_due(11_999, 2_000, 3)
+    assert log.batch_due(12_000, 2_000, 3)
+    log.take_batch()
+    fill(log, 3)
+    assert log.batch_due(50_000, 2_000, 3)
+
+
+def test_without_consumers_events_are_numbered_never_encoded() -> None:
+    log = EventLog(epoch=1)
+    assert not log.active
+    assert [log.append(1, acked(0)) for _ in range(3)] == [1, 2, 3]
+    assert log.take_batch() is None
+    assert (log.backlog_bytes, log.retained) == (0, 0)
+    assert log.since(1) is None
+    assert not log.full
+    assert not log.confirm_later(3, b"p", b"x")  # nothing stores: confirm at once
+
+
+def test_a_consumer_registering_later_gets_everything_after_its_evsync() -> None:
+    log = EventLog(epoch=1)
+    fill(log, 5)
+    assert log.register("$audit", 0) == 6
+    assert log.cursors["$audit"] == 5
+    fill(log, 2)
+    _, first, events = frames_events(log.take_batch())
+    assert (first, [e.seq for e in events]) == (6, [6, 7])
+    assert log.since(5) is None
+    assert [e.seq for e in frames_events(log.since(6))[2]] == [6, 7]
+
+
+def test_waiting_holds_events_unnumbered_until_resume_after_the_watermark() -> None:
+    log = EventLog(epoch=1, confirm_by="$persistence", waiting=True)
+    assert log.append(1, acked(0)) == 0
+    assert log.take_batch() is None
+    log.start_after(41)
+    log.resume()
+    _, first, events = frames_events(log.take_batch())
+    assert (first, [e.seq for e in events]) == (42, [42])
+    assert log.append(2, acked(0)) == 43
+
+
+def test_start_after_continues_numbering() -> None:
+    log = log_for(confirm_by="$persistence")
+    log.start_after(41)
+    assert (log.last_seq, log.watermark) == (41, 41)
+    log.start_after(7)  # never goes back
+    assert (log.last_seq, log.watermark) == (41, 41)
+    assert log.append(1, acked(0)) == 42
+    _, first, events = frames_events(log.take_batch())
+    assert (first, [e.seq for e in events]) == (42, [42])
+    assert log.since(41) is None
+    assert [e.seq for e in frames_events(log.since(42))[2]] == [42]
+    assert not log.confirm_later(41, b"p", b"old")
+    assert log.confirm_later(42, b"p", b"new")
+    assert log.acknowledge("$persistence", 42) == {b"p": [b"new"]}
+
+
+# -- EventLog: retention ------------------------------------------------------------------
 
 
 def test_retention_is_dropped_exactly_up_to_the_watermark() -> None:
-    log = E.EventLog(epoch=1, retain=True)
+    log = log_for("$persistence")
     encoded = fill(log, 10)
     log.take_batch()
     assert log.backlog_bytes == sum(map(len, encoded))
-    assert log.acknowledge(4) == {}
-    assert log.watermark == 4
+    assert log.acknowledge("$persistence", 4) == {}
+    assert log.cursors["$persistence"] == 4
     assert log.backlog_bytes == sum(map(len, encoded[4:]))
     assert log.since(4) is None
     assert log.since(1) is None
     _, first, events = frames_events(log.since(5))
-    assert first == 5
-    assert [e.seq for e in events] == list(range(5, 11))
-    # an older or equal watermark changes nothing
-    assert log.acknowledge(3) == {}
-    assert log.acknowledge(4) == {}
-    assert log.watermark == 4
-    assert log.backlog_bytes == sum(map(len, encoded[4:]))
-    log.acknowledge(10)
+    assert (first, [e.seq for e in events]) == (5, list(range(5, 11)))
+    assert log.acknowledge("$persistence", 3) == {}  # an older watermark changes nothing
+    assert log.cursors["$persistence"] == 4
+    log.acknowledge("$persistence", 10)
     assert log.backlog_bytes == 0
     assert log.since(10) is None
 
 
+def test_events_are_kept_until_every_consumer_passed_them() -> None:
+    log = log_for("$persistence", "$audit")
+    encoded = fill(log, 6)
+    log.acknowledge("$persistence", 6)
+    assert log.backlog_bytes == sum(map(len, encoded))  # audit has not taken any
+    log.acknowledge("$audit", 2)
+    assert log.oldest_available() == 3
+    assert log.backlog_bytes == sum(map(len, encoded[2:]))
+    log.acknowledge("$audit", 6)
+    assert log.backlog_bytes == 0
+
+
 def test_since_returns_exactly_the_retained_tail_from_any_point() -> None:
-    log = E.EventLog(epoch=3, retain=True)
+    log = log_for("$persistence")
     encoded = fill(log, 12)
-    log.acknowledge(5)
+    log.acknowledge("$persistence", 5)
     for first in range(6, 13):
         frames = log.since(first)
         assert frames is not None
         assert frames[2] == b"".join(encoded[first - 1 :])
-        _, head_first, events = frames_events(frames)
-        assert head_first == first
-        assert [e.seq for e in events] == list(range(first, 13))
+        assert frames_events(frames)[1] == first
     for first in range(0, 6):
         assert log.since(first) is None
 
 
 def test_since_past_the_end_is_an_empty_batch() -> None:
-    log = E.EventLog(epoch=3, retain=True)
+    log = log_for("$persistence")
     fill(log, 2)
-    epoch, first, events = frames_events(log.since(3))
-    assert (epoch, first, events) == (3, 3, [])
+    assert frames_events(log.since(3)) == (3, 3, [])
     assert frames_events(log.since(100))[1:] == (100, [])
 
 
 def test_since_is_bounded_by_max_bytes_but_sends_at_least_one_event() -> None:
-    log = E.EventLog(epoch=3, retain=True)
+    log = log_for("$persistence")
     encoded = fill(log, 10)
-    _, _, events = frames_events(log.since(1, max_bytes=1))
-    assert [e.seq for e in events] == [1]
+    assert [e.seq for e in frames_events(log.since(1, max_bytes=1))[2]] == [1]
     limit = sum(map(len, encoded[2:5]))
-    _, _, events = frames_events(log.since(3, max_bytes=limit))
-    assert [e.seq for e in events] == [3, 4, 5]
-    _, _, events = frames_events(log.since(3, max_bytes=limit + 1))
-    assert [e.seq for e in events] == [3, 4, 5, 6]
+    assert [e.seq for e in frames_events(log.since(3, max_bytes=limit))[2]] == [3, 4, 5]
+    assert [e.seq for e in frames_events(log.since(3, max_bytes=limit + 1))[2]] == [3, 4, 5, 6]
 
 
 def test_acknowledge_beyond_the_last_seq_is_clamped() -> None:
-    log = E.EventLog(epoch=1, retain=True)
+    log = log_for("$persistence")
     fill(log, 3)
-    log.acknowledge(50)
-    assert log.watermark == 3
+    log.acknowledge("$persistence", 50)
+    assert log.cursors["$persistence"] == 3
     assert log.backlog_bytes == 0
-    assert log.append(E.ACK, 1, "a", "s", []) == 4
-    _, _, events = frames_events(log.since(4))
-    assert [e.seq for e in events] == [4]
+    assert log.append(1, acked(0)) == 4
+    assert [e.seq for e in frames_events(log.since(4))[2]] == [4]
 
 
-def test_confirms_are_released_in_order_and_only_once() -> None:
-    log = E.EventLog(epoch=1, retain=True)
+def test_a_laggard_is_skipped_past_the_bound_and_the_range_reported() -> None:
+    log = log_for("$persistence", "$audit", confirm_by="$persistence", max_events=8)
+    fill(log, 8)
+    log.acknowledge("$persistence", 8)
+    assert log.trim() == []  # at the bound, not beyond
+    fill(log, 1)
+    log.acknowledge("$persistence", 9)
+    [skip] = log.trim()
+    assert skip == Skip("$audit", 1, 3)  # dropped down to 3/4 of the bound: 6 kept
+    assert log.cursors["$audit"] == 3
+    assert log.oldest_available() == 4
+    assert log.since(2) is None
+    assert [e.seq for e in frames_events(log.since(4))[2]] == list(range(4, 10))
+
+
+def test_the_confirming_consumer_is_never_skipped_it_pushes_back() -> None:
+    log = log_for("$audit", confirm_by="$persistence", max_events=4, backpressure_bytes=200)
+    encoded: list[bytes] = []
+    while sum(map(len, encoded)) < 200:
+        assert not log.full
+        encoded += fill(log, 1)
+    assert log.full
+    log.acknowledge("$audit", log.last_seq)
+    assert log.trim() == []  # persistence holds everything it has not stored
+    assert log.oldest_available() == 1
+    log.acknowledge("$persistence", log.last_seq - 1)
+    assert log.backlog_bytes == len(encoded[-1])
+    assert not log.full
+
+
+def test_confirms_are_released_by_the_confirming_consumer_only_in_order_and_once() -> None:
+    log = log_for("$audit", confirm_by="$persistence")
     fill(log, 6)
     for seq, peer, msg_id in [
         (1, b"p1", b"a"),
@@ -364,93 +439,31 @@ def test_confirms_are_released_in_order_and_only_once() -> None:
         (6, b"p2", b"e"),
     ]:
         assert log.confirm_later(seq, peer, msg_id)
+    assert log.acknowledge("$audit", 6) == {}  # audit's watermark releases nothing
     assert log.confirms_waiting == 5
-    assert log.acknowledge(3) == {b"p1": [b"a", b"c"], b"p2": [b"b"]}
-    assert log.confirms_waiting == 2
-    assert log.acknowledge(3) == {}
-    assert log.acknowledge(4) == {}
-    assert log.acknowledge(6) == {b"p1": [b"d"], b"p2": [b"e"]}
-    assert log.acknowledge(6) == {}
+    assert log.acknowledge("$persistence", 3) == {b"p1": [b"a", b"c"], b"p2": [b"b"]}
+    assert log.acknowledge("$persistence", 3) == {}
+    assert log.acknowledge("$persistence", 4) == {}
+    assert log.acknowledge("$persistence", 6) == {b"p1": [b"d"], b"p2": [b"e"]}
     assert log.confirms_waiting == 0
 
 
 def test_a_confirm_is_released_once_its_own_seq_is_stored() -> None:
-    log = E.EventLog(epoch=1, retain=True)
+    log = log_for(confirm_by="$persistence")
     fill(log, 5)
-    assert log.confirm_later(5, b"p1", b"new")  # a fresh publish, seq 5
+    assert log.confirm_later(5, b"p1", b"new")
     assert log.confirm_later(2, b"p2", b"resent")  # a duplicate of the publish stored as 2
-    assert log.acknowledge(3) == {b"p2": [b"resent"]}
-    assert log.acknowledge(5) == {b"p1": [b"new"]}
+    assert log.acknowledge("$persistence", 3) == {b"p2": [b"resent"]}
+    assert log.acknowledge("$persistence", 5) == {b"p1": [b"new"]}
 
 
 def test_confirm_later_refuses_what_is_already_stored() -> None:
-    log = E.EventLog(epoch=1, retain=True)
+    log = log_for(confirm_by="$persistence")
     fill(log, 4)
-    log.acknowledge(2)
+    log.acknowledge("$persistence", 2)
     assert not log.confirm_later(1, b"p", b"x")
     assert not log.confirm_later(2, b"p", b"x")
     assert log.confirm_later(3, b"p", b"x")
-    assert log.confirms_waiting == 1
-
-
-def test_without_retention_confirms_go_at_once() -> None:
-    log = E.EventLog(epoch=1, retain=False)
-    fill(log, 2)
-    assert not log.confirm_later(2, b"p", b"x")
-    assert log.confirms_waiting == 0
-
-
-def test_full_when_retained_bytes_reach_the_max_and_not_after_acknowledge() -> None:
-    log = E.EventLog(epoch=1, retain=True, max_retained_bytes=200)
-    encoded: list[bytes] = []
-    while sum(map(len, encoded)) < 200:
-        assert not log.full
-        encoded += fill(log, 1)
-    assert log.backlog_bytes == sum(map(len, encoded)) >= 200
-    assert log.full
-    encoded += fill(log, 1)
-    assert log.full
-    log.acknowledge(log.last_seq - 1)
-    assert log.backlog_bytes == len(encoded[-1])
-    assert not log.full
-
-
-def test_never_full_without_retention() -> None:
-    log = E.EventLog(epoch=1, retain=False, max_retained_bytes=1, publish=True)
-    fill(log, 20)
-    assert not log.full
-    assert log.backlog_bytes == 0
-    assert log.since(1) is None
-    _, first, events = frames_events(log.take_batch())
-    assert first == 1
-    assert len(events) == 20
-
-
-def test_start_after_continues_numbering() -> None:
-    log = E.EventLog(epoch=2, retain=True)
-    log.start_after(41)
-    assert (log.last_seq, log.watermark) == (41, 41)
-    log.start_after(7)  # never goes back
-    assert (log.last_seq, log.watermark) == (41, 41)
-    assert log.append(E.ACK, 1, "a", "s", []) == 42
-    _, first, events = frames_events(log.take_batch())
-    assert first == 42
-    assert [e.seq for e in events] == [42]
-    assert log.since(41) is None
-    assert [e.seq for e in frames_events(log.since(42))[2]] == [42]
-    assert not log.confirm_later(41, b"p", b"old")
-    assert log.confirm_later(42, b"p", b"new")
-    assert log.acknowledge(42) == {b"p": [b"new"]}
-
-
-def test_publish_false_numbers_but_encodes_nothing() -> None:
-    log = E.EventLog(epoch=1, retain=False)
-    assert not log.publish
-    assert [log.append(E.ACK, 1, "a", "s", []) for _ in range(3)] == [1, 2, 3]
-    assert log.take_batch() is None
-    assert log.backlog_bytes == 0
-    assert log.since(1) is None
-    assert not log.full
 
 
 @settings(max_examples=100)
@@ -458,110 +471,58 @@ def test_publish_false_numbers_but_encodes_nothing() -> None:
     ops=st.lists(
         st.one_of(
             st.tuples(st.just("append"), st.integers(1, 4)),
-            st.tuples(st.just("ack"), st.integers(0, 40)),
+            st.tuples(st.sampled_from(["ack-a", "ack-b"]), st.integers(0, 40)),
         ),
         max_size=30,
     )
 )
-def test_since_matches_a_reference_model(ops: list[tuple[str, int]]) -> None:
-    log = E.EventLog(epoch=5, retain=True)
+def test_since_matches_a_reference_model_with_two_consumers(ops: list[tuple[str, int]]) -> None:
+    log = log_for("a", "b")
     encoded: list[bytes] = []
-    watermark = 0
+    marks = {"a": 0, "b": 0}
     for op, value in ops:
         if op == "append":
             encoded += fill(log, value)
         else:
-            watermark = max(watermark, min(value, len(encoded)))
-            log.acknowledge(value)
-        assert log.watermark == watermark
+            name = op[-1]
+            marks[name] = max(marks[name], min(value, len(encoded)))
+            log.acknowledge(name, value)
+        watermark = min(marks.values())
         assert log.backlog_bytes == sum(map(len, encoded[watermark:]))
         for first in range(0, len(encoded) + 3):
             frames = log.since(first)
             if first > len(encoded):
-                assert frames is not None
-                assert frames[2] == b""
+                assert frames is not None and frames[2] == b""
             elif first <= watermark:
                 assert frames is None
             else:
                 assert frames is not None
                 assert frames[2] == b"".join(encoded[first - 1 :])
-        oldest = log.oldest_available()
-        assert oldest == watermark + 1
-        assert log.since(oldest) is not None
-        assert log.since(oldest - 1) is None
+        assert log.oldest_available() == watermark + 1
 
 
-# -- EventFeed ----------------------------------------------------------------------------
+# -- a lossy stream and a consumer that fetches its gaps ------------------------------------
 
 
-def test_feed_takes_contiguous_batches_and_skips_duplicates() -> None:
-    feed = EventFeed(received=0)
-    fresh, gap = feed.take(1, ack_event(1) + ack_event(2))
-    assert ([e.seq for e in fresh], gap) == ([1, 2], None)
-    fresh, gap = feed.take(1, ack_event(1) + ack_event(2))  # a re-sent duplicate
-    assert (fresh, gap) == ([], None)
-    fresh, gap = feed.take(2, ack_event(2) + ack_event(3) + ack_event(4))  # overlapping
-    assert ([e.seq for e in fresh], gap) == ([3, 4], None)
-    assert feed.received == 4
-    assert feed.gaps == 0
+class Consumer:
+    """The consumer side in miniature: take contiguous events after `received`, report
+    the first missing seq on a gap (the real library is clients/stream.py)."""
 
+    def __init__(self, received: int) -> None:
+        self.received = received
+        self.got: list[R.Event] = []
 
-def test_feed_starts_after_its_watermark() -> None:
-    feed = EventFeed(received=10)
-    fresh, gap = feed.take(9, ack_event(9) + ack_event(10) + ack_event(11))
-    assert ([e.seq for e in fresh], gap) == ([11], None)
-
-
-def test_feed_reports_a_gap_before_a_batch_and_takes_nothing() -> None:
-    feed = EventFeed(received=3)
-    fresh, gap = feed.take(6, ack_event(6) + ack_event(7))
-    assert (fresh, gap) == ([], 4)
-    assert feed.received == 3
-    assert feed.gaps == 1
-    fresh, gap = feed.take(4, ack_event(4) + ack_event(5) + ack_event(6))
-    assert ([e.seq for e in fresh], gap) == ([4, 5, 6], None)
-
-
-def test_feed_reports_a_gap_inside_a_batch_after_taking_the_contiguous_part() -> None:
-    feed = EventFeed(received=0)
-    fresh, gap = feed.take(1, ack_event(1) + ack_event(2) + ack_event(4) + ack_event(5))
-    assert ([e.seq for e in fresh], gap) == ([1, 2], 3)
-    assert feed.received == 2
-
-
-def test_feed_empty_batch_is_neither_news_nor_a_gap() -> None:
-    feed = EventFeed(received=5)
-    assert feed.take(6, b"") == ([], None)
-    assert feed.take(3, b"") == ([], None)
-    assert feed.gaps == 0
-
-
-def test_feed_clears_fetching_from_once_reached() -> None:
-    feed = EventFeed(received=2)
-    feed.fetching_from = 3
-    feed.take(1, ack_event(1) + ack_event(2))
-    assert feed.fetching_from == 3
-    feed.take(3, ack_event(3) + ack_event(4))
-    assert feed.fetching_from == 0
-
-
-def test_feed_malformed_batch_raises_protocol_violation() -> None:
-    feed = EventFeed(received=0)
-    with pytest.raises(ProtocolViolation):
-        feed.take(1, b"\xc1")
-    assert feed.received == 0
-
-
-def test_feed_malformed_tail_does_not_swallow_the_valid_head() -> None:
-    feed = EventFeed(received=0)
-    blob = ack_event(1) + ack_event(2) + pack([3, E.ACK, 9])  # event 3 lacks its fields
-    with pytest.raises(ProtocolViolation):
-        feed.take(1, blob)
-    # Either the whole batch is refused (nothing marked received) ...
-    assert feed.received == 0
-    # ... so the well-formed events come back on the next (re-sent) batch.
-    fresh, gap = feed.take(1, ack_event(1) + ack_event(2))
-    assert ([e.seq for e in fresh], gap) == ([1, 2], None)
+    def take(self, first: int, blob: bytes) -> int | None:
+        if first > self.received + 1:
+            return self.received + 1
+        for event in R.decode_events(blob):
+            if event.seq <= self.received:
+                continue
+            if event.seq != self.received + 1:
+                return self.received + 1
+            self.got.append(event)
+            self.received = event.seq
+        return None
 
 
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
@@ -571,15 +532,13 @@ def test_feed_malformed_tail_does_not_swallow_the_valid_head() -> None:
     start=st.integers(0, 50),
     data=st.data(),
 )
-def test_feed_recovers_every_event_once_in_order_despite_a_lossy_stream(
+def test_every_event_once_in_order_despite_a_lossy_stream(
     sizes: list[int], fetch_limit: int, start: int, data: st.DataObject
 ) -> None:
-    """The broker's EventLog produces batches; the "network" drops, duplicates and reorders
-    them; each gap the feed reports is answered with `since(gap)` (bounded by
-    `fetch_limit` bytes, so a re-send may be partial); the consumer acknowledges what it
-    took, so the log drops it. When the stream ends the consumer catches up by fetching
-    from its position until an empty re-send says it is at the end."""
-    log = E.EventLog(epoch=11, retain=True)
+    """Batches are dropped, duplicated and reordered; each gap is answered with
+    `since(gap)` (bounded, so partial); the consumer acknowledges what it took, so the log
+    drops it. At the end the consumer fetches until an empty re-send."""
+    log = log_for(confirm_by="$persistence")
     log.start_after(start)
     originals: list[bytes] = []
     batches: list[tuple[int, bytes]] = []
@@ -587,39 +546,26 @@ def test_feed_recovers_every_event_once_in_order_despite_a_lossy_stream(
         originals += fill(log, size)
         frames = log.take_batch()
         assert frames is not None
-        batches.append((E.decode_head(frames[1])[1], frames[2]))
-    deliveries = data.draw(
-        st.lists(st.integers(0, len(batches) - 1), max_size=3 * len(batches)), label="order"
-    )
-
-    feed = EventFeed(received=start)
-    got: list[E.Event] = []
+        batches.append((R.decode_head(frames[1])[1], frames[2]))
+    order = data.draw(st.lists(st.integers(0, len(batches) - 1), max_size=3 * len(batches)))
+    consumer = Consumer(start)
 
     def refetch(first: int) -> int | None:
         frames = log.since(first, max_bytes=fetch_limit)
         assert frames is not None, f"seq {first} requested but no longer retained"
-        _, head_first, _ = frames_events(frames)
-        assert head_first == first
-        fresh, gap = feed.take(head_first, frames[2])
-        got.extend(fresh)
-        return gap
+        return consumer.take(R.decode_head(frames[1])[1], frames[2])
 
-    def consume(first: int, blob: bytes) -> None:
-        fresh, gap = feed.take(first, blob)
-        got.extend(fresh)
+    for index in order:
+        gap = consumer.take(*batches[index])
         while gap is not None:
             gap = refetch(gap)
-        log.acknowledge(feed.received)
-
-    for index in deliveries:
-        consume(*batches[index])
-    while True:  # end of stream: fetch until the re-send comes back empty
-        before = feed.received
-        assert refetch(feed.received + 1) is None
-        log.acknowledge(feed.received)
-        if feed.received == before:
+        log.acknowledge("$persistence", consumer.received)
+    while True:
+        before = consumer.received
+        assert refetch(consumer.received + 1) is None
+        log.acknowledge("$persistence", consumer.received)
+        if consumer.received == before:
             break
-
-    assert [e.seq for e in got] == list(range(start + 1, log.last_seq + 1))
-    assert [E.encode_event(e.seq, e.kind, e.ts_ns, *e.fields) for e in got] == originals
+    assert [e.seq for e in consumer.got] == list(range(start + 1, log.last_seq + 1))
+    assert [R.encode_event(e.seq, e.ts_ns, e.record) for e in consumer.got] == originals
     assert log.backlog_bytes == 0

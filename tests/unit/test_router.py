@@ -34,8 +34,26 @@ PERMISSIONS = {
 }
 
 
-def make_router(config: RouterConfig | None = None) -> Router:
-    return Router(PERMISSIONS.get, config)
+class Clocks:
+    """The two clocks of a router: `now` (monotonic, passed to every call) and the wall
+    clock it stamps with (injected). These tests keep them equal unless they say not."""
+
+    def __init__(self) -> None:
+        self.wall = T0
+
+    def __call__(self) -> int:
+        return self.wall
+
+
+def make_router(config: RouterConfig | None = None, **kwargs: Any) -> Router:
+    router = Router(PERMISSIONS.get, config, wall_clock=Clocks(), **kwargs)
+    return router
+
+
+def set_wall(router: Router, wall: int) -> None:
+    clock = router._wall_clock
+    if isinstance(clock, Clocks):
+        clock.wall = wall
 
 
 class Peer:
@@ -49,6 +67,7 @@ class Peer:
         self._ids = 0
 
     def send(self, *frames: bytes, now: int | None = None) -> list[Outbound]:
+        set_wall(self.router, now or self.now)
         out = self.router.handle(self.peer, self.app_id, list(frames), now or self.now)
         check_outbound(out)
         return out
@@ -378,7 +397,7 @@ def test_stats_includes_extra_stats() -> None:
     def extra(reset: bool) -> dict[str, Any]:
         return {"queue": 3, "was_reset": reset}
 
-    router = Router(PERMISSIONS.get, extra_stats=extra)
+    router = make_router(extra_stats=extra)
     cli = Peer(router, b"c", "$cli").welcomed()
     stats = unpack_map(cli.send(P.STATS)[0][1][1])
     assert (stats["queue"], stats["was_reset"]) == (3, False)
@@ -622,13 +641,13 @@ def test_duplicate_message_ids_are_routed_once_and_confirmed_again(router: Route
 
 
 def test_events_name_the_stored_message_even_when_a_queue_is_full() -> None:
-    """MSG comes before the DEAD it causes, and both carry the same stored seq; a CONFIRM
-    waits for that seq to be stored (persistence on)."""
-    from broker import events as E
+    """Published comes before the DeadLettered it causes, and both carry the same stored
+    seq; a CONFIRM waits for that seq to be stored (persistence on)."""
+    from broker import event_records as R
     from broker.events import EventLog
 
-    log = EventLog(epoch=1, retain=True)
-    router = Router(PERMISSIONS.get, RouterConfig(delivery=DeliveryConfig(queue_max=1)), None, log)
+    log = EventLog(epoch=1, confirm_by=P.PERSISTENCE_ID)
+    router = make_router(RouterConfig(delivery=DeliveryConfig(queue_max=1)), stream=log)
     sub = Peer(router, b"s", "sub").welcomed()
     sub.send(P.SUB, pack({"sid": 1, "pattern": "market.>", "durable": True}))
     pub = Peer(router, b"p", "pub").welcomed()
@@ -636,13 +655,14 @@ def test_events_name_the_stored_message_even_when_a_queue_is_full() -> None:
     assert all(frames[0] != P.CONFIRM for _, frames in out)  # not stored yet
     batch = log.take_batch()
     assert batch is not None
-    events = list(E.decode_events(batch[2]))
-    kinds = [(e.kind, e.seq) for e in events]
-    msgs = [e for e in events if e.kind == E.MSG]
-    dead = [e for e in events if e.kind == E.DEAD]
+    events = R.decode_events(batch[2])
+    kinds = [(type(e.record).__name__, e.seq) for e in events]
+    msgs = [e for e in events if isinstance(e.record, R.Published)]
+    dead = [e for e in events if isinstance(e.record, R.DeadLettered)]
     assert dead, kinds
-    for letter in dead:  # the dead letter refers to a MSG event stored before it
-        stored = letter.get("stored_seq")
+    for letter in dead:  # the dead letter refers to a Published event stored before it
+        assert isinstance(letter.record, R.DeadLettered)
+        stored = letter.record.stored_seq
         assert stored in {m.seq for m in msgs} and stored < letter.seq
     released = router.confirm_stored(log.last_seq)
     assert [frames[0] for _, frames in released] == [P.CONFIRM]
