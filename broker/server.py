@@ -26,11 +26,11 @@ from typing import Any
 import zmq
 
 from broker import protocol as P
+from broker.catalog import ManifestCatalog
 from broker.core import BrokerCore, CoreConfig
 from broker.events import EventLog, StreamLimits
 from broker.histogram import LatencyHistogram
 from broker.logs import event
-from broker.catalog import ManifestCatalog
 from broker.paths import PlatformPaths
 from broker.recovery import RecoveryReport, apply_restore
 from broker.router import Router, RouterConfig

@@ -4,7 +4,7 @@ The broker's WELCOME names the socket (`store`; None when the platform runs with
 --no-persistence, which makes every query raise `StorageError` code 501). The client
 connects a DEALER lazily, with the app's own credential, and serialises queries with a
 lock: zmq sockets are not thread-safe and queries are rare next to publishes. Replay
-pages through the range (persistence.queries), so a replay of millions of messages holds
+pages through the range (broker.wire), so a replay of millions of messages holds
 one page at a time.
 """
 
@@ -19,11 +19,11 @@ from typing import Any
 import zmq
 
 from broker import protocol as P
+from broker import wire as Q
 from broker.codec import decode_envelope, encode_stamp, pack, unpack_map
 from broker.errors import Code, error_body
 from clients.errors import BrokerUnavailable, BusError, error_from_wire
 from clients.message import Message
-from persistence import queries as Q
 
 
 def persistence_off() -> BusError:
@@ -67,7 +67,7 @@ class StoreClient:
                 )
             frames = sock.recv_multipart()
         answer = unpack_map(frames[1], "store answer", P.MAX_REPLY_BYTES * 2)
-        if frames[0] == Q.ERROR:
+        if frames[0] == P.ERROR:
             raise error_from_wire(answer)
         return answer
 

@@ -16,11 +16,11 @@ from types import FrameType
 from broker.config import ConfigError, PlatformConfig, config_from_environment
 from broker.logs import configure, event
 from broker.paths import PlatformPaths
-from persistence.keyring import KeyFileError
 from persistence.retention import RetentionPolicy
 from persistence.service import PersistenceConfig, PersistenceService
 from persistence.store import SegmentPolicy
 from security.handoff import HandoffError, credential_from_environment
+from security.keyring import KeyFileError
 
 _MIB = 2**20
 _MIN_SEGMENT_BYTES = 64 * 1024

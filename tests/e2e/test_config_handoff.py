@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from broker.paths import PlatformPaths
-from broker.recovery import SEGMENTS_DIR
+from broker.paths import SEGMENTS_DIR, PlatformPaths
 from persistence.segments import list_segment_files
 from tests.conftest import REPO, operator_on, plexus_cli, stop_process, wait_for
 

@@ -91,7 +91,7 @@ class AuditConsumer:
 @pytest.fixture
 def platform(short_tmp: Path) -> Iterator[BrokerHandle]:
     handle = BrokerHandle.prepared(short_tmp, MANIFESTS)
-    handle.start("--persistence", "on")
+    handle.start(persistence=True)
     handle.start_persistence()
     yield handle
     handle.close()

@@ -1,7 +1,7 @@
 """broker.recovery.apply_restore: EVRESTORE pages into router state, without a store.
 
 First against a fake router that records what recovery asks of it (the contract:
-restore_session, dlq.restore, remember_published, log.start_after), then the whole path on
+restore_session, dlq.restore, remember_published, stream.start_after), then the whole path on
 real LMDB: events written by StoreWriter, read back as pages by persistence.restore, sent
 through the wire record, applied to the real pure Router, which then delivers the
 restored backlog to the app that comes back.
@@ -50,7 +50,7 @@ class FakeDlq:
 class FakeRouter:
     def __init__(self, apps: set[str]) -> None:
         self._apps = apps
-        self.log = FakeLog()
+        self.stream = FakeLog()
         self.dlq = FakeDlq()
         self.sessions: dict[SessionKey, tuple[dict[int, str], list[Delivery], int]] = {}
         self.published: list[tuple[str, bytes, int, int]] = []
@@ -94,7 +94,7 @@ def test_an_empty_store_is_one_page_and_restores_nothing() -> None:
     report = RecoveryReport()
     apply_restore(router, wired(wire.EvRestore(0, done=True)), NOW, report)
     assert report.done
-    assert router.log.starts == [0]
+    assert router.stream.starts == [0]
     assert (router.sessions, router.dlq.entries, router.published) == ({}, [], [])
     assert asdict(report) == {
         "watermark": 0,
@@ -133,7 +133,7 @@ def test_a_sessions_backlog_spanning_pages_is_restored_once_in_order() -> None:
     assert (last.sender, last.timestamp_ns, last.topic, last.msg_id) == ("pub", 80, "t.a", ID)
     assert (last.header, last.payload, last.sensitive) == (b"hdr", b"last", False)
     assert decode_sids(last.sids) == decode_sids(last.durable_sids) == [1, 2]
-    assert router.log.starts == [40, 40, 40]
+    assert router.stream.starts == [40, 40, 40]
     assert router.published == [("pub", ID, 8, 80)]
     assert (report.sessions, report.subscriptions, report.deliveries) == (1, 2, 3)
     assert (report.pages, report.watermark, report.recent_ids) == (3, 40, 1)

@@ -103,7 +103,7 @@ class Harness:
         out = self.handle(b"attacker", "pub", [P.PUB, header, b"still serving"])
         [(to, frames)] = out
         assert to == b"sub" and frames[0] == P.DELIVER and frames[-1] == b"still serving"
-        self.router.events.clear()  # the server drains these into log lines
+        self.router.notices.clear()  # the server drains these into log lines
 
 
 @pytest.fixture(autouse=True)
@@ -178,7 +178,7 @@ def test_slow_consumer_memory_is_bounded_by_the_queue_and_dlq_limits() -> None:
             now += 1_000
             header = encode_pub_header(serial.to_bytes(16, "big"), "market.flood")
             router.handle(b"pub", "pub", [P.PUB, header, payload], now)
-        router.events.clear()  # the server drains these into log lines
+        router.notices.clear()  # the server drains these into log lines
 
     samples = traced_rounds(flood, ROUNDS)
     snapshot = router.snapshot(now)
