@@ -179,7 +179,9 @@ def test_gone_apps_orphans_and_malformed_rows_are_skipped_not_fatal() -> None:
         dead_letters=(bad_dead, dead_row(4)),
         done=True,
     )
-    apply_restore(router, wired(page), NOW, report)
+    # the wire decoder refuses such rows outright; apply_restore stays defensive for
+    # pages built in-process, so this one is applied as built
+    apply_restore(router, page, NOW, report)
     assert list(router.sessions) == [("sub", "s1")]
     assert [d.stored_seq for d in router.sessions["sub", "s1"][1]] == [1]
     assert [e.entry_id for e in router.dlq.entries] == [4]
