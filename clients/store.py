@@ -108,11 +108,12 @@ def to_ns(moment: float | datetime | None, upper: bool = False) -> int | None:
 
     A float carries only about 0.24 µs of precision at today's epoch, so a bound is
     widened by one microsecond (down for `since`, up for `until`): passing a message's own
-    `timestamp` back as a bound always includes that message.
+    `timestamp` back as a bound always includes that message. Epoch 0 ("from the
+    start") stays 0: the widening never takes a bound below the epoch.
     """
     if moment is None:
         return None
     if isinstance(moment, datetime):
         moment = moment.timestamp()
     micros = moment * 1e6
-    return (math.ceil(micros) + 1) * 1000 if upper else (math.floor(micros) - 1) * 1000
+    return (math.ceil(micros) + 1) * 1000 if upper else max(0, (math.floor(micros) - 1) * 1000)

@@ -126,7 +126,10 @@ def test_two_consumers_one_restarted_each_get_every_event_once_in_order(
 
     seqs = [e.seq for e in taken]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # contiguous: once, in order
-    assert seqs[0] == 1
+    # $audit is not an expected consumer: it starts with what the broker still retained
+    # when it first synced (persistence may have passed the first events), before any of
+    # this test's publishes
+    assert seqs[0] < min(_published_seqs(taken, ids))
 
     # persistence, the other consumer, stored every message once, in order
     store = MessageStore(platform.paths.segments_dir, readonly=True)
