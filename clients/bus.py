@@ -393,6 +393,7 @@ class Bus:
         self._check_open()
         future = self._io.request_stats(reset_latency)
         stats: dict[str, Any] = self._wait(future, timeout, "broker stats")
+        stats.pop("rid", None)  # the request id is the protocol's, not part of the answer
         return stats
 
     def dead_letters(self, timeout: float = 5.0) -> dict[str, Any]:
@@ -410,6 +411,7 @@ class Bus:
     def _dlq(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
         self._check_open()
         answer: dict[str, Any] = self._wait(self._io.request_dlq(request), timeout, "DLQ")
+        answer.pop("rid", None)  # the request id is the protocol's, not part of the answer
         return answer
 
     @property
