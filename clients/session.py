@@ -50,6 +50,10 @@ States and transitions (`TRANSITIONS`; CLOSED and FAILED absorb every input):
     CLOSING      AUTH_FAILED    FAILED
     CLOSING      WELCOME        CLOSING      a late answer to an earlier HELLO
     CLOSING      CLOSE          CLOSING
+
+Every other (state, input) pair leaves the state as it is (a 2xx refusal of one command
+on a live session, a PONG or close deadline outside CLOSING); the table lists them too,
+so it covers every pair (tests/unit/test_client_session.py checks).
 """
 
 from __future__ import annotations
@@ -156,6 +160,8 @@ TRANSITIONS: Final[dict[tuple[State, Input], State]] = {
     (State.CONNECTING, Input.TAKEN_OVER): State.FAILED,
     (State.CONNECTING, Input.AUTH_FAILED): State.FAILED,
     (State.CONNECTING, Input.CLOSE): State.CLOSED,
+    (State.CONNECTING, Input.CLOSING_PONG): State.CONNECTING,
+    (State.CONNECTING, Input.CLOSE_EXPIRED): State.CONNECTING,
     (State.WELCOMED, Input.WELCOME): State.WELCOMED,
     (State.WELCOMED, Input.NOT_WELCOMED): State.CONNECTING,
     (State.WELCOMED, Input.RECONNECTED): State.CONNECTING,
@@ -163,6 +169,9 @@ TRANSITIONS: Final[dict[tuple[State, Input], State]] = {
     (State.WELCOMED, Input.TAKEN_OVER): State.FAILED,
     (State.WELCOMED, Input.AUTH_FAILED): State.FAILED,
     (State.WELCOMED, Input.CLOSE): State.CLOSING,
+    (State.WELCOMED, Input.REFUSED): State.WELCOMED,
+    (State.WELCOMED, Input.CLOSING_PONG): State.WELCOMED,
+    (State.WELCOMED, Input.CLOSE_EXPIRED): State.WELCOMED,
     (State.CLOSING, Input.CLOSING_PONG): State.CLOSED,
     (State.CLOSING, Input.CLOSE_EXPIRED): State.CLOSED,
     (State.CLOSING, Input.NOT_WELCOMED): State.CLOSED,
@@ -172,6 +181,7 @@ TRANSITIONS: Final[dict[tuple[State, Input], State]] = {
     (State.CLOSING, Input.AUTH_FAILED): State.FAILED,
     (State.CLOSING, Input.WELCOME): State.CLOSING,
     (State.CLOSING, Input.CLOSE): State.CLOSING,
+    (State.CLOSING, Input.REFUSED): State.CLOSING,
 }
 FINAL: Final = frozenset({State.CLOSED, State.FAILED})
 
@@ -477,8 +487,7 @@ class ClientSession:
     def take_events(self) -> list[Event]:
         """What happened since the last call, in order."""
         events = self._events
-        if events:
-            self._events = []
+        self._events = []
         return events
 
     def next_deadline(self) -> float:
