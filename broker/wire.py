@@ -34,6 +34,7 @@ from broker.codec import (
     decode_pub_header,
     decode_sids,
     decode_stamp,
+    encode_pub_header,
     encode_sids,
     encode_stamp,
     pack,
@@ -611,6 +612,21 @@ class Request:
         ttl = ttl if type(ttl) is int and 0 < ttl <= 3_600_000 else P.DEFAULT_REQUEST_TTL_MS
         return cls(header, reply, ttl, header_raw, payload)
 
+    @classmethod
+    def build(
+        cls,
+        msg_id: bytes,
+        topic: str,
+        reply: str,
+        ttl_ms: int,
+        payload: bytes,
+        correlation_id: str | None = None,
+    ) -> Self:
+        """A requester's REQ (the client side): the header encoded once, here."""
+        extra = {"reply": reply, "ttl_ms": ttl_ms}
+        raw = encode_pub_header(msg_id, topic, correlation_id, extra=extra)
+        return cls(PubHeader(msg_id, topic), reply, ttl_ms, raw, payload)
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:
@@ -642,6 +658,24 @@ class Reply:
             header_raw,
             payload,
         )
+
+    @classmethod
+    def build(
+        cls,
+        msg_id: bytes,
+        topic: str,
+        to: str,
+        payload: bytes,
+        error: str | None = None,
+        correlation_id: str | None = None,
+    ) -> Self:
+        """A responder's REP (the client side); `error` is cut to 1024 characters."""
+        extra: dict[str, Any] = {"to": to}
+        if error is not None:
+            error = error[:1024]
+            extra["err"] = error
+        raw = encode_pub_header(msg_id, topic, correlation_id, extra=extra)
+        return cls(PubHeader(msg_id, topic), to, error, raw, payload)
 
 
 # -- platform commands -----------------------------------------------------------------------

@@ -8,30 +8,28 @@
 
 Identity comes from `PLEXUS_APP_ID` and a credential handed over by the supervisor on an
 inherited file descriptor (`PLEXUS_CREDENTIAL_FD`) or printed by `plexus env`
-(`PLEXUS_TOKEN`); the endpoint from `PLEXUS_ENDPOINT`. All socket work happens in one
-background I/O thread (`clients.connection`); handlers run in one dispatcher thread.
+(`PLEXUS_TOKEN`); the endpoint from `PLEXUS_ENDPOINT`. The protocol is the sans-I/O
+core `clients.session`; all socket work happens in one background I/O thread that drives
+it (`clients.connection`); handlers run in one dispatcher thread. `clients.aio.AsyncBus`
+offers the same calls as coroutines.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import queue
-import secrets
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime
 from types import TracebackType
 from typing import Any
 
-from broker import protocol as P
-from broker.codec import encode_pub_header, new_message_id, pack
-from broker.errors import Code, WireError
-from broker.topics import pattern_tokens, validate_topic
-from clients.connection import Connection, ConnectSettings
+from broker.wire import Dlq, DlqOp, Stats
+from clients.connection import Connection, ConnectSettings, read_credential_fd
 from clients.errors import (
     AuthenticationError,
     BrokerUnavailable,
@@ -44,10 +42,17 @@ from clients.errors import (
     ProtocolError,
     RequestTimeout,
     StorageError,
+    WouldBlock,
 )
 from clients.message import Handler, Message, Subscription
+from clients.outbound import (
+    checked_pattern,
+    checked_reply,
+    encoded_publish,
+    reply_record,
+    request_record,
+)
 from clients.store import StoreClient, persistence_off, to_ns
-from security import handoff
 
 __all__ = [
     "AuthenticationError",
@@ -64,17 +69,39 @@ __all__ = [
     "RequestTimeout",
     "StorageError",
     "Subscription",
+    "WouldBlock",
 ]
 
 log = logging.getLogger("plexus.client")
 
+_token_from_fd: dict[int, str] = {}
+_token_lock = threading.Lock()
+
 
 def credential_from_environment() -> str:
-    """This app's credential (`security.handoff`), failures as the client's error."""
+    token = os.environ.get("PLEXUS_TOKEN")
+    if token:
+        return token
+    fd_text = os.environ.get("PLEXUS_CREDENTIAL_FD")
+    if not fd_text:
+        raise AuthenticationError(
+            "no credential: neither PLEXUS_CREDENTIAL_FD nor PLEXUS_TOKEN is set",
+            hint="launch the app through `plexus run`, or `eval $(plexus env APP_ID)` first",
+        )
     try:
-        return handoff.credential_from_environment()
-    except handoff.HandoffError as exc:
-        raise AuthenticationError(str(exc), hint=exc.hint) from None
+        fd = int(fd_text)
+    except ValueError:
+        raise AuthenticationError(f"PLEXUS_CREDENTIAL_FD={fd_text!r} is not a number") from None
+    with _token_lock:  # the pipe can be read once per process; later Bus objects reuse it
+        if fd not in _token_from_fd:
+            try:
+                _token_from_fd[fd] = read_credential_fd(fd)
+            except OSError as exc:
+                raise AuthenticationError(
+                    f"cannot read credential fd {fd}: {exc.strerror}",
+                    hint="the supervisor hands it over at launch; run the app via `plexus run`",
+                ) from None
+        return _token_from_fd[fd]
 
 
 def _required_env(name: str) -> str:
@@ -86,12 +113,8 @@ def _required_env(name: str) -> str:
     return value
 
 
-def _checked(check: Callable[[str], object], text: str) -> None:
-    """Run a topic or pattern check locally; its failure as the client's ProtocolError."""
-    try:
-        check(text)
-    except WireError as exc:
-        raise ProtocolError(exc.detail, int(exc.code)) from None
+_WATCHDOG_S = 2.0
+"""How much longer than its timeout a caller waits for the I/O thread to expire a call."""
 
 
 class Bus:
@@ -100,7 +123,6 @@ class Bus:
     def __init__(self, settings: ConnectSettings) -> None:
         self.app_id = settings.app_id
         self._subs: dict[int, Subscription] = {}
-        self._sids = itertools.count(1)
         self._lock = threading.Lock()
         self._dispatch_queue: queue.SimpleQueue[tuple[Subscription, Message] | None] = (
             queue.SimpleQueue()
@@ -171,31 +193,32 @@ class Bus:
         `topic` receive it.
         """
         self._check_open()
-        _checked(validate_topic, topic)
-        msg_id = new_message_id()
-        header = encode_pub_header(
-            msg_id,
-            topic,
-            correlation_id,
-            traceparent,
-            sensitive,
-            confirm=True,
-            extra={"dest": to} if to is not None else None,
+        msg_id, header, payload = encoded_publish(
+            topic, data, correlation_id, traceparent, sensitive, to
         )
-        payload = pack(data)
-        if len(payload) > P.MAX_PAYLOAD_BYTES or len(header) > P.MAX_HEADER_BYTES:
-            raise ProtocolError(
-                f"message of {len(payload)} bytes (header {len(header)}) exceeds the limits",
-                int(Code.TOO_LARGE),
-                f"keep payloads ≤ {P.MAX_PAYLOAD_BYTES} bytes; store big data elsewhere",
-            )
-        future: Future[None] | None = None
-        if confirm:
-            future = Future()
-            self._io.confirm_futures[msg_id] = future
-        self._io.enqueue_publish(msg_id, header, payload)
+        future: Future[None] | None = Future() if confirm else None
+        self._io.enqueue_publish(msg_id, header, payload, future)
         if future is not None:
             self._wait(future, timeout, f"confirmation of {topic}")
+        return msg_id.hex()
+
+    def publish_nowait(
+        self,
+        topic: str,
+        data: Any,
+        *,
+        correlation_id: str | None = None,
+        traceparent: str | None = None,
+        sensitive: bool = False,
+        to: str | None = None,
+    ) -> str:
+        """`publish` without waiting: raises `WouldBlock` (nothing queued) when the window
+        of unconfirmed publishes is full, where `publish` would wait for room."""
+        self._check_open()
+        msg_id, header, payload = encoded_publish(
+            topic, data, correlation_id, traceparent, sensitive, to
+        )
+        self._io.enqueue_publish(msg_id, header, payload, None, block=False)
         return msg_id.hex()
 
     def flush(self, timeout: float = 30.0) -> None:
@@ -208,14 +231,14 @@ class Bus:
         self._check_open()
         if not self._io.wait_confirmed(timeout):
             raise RequestTimeout(
-                f"{len(self._io.unconfirmed)} publishes still unconfirmed after {timeout:g}s",
+                f"{self._io.unconfirmed} publishes still unconfirmed after {timeout:g}s",
                 hint="check `plexus status`: is the broker (and persistence) running?",
             )
 
     @property
     def unconfirmed(self) -> int:
         """Publishes sent but not yet confirmed (kept for resending after a reconnect)."""
-        return len(self._io.unconfirmed)
+        return self._io.unconfirmed
 
     # -- subscribing ------------------------------------------------------------------------
 
@@ -237,42 +260,27 @@ class Bus:
         A `durable` subscription outlives the session's grace period until unsubscribed.
         """
         self._check_open()
-        _checked(pattern_tokens, pattern)
-        with self._lock:
-            sid = self._claim_sid(pattern)
-            sub = Subscription(
-                sid,
-                pattern,
-                handler,
-                durable=durable,
-                manual_ack=manual_ack,
-                serve=serve,
-                _unsubscribe=self.unsubscribe,
-            )
-            future: Future[None] = Future()
-            self._io.sub_futures[sid] = future
-            self._subs[sid] = sub
+        checked_pattern(pattern)
+        sub = Subscription(
+            0,  # the session picks the sid (a resumed one for the same pattern, if any)
+            pattern,
+            handler,
+            durable=durable,
+            manual_ack=manual_ack,
+            serve=serve,
+            _unsubscribe=self.unsubscribe,
+        )
+        future: Future[None] = Future()
         if handler is not None:
             self._ensure_dispatcher()
-        self._io.wake()
+        self._io.add_subscription(sub, future)
         try:
             self._wait(future, timeout, f"subscription to {pattern}")
         except BaseException:
-            self._subs.pop(sid, None)
             sub.active = False
+            self._io.remove_subscription(sub)
             raise
         return sub
-
-    def _claim_sid(self, pattern: str) -> int:
-        """A resumed session's subscription to the same pattern is taken over (with what
-        the broker kept for it); otherwise the next id no subscription uses."""
-        for sid, kept in list(self._io.resumed_subs.items()):
-            if kept == pattern and sid not in self._subs:
-                return sid
-        sid = next(self._sids)
-        while sid in self._subs or sid in self._io.resumed_subs:
-            sid = next(self._sids)
-        return sid
 
     def serve(self, pattern: str, handler: Handler, *, timeout: float = 5.0) -> Subscription:
         """Answer requests on topics matching `pattern`: `handler(message)` returns the reply.
@@ -296,59 +304,40 @@ class Bus:
         reply came within `timeout`, `PermissionDenied` outside the manifest's `request`.
         """
         self._check_open()
-        _checked(validate_topic, topic)
-        msg_id = new_message_id()
-        reply = secrets.token_hex(16)
-        header = encode_pub_header(
-            msg_id,
-            topic,
-            correlation_id,
-            extra={"reply": reply, "ttl_ms": max(1, int(timeout * 1000))},
-        )
+        record = request_record(topic, data, timeout, correlation_id)
         future: Future[Message] = Future()
-        self._io.request_futures[reply] = future
-        self._io.request_ids[msg_id] = reply
-        self._io.send_control([P.REQ, header, pack(data)])
-        try:
-            message = future.result(timeout)
+        self._io.request(record, time.monotonic() + timeout, future)
+        try:  # the session expires the request at its deadline; this is a watchdog
+            message = future.result(timeout + _WATCHDOG_S)
         except FutureTimeout:
+            self._io.cancel(future)
             raise RequestTimeout(
                 f"no reply to {topic} within {timeout:g}s",
                 hint="the responder may be slow or stuck; raise the timeout or check it",
             ) from None
-        finally:
-            self._io.request_futures.pop(reply, None)
-            self._io.request_ids.pop(msg_id, None)
-        if message.envelope.error is not None:
-            raise DeliveryError(
-                f"the responder {message.sender!r} failed: {message.envelope.error}",
-                hint="see the responder's log",
-            )
-        return message
+        except RequestTimeout:
+            raise RequestTimeout(
+                f"no reply to {topic} within {timeout:g}s",
+                hint="the responder may be slow or stuck; raise the timeout or check it",
+            ) from None
+        return checked_reply(message)
 
     def _answer(self, request: Message, result: Any, error: str | None) -> None:
         """Send a responder's REP for `request` (dispatcher thread)."""
-        extra: dict[str, Any] = {"to": request.envelope.reply_to or ""}
-        if error is not None:
-            extra["err"] = error[:1024]
-        header = encode_pub_header(
-            new_message_id(), request.topic, request.correlation_id, extra=extra
-        )
-        self._io.send_control([P.REP, header, pack(result)])
+        self._io.reply(reply_record(request, result, error))
 
     def unsubscribe(self, sub: Subscription) -> None:
         """Stop receiving for `sub`; messages already queued stay readable."""
         sub.active = False
-        self._subs.pop(sub.sid, None)
         if not self._closed:
-            self._io.wake()
+            self._io.remove_subscription(sub)
 
     # -- platform ---------------------------------------------------------------------------
 
     # -- history and replay (the persistence service) ------------------------------------
 
     def _store(self) -> StoreClient:
-        endpoint = self._io.welcome.get("store")
+        endpoint = self._io.welcome_store
         if not isinstance(endpoint, str):
             raise persistence_off()
         with self._lock:
@@ -390,28 +379,35 @@ class Bus:
         `reset_latency=True` starts a fresh routing-latency window after this snapshot
         (benchmarks measure one phase at a time).
         """
-        self._check_open()
-        future = self._io.request_stats(reset_latency)
-        stats: dict[str, Any] = self._wait(future, timeout, "broker stats")
-        stats.pop("rid", None)  # the request id is the protocol's, not part of the answer
-        return stats
+        return self._call(Stats(reset=reset_latency), timeout, "broker stats")
 
     def dead_letters(self, timeout: float = 5.0) -> dict[str, Any]:
         """The dead-letter queue: {"entries": [...], "dropped": n} (platform identities)."""
-        return self._dlq({"op": "list"}, timeout)
+        return self._dlq("list", 0, timeout)
 
     def replay_dead_letter(self, entry_id: int, timeout: float = 5.0) -> dict[str, Any]:
         """Deliver dead letter `entry_id` again (to its session if it still exists)."""
-        return self._dlq({"op": "replay", "id": entry_id}, timeout)
+        return self._dlq("replay", entry_id, timeout)
 
     def purge_dead_letters(self, timeout: float = 5.0) -> dict[str, Any]:
         """Drop every dead letter; returns {"purged": n}."""
-        return self._dlq({"op": "purge"}, timeout)
+        return self._dlq("purge", 0, timeout)
 
-    def _dlq(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    def _dlq(self, op: DlqOp, entry_id: int, timeout: float) -> dict[str, Any]:
+        return self._call(Dlq(op, entry_id), timeout, "DLQ")
+
+    def _call(self, record: Stats | Dlq, timeout: float, what: str) -> dict[str, Any]:
+        """One STATS/DLQ call, answered by its own `rid` however many run at once."""
         self._check_open()
-        answer: dict[str, Any] = self._wait(self._io.request_dlq(request), timeout, "DLQ")
-        answer.pop("rid", None)  # the request id is the protocol's, not part of the answer
+        future = self._io.call(record, time.monotonic() + timeout)
+        try:  # the session expires the call at its deadline; this is a watchdog
+            answer: dict[str, Any] = future.result(timeout + _WATCHDOG_S)
+        except FutureTimeout:
+            self._io.cancel(future)
+            raise BrokerUnavailable(
+                f"no answer for {what} within {timeout:g}s",
+                hint="the broker may be down or overloaded; check `plexus status`",
+            ) from None
         return answer
 
     @property

@@ -10,14 +10,19 @@
     ├── InternalError           6xx: a bug in the broker
     ├── BrokerUnavailable       local: no broker answered in time
     ├── RequestTimeout          local: no reply within the request's timeout
+    ├── WouldBlock              local: `publish_nowait` found the unconfirmed window full
     └── ClosedError             local: the Bus was closed
 
-`error_from_wire` is the one mapping from an ERROR header to an exception.
+`error_from_wire` is the one mapping from an ERROR header to an exception
+(`error_from_record` the same for a decoded `broker.wire.Error`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from broker.wire import Error
 
 
 class BusError(Exception):
@@ -78,6 +83,13 @@ class ClosedError(BusError):
     """The Bus was closed; create a new one with Bus.connect()."""
 
 
+class WouldBlock(BusError):
+    """`publish_nowait` found the unconfirmed window full: `publish` would have waited.
+
+    Nothing was queued. Retry later, or call `publish` (which waits for room).
+    """
+
+
 _BY_HUNDREDS: dict[int, type[BusError]] = {
     1: ProtocolError,
     2: AuthenticationError,
@@ -97,3 +109,11 @@ def error_from_wire(body: dict[str, Any]) -> BusError:
     message = f"{name} ({code}): {body.get('message', '')}"
     ref = body.get("ref")
     return cls(message, code, str(body.get("hint", "")), ref if isinstance(ref, dict) else {})
+
+
+def error_from_record(record: Error) -> BusError:
+    """The exception for a decoded ERROR record (a missing code counts as 600 internal)."""
+    body = record.body()
+    if not record.code:
+        body["code"] = 600
+    return error_from_wire(body)

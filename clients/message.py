@@ -10,7 +10,7 @@ from typing import Any
 
 import msgpack
 
-from broker.codec import Envelope
+from broker.codec import Envelope, Stamp, pub_fields, unpack_map
 
 Handler = Callable[["Message"], Any]
 
@@ -21,6 +21,31 @@ def decode_data(payload: bytes) -> Any:
         return msgpack.unpackb(payload, raw=False)
     except Exception:
         return payload
+
+
+def envelope_of(stamp: Stamp, header_raw: bytes, payload: bytes) -> Envelope:
+    """One delivered message from its decoded stamp and the publisher's header (validated
+    as docs/protocol.md §4 says); the sender comes from the stamp, never the header."""
+    header = unpack_map(header_raw)
+    pub = pub_fields(header)
+    reply = header.get("reply")
+    to = header.get("to")
+    err = header.get("err")
+    return Envelope(
+        pub.msg_id,
+        pub.topic,
+        stamp.sender,
+        stamp.timestamp_ns,
+        stamp.seq,
+        stamp.attempt,
+        header.get("cid"),
+        header.get("tp"),
+        pub.sensitive,
+        payload,
+        reply if isinstance(reply, str) else None,
+        to if isinstance(to, str) else None,
+        err if isinstance(err, str) else None,
+    )
 
 
 class Receipt:

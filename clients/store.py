@@ -1,11 +1,13 @@
-"""History and replay for apps: a synchronous client of the persistence query socket.
+"""History and replay for apps: the client of the persistence query socket (§15).
 
 The broker's WELCOME names the socket (`store`; None when the platform runs with
 --no-persistence, which makes every query raise `StorageError` code 501). The client
-connects a DEALER lazily, with the app's own credential, and serialises queries with a
-lock: zmq sockets are not thread-safe and queries are rare next to publishes. Replay
-pages through the range (broker.wire), so a replay of millions of messages holds
-one page at a time.
+connects a DEALER lazily, with the app's own credential. The socket's answers carry no
+request id and come in request order, so queries are serialised (a lock here, an
+asyncio lock in `clients.aio_store`) and the socket is dropped after a timeout: a late
+answer must never be taken for the next request's. Replay pages through the range
+(`broker.wire.PAGE_MESSAGES` per page), so a replay of millions of messages holds one
+page at a time. Requests and answers are the wire records History, Replay and Result.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from typing import Any
 import zmq
 
 from broker import protocol as P
-from broker import wire as Q
-from broker.codec import decode_envelope, encode_stamp, pack, unpack_map
+from broker.codec import Stamp
 from broker.errors import Code, error_body
-from clients.errors import BrokerUnavailable, BusError, error_from_wire
-from clients.message import Message
+from broker.wire import Error as ErrorRecord
+from broker.wire import History, Replay, Result, StoredRow
+from clients.errors import BrokerUnavailable, BusError, error_from_record, error_from_wire
+from clients.message import Message, envelope_of
+
+Query = History | Replay
 
 
 def persistence_off() -> BusError:
@@ -32,8 +37,32 @@ def persistence_off() -> BusError:
     )
 
 
+def no_answer(timeout: float) -> BrokerUnavailable:
+    return BrokerUnavailable(
+        f"no answer from the persistence service within {timeout:g}s",
+        hint="check `plexus status`: is persistence running?",
+    )
+
+
+def decoded_answer(frames: list[bytes]) -> Result:
+    """A RESULT page, or the ERROR it is as the client's exception."""
+    if frames and frames[0] == P.ERROR:
+        raise error_from_record(ErrorRecord.decode(frames))
+    return Result.decode(frames)
+
+
+def query_socket(context: zmq.Context[Any], endpoint: str, app_id: str, token: str) -> Any:
+    """A DEALER to the query socket with the app's credential (same class as `context`'s)."""
+    sock = context.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.plain_username = app_id.encode()
+    sock.plain_password = token.encode()
+    sock.connect(endpoint)
+    return sock
+
+
 class StoreClient:
-    """One app's connection to the query socket."""
+    """One app's connection to the query socket (blocking; thread-safe)."""
 
     def __init__(self, endpoint: str, app_id: str, token: str) -> None:
         self._endpoint = endpoint
@@ -42,34 +71,21 @@ class StoreClient:
         self._lock = threading.Lock()
         self._socket: zmq.Socket[bytes] | None = None
 
-    def _connected(self) -> zmq.Socket[bytes]:
-        if self._socket is None:
-            sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
-            sock.linger = 0
-            sock.plain_username = self._app_id.encode()
-            sock.plain_password = self._token.encode()
-            sock.connect(self._endpoint)
-            self._socket = sock
-        return self._socket
-
-    def query(self, command: bytes, body: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """One request and its answer; the socket is dropped after a timeout (a late
-        answer must never be taken for the next request's)."""
+    def query(self, request: Query, timeout: float) -> Result:
+        """One request and its answer."""
         with self._lock:
-            sock = self._connected()
-            sock.send_multipart([command, pack(body)])
+            if self._socket is None:
+                self._socket = query_socket(
+                    zmq.Context.instance(), self._endpoint, self._app_id, self._token
+                )
+            sock = self._socket
+            sock.send_multipart(request.frames())
             if not sock.poll(int(timeout * 1000)):
                 sock.close(linger=0)
                 self._socket = None
-                raise BrokerUnavailable(
-                    f"no answer from the persistence service within {timeout:g}s",
-                    hint="check `plexus status`: is persistence running?",
-                )
+                raise no_answer(timeout)
             frames = sock.recv_multipart()
-        answer = unpack_map(frames[1], "store answer", P.MAX_REPLY_BYTES * 2)
-        if frames[0] == P.ERROR:
-            raise error_from_wire(answer)
-        return answer
+        return decoded_answer(frames)
 
     def close(self) -> None:
         with self._lock:
@@ -78,29 +94,25 @@ class StoreClient:
                 self._socket = None
 
     def history(self, topic: str, last: int, timeout: float) -> list[Message]:
-        answer = self.query(Q.HISTORY, {"topic": topic, "last": last}, timeout)
-        return [stored_message(row) for row in answer.get("messages", [])]
+        return [stored_message(row) for row in self.query(History(topic, last), timeout).messages]
 
     def replay(
         self, pattern: str, since_ns: int, until_ns: int | None, timeout: float
     ) -> Iterator[Message]:
         after = 0
         while True:
-            body: dict[str, Any] = {"pattern": pattern, "since": since_ns, "after": after}
-            if until_ns is not None:
-                body["until"] = until_ns
-            answer = self.query(Q.REPLAY, body, timeout)
-            for row in answer.get("messages", []):
+            page = self.query(Replay(pattern, since_ns, until_ns, after), timeout)
+            for row in page.messages:
                 yield stored_message(row)
-            after = int(answer.get("after", after))
-            if answer.get("done", True):
+            after = page.after or after
+            if page.done:
                 return
 
 
-def stored_message(row: list[Any]) -> Message:
+def stored_message(row: StoredRow) -> Message:
     """A `Message` from a stored row [seq, ts_ns, sender, header, payload]."""
     seq, ts_ns, sender, header, payload = row
-    return Message(decode_envelope(encode_stamp(seq, sender, ts_ns), header, payload), 0)
+    return Message(envelope_of(Stamp(seq, sender, ts_ns, 1), header, payload), 0)
 
 
 def to_ns(moment: float | datetime | None, upper: bool = False) -> int | None:

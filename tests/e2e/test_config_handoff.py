@@ -47,8 +47,9 @@ def test_a_config_value_reaches_the_broker_and_persistence(short_tmp: Path) -> N
     try:
         wait_for(lambda: plexus_cli("status", "--home", str(home)).returncode == 0, 30)
         with operator_on(home) as bus:
-            welcome = bus._io.welcome  # what the broker tells every client it runs with
-            assert (welcome["heartbeat_ms"], welcome["timeout_ms"]) == (750, 6000)
+            welcome = bus._io.session.welcome  # what the broker tells every client
+            assert welcome is not None
+            assert (welcome.heartbeat_ms, welcome.timeout_ms) == (750, 6000)
             bus.publish("demo.one", {"n": 1}, confirm=True)
             time.sleep(0.7)  # past segment_period_s: the next write rolls a new segment
             bus.publish("demo.two", {"n": 2}, confirm=True)

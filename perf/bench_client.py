@@ -1,0 +1,189 @@
+"""Client benchmark: what the Python client itself costs on its hot paths.
+
+    python -m perf.bench_client [--messages 50000] [--calls 2000] [--repeat 5] [--json F]
+
+The routing benchmark's plexus workers speak the protocol on raw sockets, so it never
+runs `clients/`. This one does: a real broker process, a publisher `Bus` in this process
+and a subscriber `Bus` in a child process, and three phases per repetition:
+
+- **flood**: `publish()` of N 256-byte messages as fast as the client allows, then
+  `flush()`; the subscriber's handler counts them (each acked by the client). Figures:
+  publish calls/s (until the last `publish` returned), delivered msg/s (first publish to
+  last handler call, CLOCK_MONOTONIC is shared by both processes), confirmed msg/s (until
+  `flush` returned).
+- **confirm**: sequential `publish(confirm=True)`: round-trip latency p50/p99.
+- **request**: sequential `request()` to an echo responder in the child: p50/p99.
+
+Each figure is the median of the repetitions (a fresh broker each time); the JSON keeps
+every value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from broker.paths import PlatformPaths
+from clients.bus import Bus, Message
+from perf import procutil
+from security.credentials import CredentialStore
+
+MANIFESTS = {
+    "bench-pub": '[permissions]\npublish = ["bench.>"]\nrequest = ["bench.>"]\n',
+    "bench-sub": '[permissions]\nsubscribe = ["bench.>"]\n',
+}
+PAYLOAD = b"x" * 256
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def subscriber(endpoint: str, token: str, count: int) -> None:
+    """Child process: count flood messages, serve echo requests, print one JSON line."""
+    bus = Bus.connect(endpoint, "bench-sub", token, session="bench-sub")
+    seen = 0
+    first = last = 0.0
+    done = threading.Event()
+
+    def on_flood(message: Message) -> None:
+        nonlocal seen, first, last
+        now = time.monotonic()
+        if seen == 0:
+            first = now
+        seen += 1
+        last = now
+        if seen >= count:
+            done.set()
+
+    bus.subscribe("bench.flood", on_flood)
+    bus.serve("bench.rpc", lambda m: m.payload)
+    print("ready", flush=True)
+    done.wait(300)
+    print(json.dumps({"seen": seen, "first": first, "last": last}), flush=True)
+    sys.stdin.readline()  # the parent says when the request phase is over
+    bus.close()
+
+
+def one_run(messages: int, calls: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="px-bc-", dir="/tmp") as name:
+        root = Path(name)
+        (root / "apps").mkdir()
+        for app_id, body in MANIFESTS.items():
+            (root / "apps" / f"{app_id}.toml").write_text(f'id = "{app_id}"\n{body}')
+        paths = PlatformPaths.resolve(root / "home")
+        paths.prepare()
+        creds = CredentialStore(paths.creds_dir)
+        creds.ensure()
+        broker = procutil.spawn_bounded(
+            [
+                sys.executable,
+                "-m",
+                "broker",
+                "--home",
+                str(root / "home"),
+                "--apps",
+                str(root / "apps"),
+                # the flood outruns the subscriber for a while: no queue-full dead letters
+                "--queue-max",
+                "1000000",
+                "--queue-max-bytes",
+                str(2**30),
+            ],
+            600,
+            root / "broker.log",
+        )
+        sock = Path(paths.bus_endpoint().removeprefix("ipc://"))
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("broker did not start")
+            time.sleep(0.02)
+        endpoint = paths.bus_endpoint()
+        child = subprocess.Popen(
+            [sys.executable, "-m", "perf.bench_client", "--role-sub", endpoint,
+             creds.mint("bench-sub"), str(messages)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert child.stdout is not None and child.stdin is not None
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError("subscriber did not start")
+            pub = Bus.connect(endpoint, "bench-pub", creds.mint("bench-pub"), session="bench-pub")
+            started = time.monotonic()
+            for _ in range(messages):
+                pub.publish("bench.flood", PAYLOAD)
+            published = time.monotonic()
+            pub.flush(120)
+            confirmed = time.monotonic()
+            result = json.loads(child.stdout.readline())
+            if result["seen"] < messages:
+                raise RuntimeError(f"subscriber saw {result['seen']} of {messages}")
+            confirm_us: list[float] = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                pub.publish("bench.confirm", PAYLOAD, confirm=True)
+                confirm_us.append((time.perf_counter() - t0) * 1e6)
+            request_us: list[float] = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                pub.request("bench.rpc", PAYLOAD, timeout=10)
+                request_us.append((time.perf_counter() - t0) * 1e6)
+            pub.close()
+            child.stdin.write("\n")
+            child.stdin.flush()
+            child.wait(10)
+        finally:
+            if child.poll() is None:
+                child.kill()
+            procutil.stop_process(broker)
+    return {
+        "publish_calls_per_s": messages / (published - started),
+        "delivered_per_s": messages / (result["last"] - started),
+        "confirmed_per_s": messages / (confirmed - started),
+        "confirm_p50_us": _percentile(confirm_us, 0.50),
+        "confirm_p99_us": _percentile(confirm_us, 0.99),
+        "request_p50_us": _percentile(request_us, 0.50),
+        "request_p99_us": _percentile(request_us, 0.99),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=50_000)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--role-sub", nargs=3, metavar=("ENDPOINT", "TOKEN", "COUNT"))
+    args = parser.parse_args(argv)
+    if args.role_sub:
+        endpoint, token, count = args.role_sub
+        subscriber(endpoint, token, int(count))
+        return 0
+    runs: list[dict[str, float]] = []
+    for rep in range(args.repeat):
+        run = one_run(args.messages, args.calls)
+        runs.append(run)
+        print(
+            f"rep {rep + 1}: " + ", ".join(f"{k} {v:,.0f}" for k, v in run.items()), file=sys.stderr
+        )
+    medians: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    document = {"schema": "plexus-perf/client/1", "medians": medians, "runs": runs}
+    if args.json is not None:
+        args.json.write_text(json.dumps(document, indent=2))
+    for key, value in medians.items():
+        print(f"{key:24} {value:>12,.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
