@@ -71,7 +71,7 @@ from clients.outbound import (
     reply_record,
     request_record,
 )
-from clients.session import FINAL, ClientSession, SessionConfig
+from clients.session import ClientSession, SessionConfig
 from clients.store import persistence_off, to_ns
 
 __all__ = ["AsyncBus", "AsyncSubscription"]
@@ -576,7 +576,7 @@ class AsyncBus:
             self._drain(raw)
         else:
             self._kick()  # still more to read: later in this loop turn, after others
-        if session.state in FINAL:
+        if session.finished:
             if not self._finished.done():
                 self._finished.set_result(None)
             if not self._welcomed.done():

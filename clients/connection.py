@@ -46,7 +46,7 @@ from clients.events import (
     Welcomed,
 )
 from clients.message import Message, Subscription
-from clients.session import FINAL, ClientSession, SessionConfig, State
+from clients.session import ClientSession, SessionConfig, State
 from clients.wakeup import Wakeup
 
 log = logging.getLogger("plexus.client")
@@ -312,7 +312,8 @@ class Connection(threading.Thread):
                 self._receive()
             self._take_inputs()
             self._handle_events()
-            self._take_inputs()  # settlements made while handing over
+            if self._settlements:  # acks made while handing over (this thread: no wake)
+                session.settle_all(self._settlements)
             self._unsent.extend(session.outgoing(time.monotonic()))
             if self._unsent:
                 self._send_unsent()
@@ -321,7 +322,7 @@ class Connection(threading.Thread):
                 self._open_socket()
                 poller = self._poller()
                 session.connection_made(time.monotonic())
-            if session.state in FINAL:
+            if session.finished:
                 return
 
     def _take_inputs(self) -> None:

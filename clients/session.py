@@ -64,7 +64,7 @@ import heapq
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -224,6 +224,8 @@ class ClientSession:
     def __init__(self, config: SessionConfig, settle: Settle, now: float) -> None:
         self.config = config
         self.state = State.CONNECTING
+        self.finished = False
+        """State is CLOSED or FAILED (a plain bool: the hot path tests it often)."""
         self.welcome: Welcome | None = None
         self.failure: BusError | None = None
         self.reconnects = 0
@@ -235,6 +237,9 @@ class ClientSession:
         self._close_deadline = 0.0
         self._last_ping = now
         self._last_received = now
+        self._heartbeat_s = 0.0
+        self._timeout_s = 0.0
+        self._set_timers(None)
         # publishing
         self._unconfirmed: dict[bytes, _Item] = {}
         """Every publish not yet confirmed, in publish order (the resend after WELCOME)."""
@@ -368,7 +373,7 @@ class ClientSession:
         """Begin the clean close of §6.6: flush, PING, wait up to `timeout` for the PONG,
         BYE. Closed(clean) tells the end."""
         before = self.state
-        if before in FINAL:
+        if self.finished:
             return
         if self._input(Input.CLOSE) is State.CLOSED:
             self._closed_now(False)
@@ -380,7 +385,7 @@ class ClientSession:
     def connection_made(self, now: float) -> None:
         """A new transport: a replaced socket, or a new ZMTP handshake after the first one
         (maybe a restarted broker). HELLO goes out again; calls in flight are lost."""
-        if self.state in FINAL:
+        if self.finished:
             return
         self.reconnects += 1
         self._last_received = now
@@ -400,14 +405,14 @@ class ClientSession:
 
     def auth_failed(self, error: BusError) -> None:
         """ZAP refused the credential (a failed handshake): the session is over."""
-        if self.state not in FINAL:
+        if not self.finished:
             self._input(Input.AUTH_FAILED)
             self._fail(error)
 
     def receive(self, frames: list[bytes], now: float) -> None:
         """Take one message from the broker."""
         self._last_received = now
-        if self.state in FINAL:
+        if self.finished:
             return
         command = frames[0]
         try:
@@ -437,10 +442,10 @@ class ClientSession:
             out.append(_BYE)
             self._events.append(Closed(True))
             return out
-        if self.state in FINAL:
+        if self.finished:
             return out
         self._run_timers(now)
-        if self.state in FINAL:
+        if self.finished:
             return out
         if self._hello_due:
             self._hello_due = False
@@ -477,26 +482,28 @@ class ClientSession:
                     pairs.append((header, payload))
             if pairs:
                 out.append(Publish(tuple(pairs)).frames())
-        if now - self._last_ping >= self._heartbeat_s():
+        if now - self._last_ping >= self._heartbeat_s:
             self._last_ping = now
             out.append(_PING)
         if self.state is State.CLOSING and not self._closing_ping_sent:
             self._closing_ping_sent = True
             out.append(Ping(CLOSING_ECHO).frames())
 
-    def take_events(self) -> list[Event]:
+    def take_events(self) -> Sequence[Event]:
         """What happened since the last call, in order."""
         events = self._events
+        if not events:
+            return ()
         self._events = []
         return events
 
     def next_deadline(self) -> float:
         """The latest time (on the `now` clock) by which `outgoing` must run again."""
-        if self.state in FINAL:
+        if self.finished:
             return float("inf") if not self._bye_due else 0.0
-        deadline = self._last_received + self._timeout_s()
+        deadline = self._last_received + self._timeout_s
         if self.state is not State.CONNECTING:
-            deadline = min(deadline, self._last_ping + self._heartbeat_s())
+            deadline = min(deadline, self._last_ping + self._heartbeat_s)
         if self.state is State.CLOSING:
             deadline = min(deadline, self._close_deadline)
         if self._timers:
@@ -506,18 +513,16 @@ class ClientSession:
     # -- internals --------------------------------------------------------------------------
 
     def _input(self, what: Input) -> State:
-        if self.state not in FINAL:
+        if not self.finished:
             self.state = TRANSITIONS[(self.state, what)]
+            self.finished = self.state in FINAL
         return self.state
 
-    def _heartbeat_s(self) -> float:
-        welcome = self.welcome
+    def _set_timers(self, welcome: Welcome | None) -> None:
+        """Heartbeat and silence timeout: ours, else the broker's terms, else defaults."""
         ms = self.config.heartbeat_ms or (welcome.heartbeat_ms if welcome else 0)
-        return (ms or P.DEFAULT_HEARTBEAT_MS) / 1000.0
-
-    def _timeout_s(self) -> float:
-        welcome = self.welcome
-        return (welcome.timeout_ms if welcome else P.DEFAULT_PEER_TIMEOUT_MS) / 1000.0
+        self._heartbeat_s = (ms or P.DEFAULT_HEARTBEAT_MS) / 1000.0
+        self._timeout_s = (welcome.timeout_ms if welcome else P.DEFAULT_PEER_TIMEOUT_MS) / 1000.0
 
     def _add_timer(self, deadline: float, key: str | int) -> None:
         heapq.heappush(self._timers, (deadline, next(self._timer_seq), key))
@@ -554,7 +559,7 @@ class ClientSession:
         if self.state is State.CLOSING and now >= self._close_deadline:
             self._input(Input.CLOSE_EXPIRED)
             self._closed_now(False)
-        elif now - self._last_received > self._timeout_s():
+        elif now - self._last_received > self._timeout_s:
             log.warning("broker silent for %.1fs; reconnecting", now - self._last_received)
             if self._input(Input.SILENT) is State.CONNECTING:
                 self._last_received = now
@@ -646,6 +651,7 @@ class ClientSession:
             return  # a late answer to an earlier HELLO: this one changes nothing
         self._input(Input.WELCOME)
         self.welcome = welcome
+        self._set_timers(welcome)
         self._sent_sids.clear()
         self._subs_changed = True
         self._resumed = {sid: pattern for sid, pattern in welcome.subs if sid not in self._subs}

@@ -125,10 +125,10 @@ class Link:
     def give(self, frames: list[bytes]) -> list[Any]:
         """The broker sends `frames`; the events they caused."""
         self.session.receive(frames, self.now)
-        return self.session.take_events()
+        return list(self.session.take_events())
 
     def events(self) -> list[Any]:
-        return self.session.take_events()
+        return list(self.session.take_events())
 
     def welcomed(self, **kwargs: Any) -> Link:
         assert isinstance(self.sent()[0], Hello)
