@@ -54,6 +54,8 @@ log = logging.getLogger("plexus.client")
 _SNDMORE = 2
 _NOBLOCK = 1
 _RCVMORE = 13
+_EVENTS = 15
+_POLLIN = 1
 _DRAIN_LIMIT = 256
 _MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 
@@ -289,41 +291,50 @@ class Connection(threading.Thread):
     def _poller(self) -> zmq.Poller:
         assert self._dealer is not None and self._monitor is not None
         poller = zmq.Poller()
-        poller.register(self._dealer, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
+        # `poll` reports in this order: the queues first, then the transport's news
         poller.register(self._wakeup.fd, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        poller.register(self._dealer, zmq.POLLIN)
         return poller
 
     def _loop(self) -> None:
+        """One turn: wait, take what came in (socket, queues), send everything that
+        produced, and only then act on the events: a future resolved wakes its app
+        thread while this one goes straight back to `poll` (no fight for the GIL with
+        the thread it just woke), and a reply's ACK has left already."""
         session = self.session
         self._open_socket()
         poller = self._poller()
+        wakeup_fd = self._wakeup.fd
         while True:
-            now = time.monotonic()
-            wait = session.next_deadline() - now
+            wait = session.next_deadline() - time.monotonic()
             if self._unsent:
                 wait = min(wait, 0.01)  # the socket was full: try again soon
-            ready = dict(poller.poll(max(0, min(int(wait * 1000) + 1, 60_000))))
-            if self._wakeup.fd in ready:
-                self._wakeup.drain()  # before looking at the queues: see clients.wakeup
-            if self._monitor in ready:
-                self._on_monitor()
-            if self._dealer in ready:
-                self._receive()
+            for sock, _ in poller.poll(max(0, min(int(wait * 1000) + 1, 60_000))):
+                if sock is self._dealer:
+                    self._receive()
+                elif sock == wakeup_fd:
+                    self._wakeup.drain()  # before looking at the queues: see clients.wakeup
+                else:
+                    self._on_monitor()
             self._take_inputs()
-            self._handle_events()
+            self._send_outgoing()
+            replace = self._handle_events()
             if self._settlements:  # acks made while handing over (this thread: no wake)
                 session.settle_all(self._settlements)
-            self._unsent.extend(session.outgoing(time.monotonic()))
-            if self._unsent:
-                self._send_unsent()
-            if self._handle_events():  # the transport must be replaced
+                self._send_outgoing()
+            if replace or self._handle_events():  # the transport must be replaced
                 self._close_socket()
                 self._open_socket()
                 poller = self._poller()
                 session.connection_made(time.monotonic())
             if session.finished:
                 return
+
+    def _send_outgoing(self) -> None:
+        self._unsent.extend(self.session.outgoing(time.monotonic()))
+        if self._unsent:
+            self._send_unsent()
 
     def _take_inputs(self) -> None:
         session = self.session
@@ -379,6 +390,8 @@ class Connection(threading.Thread):
             while dealer.getsockopt(_RCVMORE):
                 frames.append(dealer.recv())
             receive(frames, now)
+            if not cast("int", dealer.getsockopt(_EVENTS)) & _POLLIN:
+                break  # cheaper than the zmq.Again a last recv would raise
 
     # -- events -----------------------------------------------------------------------------
 

@@ -69,13 +69,13 @@ from dataclasses import dataclass
 from typing import Final
 
 from broker import protocol as P
-from broker.errors import Code, WireError
+from broker.codec import decode_sids, decode_stamp, encode_sids
+from broker.errors import Code, ProtocolViolation, WireError
 from broker.wire import (
     CLOSING_ECHO,
     Ack,
     Bye,
     Confirm,
-    Deliver,
     Dlq,
     DlqOk,
     Error,
@@ -122,7 +122,7 @@ log = logging.getLogger("plexus.client")
 Settle = Callable[[int, str | None, bool], None]
 """(seq, None, _) acknowledges delivery seq; (seq, error, requeue) nacks (or rejects)."""
 
-_REPLY_SIDS: Final = (P.REPLY_SID,)
+_REPLY_SIDS_RAW: Final = encode_sids((P.REPLY_SID,))
 _PING: Final = Ping().frames()
 _BYE: Final = Bye().frames()
 _CALL_ANSWERS: Final = {P.STATSOK: P.STATS, P.DLQOK: P.DLQ}
@@ -598,13 +598,19 @@ class ClientSession:
             sent.discard(sid)
 
     def _on_deliver(self, frames: list[bytes]) -> None:
+        """Each [sids, stamp, header, payload] group straight from the frames (no
+        `Deliver` record per message: this is the hot path of every delivery and reply)."""
+        count = len(frames) - 1
+        if count <= 0 or count % 4:
+            raise ProtocolViolation(Code.BAD_FRAME_COUNT, "DELIVER takes groups of 4 frames")
         subs, resumed, events, settle = self._subs, self._resumed, self._events, self._settle
-        for item in Deliver.decode(frames).items:
-            envelope = envelope_of(item.stamp, item.header, item.payload)
-            sids = item.sids
-            if sids == _REPLY_SIDS:
+        for i in range(1, count, 4):
+            sids_raw = frames[i]
+            envelope = envelope_of(decode_stamp(frames[i + 1]), frames[i + 2], frames[i + 3])
+            if sids_raw == _REPLY_SIDS_RAW:
                 self._on_reply(Message(envelope, P.REPLY_SID))
                 continue
+            sids = decode_sids(sids_raw)
             live = [sid for sid in sids if sid in subs]
             held = [sid for sid in sids if sid in resumed] if resumed else []
             if not live and not held:  # unsubscribed meanwhile: nothing will consume it

@@ -48,6 +48,31 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _reads_config_document() -> bool:
+    """Whether this tree's broker takes its settings on PLEXUS_CONFIG_FD (newer trees) or
+    as flags (the tree of 6c93e1d, which the benchmark also runs for comparison)."""
+    main = Path(__file__).resolve().parent.parent / "broker" / "__main__.py"
+    return "config_from_environment" in main.read_text()
+
+
+def _broker_flags() -> list[str]:
+    if _reads_config_document():
+        return []
+    # the flood outruns the subscriber for a while: no queue-full dead letters
+    return ["--queue-max", "1000000", "--queue-max-bytes", str(2**30)]
+
+
+def _broker_document() -> bytes | None:
+    """Persistence off (the older broker's default), queues above the flood."""
+    if not _reads_config_document():
+        return None
+    from broker.config import PlatformConfig  # absent in older trees
+    from broker.delivery import DeliveryConfig
+
+    delivery = DeliveryConfig(queue_max=1_000_000, queue_max_bytes=2**30)
+    return PlatformConfig(persistence=False, delivery=delivery).to_document()
+
+
 def subscriber(endpoint: str, token: str, count: int) -> None:
     """Child process: count flood messages, serve echo requests, print one JSON line."""
     bus = Bus.connect(endpoint, "bench-sub", token, session="bench-sub")
@@ -84,24 +109,11 @@ def one_run(messages: int, calls: int) -> dict[str, float]:
         paths.prepare()
         creds = CredentialStore(paths.creds_dir)
         creds.ensure()
-        broker = procutil.spawn_bounded(
-            [
-                sys.executable,
-                "-m",
-                "broker",
-                "--home",
-                str(root / "home"),
-                "--apps",
-                str(root / "apps"),
-                # the flood outruns the subscriber for a while: no queue-full dead letters
-                "--queue-max",
-                "1000000",
-                "--queue-max-bytes",
-                str(2**30),
-            ],
-            600,
-            root / "broker.log",
-        )
+        argv = [sys.executable, "-m", "broker", "--home", str(root / "home")]
+        argv += ["--apps", str(root / "apps"), *_broker_flags()]
+        document = _broker_document()  # the older procutil takes no document argument
+        extra = (document,) if document is not None else ()
+        broker = procutil.spawn_bounded(argv, 600, root / "broker.log", *extra)
         sock = Path(paths.bus_endpoint().removeprefix("ipc://"))
         deadline = time.monotonic() + 15
         while not sock.exists():
