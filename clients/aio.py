@@ -40,14 +40,19 @@ from zmq.utils.monitor import parse_monitor_message
 from broker.wire import Dlq, DlqOp, Stats
 from clients.aio_store import AsyncStoreClient
 from clients.aio_subscription import AsyncHandler, AsyncSubscription
-from clients.bus import _required_env, credential_from_environment
-from clients.connection import ConnectSettings, auth_refused, open_dealer
+from clients.connection import ConnectSettings, auth_refused, open_dealer, send_in_order
+from clients.driving import (
+    connect_settings,
+    no_answer,
+    no_reply,
+    no_welcome,
+    still_unconfirmed,
+    window_full,
+)
 from clients.errors import (
-    BrokerUnavailable,
     BusError,
     ClosedError,
     RequestTimeout,
-    WouldBlock,
 )
 from clients.events import (
     Answered,
@@ -161,13 +166,7 @@ class AsyncBus:
     ) -> AsyncBus:
         """Connect and say HELLO; arguments default to the PLEXUS_* environment (as
         `Bus.connect`)."""
-        settings = ConnectSettings(
-            endpoint=endpoint or _required_env("PLEXUS_ENDPOINT"),
-            app_id=app_id or _required_env("PLEXUS_APP_ID"),
-            token=token or credential_from_environment(),
-            heartbeat_ms=heartbeat_ms,
-            session=session,
-        )
+        settings = connect_settings(endpoint, app_id, token, heartbeat_ms, session)
         bus = cls(settings, context)
         bus._open_socket()
         bus._pump()
@@ -175,10 +174,7 @@ class AsyncBus:
             await asyncio.wait_for(asyncio.shield(bus._welcomed), timeout)
         except TimeoutError:
             await bus._shutdown()
-            raise BrokerUnavailable(
-                f"no WELCOME from {settings.endpoint} within {timeout:g}s",
-                hint="check `plexus status`; is the platform running with this --home?",
-            ) from None
+            raise no_welcome(settings.endpoint, timeout) from None
         if bus.failure is not None:
             await bus._shutdown()
             raise bus.failure
@@ -229,10 +225,8 @@ class AsyncBus:
             topic, data, correlation_id, traceparent, sensitive, to
         )
         if self._session.window_free <= 0:
-            raise WouldBlock(
-                f"{self._session.unconfirmed} publishes await confirmation"
-                f" (window {self.settings.outbox_limit})",
-                hint="retry later, or await publish(), which waits for room",
+            raise window_full(
+                self._session.unconfirmed, self.settings.outbox_limit, "await publish()"
             )
         self._publish(msg_id, header, payload, False)
         return msg_id.hex()
@@ -259,10 +253,7 @@ class AsyncBus:
                     raise TimeoutError
                 await self._changed.wait(left)
             except TimeoutError:
-                raise RequestTimeout(
-                    f"{self._session.unconfirmed} publishes still unconfirmed after {timeout:g}s",
-                    hint="check `plexus status`: is the broker (and persistence) running?",
-                ) from None
+                raise still_unconfirmed(self._session.unconfirmed, timeout) from None
             self._check_open()
 
     @property
@@ -348,10 +339,7 @@ class AsyncBus:
         try:
             message = await future  # the session fails it at its deadline
         except RequestTimeout:
-            raise RequestTimeout(
-                f"no reply to {topic} within {timeout:g}s",
-                hint="the responder may be slow or stuck; raise the timeout or check it",
-            ) from None
+            raise no_reply(topic, timeout) from None
         except asyncio.CancelledError:
             self._session.cancel(future)
             raise
@@ -470,10 +458,7 @@ class AsyncBus:
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
-            raise BrokerUnavailable(
-                f"no answer for {what} within {timeout:g}s",
-                hint="the broker may be down or overloaded; check `plexus status`",
-            ) from None
+            raise no_answer(what, timeout) from None
 
     def _settle(self, seq: int, error: str | None, requeue: bool) -> None:
         """A Receipt's ack/nack (from the loop, or any thread)."""
@@ -593,19 +578,8 @@ class AsyncBus:
         self._timer = self._loop.call_later(max(0.0, delay), self._pump)
 
     def _send_unsent(self) -> None:
-        raw = self._raw
-        assert raw is not None
-        unsent = self._unsent
-        while unsent:
-            frames = unsent[0]
-            last = len(frames) - 1
-            try:
-                raw.send(frames[0], (_SNDMORE if last else 0) | _NOBLOCK)
-            except zmq.Again:
-                return
-            for index in range(1, last + 1):
-                raw.send(frames[index], _SNDMORE if index < last else 0)
-            unsent.popleft()
+        assert self._raw is not None
+        send_in_order(self._raw, self._unsent)
 
     def _handle_events(self) -> bool:  # noqa: PLR0912 - one branch per event kind
         """Act on the session's events; True when the transport must be replaced."""

@@ -17,7 +17,6 @@ offers the same calls as coroutines.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -29,7 +28,14 @@ from types import TracebackType
 from typing import Any
 
 from broker.wire import Dlq, DlqOp, Stats
-from clients.connection import Connection, ConnectSettings, read_credential_fd
+from clients.connection import Connection, ConnectSettings
+from clients.driving import (
+    connect_settings,
+    no_answer,
+    no_reply,
+    no_welcome,
+    still_unconfirmed,
+)
 from clients.errors import (
     AuthenticationError,
     BrokerUnavailable,
@@ -74,45 +80,6 @@ __all__ = [
 
 log = logging.getLogger("plexus.client")
 
-_token_from_fd: dict[int, str] = {}
-_token_lock = threading.Lock()
-
-
-def credential_from_environment() -> str:
-    token = os.environ.get("PLEXUS_TOKEN")
-    if token:
-        return token
-    fd_text = os.environ.get("PLEXUS_CREDENTIAL_FD")
-    if not fd_text:
-        raise AuthenticationError(
-            "no credential: neither PLEXUS_CREDENTIAL_FD nor PLEXUS_TOKEN is set",
-            hint="launch the app through `plexus run`, or `eval $(plexus env APP_ID)` first",
-        )
-    try:
-        fd = int(fd_text)
-    except ValueError:
-        raise AuthenticationError(f"PLEXUS_CREDENTIAL_FD={fd_text!r} is not a number") from None
-    with _token_lock:  # the pipe can be read once per process; later Bus objects reuse it
-        if fd not in _token_from_fd:
-            try:
-                _token_from_fd[fd] = read_credential_fd(fd)
-            except OSError as exc:
-                raise AuthenticationError(
-                    f"cannot read credential fd {fd}: {exc.strerror}",
-                    hint="the supervisor hands it over at launch; run the app via `plexus run`",
-                ) from None
-        return _token_from_fd[fd]
-
-
-def _required_env(name: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        raise BrokerUnavailable(
-            f"{name} is not set", hint="launch the app through `plexus run` or `plexus env APP_ID`"
-        )
-    return value
-
-
 _WATCHDOG_S = 2.0
 """How much longer than its timeout a caller waits for the I/O thread to expire a call."""
 
@@ -150,21 +117,12 @@ class Bus:
         from a new process, within the grace period) resumes its subscriptions and gets
         what was queued meanwhile. Two live connections must use different names.
         """
-        settings = ConnectSettings(
-            endpoint=endpoint or _required_env("PLEXUS_ENDPOINT"),
-            app_id=app_id or _required_env("PLEXUS_APP_ID"),
-            token=token or credential_from_environment(),
-            heartbeat_ms=heartbeat_ms,
-            session=session,
-        )
+        settings = connect_settings(endpoint, app_id, token, heartbeat_ms, session)
         bus = cls(settings)
         bus._io.start()
         if not bus._io.welcomed.wait(timeout):
             bus._io.stop(0.1)
-            raise BrokerUnavailable(
-                f"no WELCOME from {settings.endpoint} within {timeout:g}s",
-                hint="check `plexus status`; is the platform running with this --home?",
-            )
+            raise no_welcome(settings.endpoint, timeout)
         if bus._io.failure is not None:
             bus._io.stop(0.1)
             raise bus._io.failure
@@ -230,10 +188,7 @@ class Bus:
         """
         self._check_open()
         if not self._io.wait_confirmed(timeout):
-            raise RequestTimeout(
-                f"{self._io.unconfirmed} publishes still unconfirmed after {timeout:g}s",
-                hint="check `plexus status`: is the broker (and persistence) running?",
-            )
+            raise still_unconfirmed(self._io.unconfirmed, timeout)
 
     @property
     def unconfirmed(self) -> int:
@@ -311,15 +266,9 @@ class Bus:
             message = future.result(timeout + _WATCHDOG_S)
         except FutureTimeout:
             self._io.cancel(future)
-            raise RequestTimeout(
-                f"no reply to {topic} within {timeout:g}s",
-                hint="the responder may be slow or stuck; raise the timeout or check it",
-            ) from None
+            raise no_reply(topic, timeout) from None
         except RequestTimeout:
-            raise RequestTimeout(
-                f"no reply to {topic} within {timeout:g}s",
-                hint="the responder may be slow or stuck; raise the timeout or check it",
-            ) from None
+            raise no_reply(topic, timeout) from None
         return checked_reply(message)
 
     def _answer(self, request: Message, result: Any, error: str | None) -> None:
@@ -404,10 +353,7 @@ class Bus:
             answer: dict[str, Any] = future.result(timeout + _WATCHDOG_S)
         except FutureTimeout:
             self._io.cancel(future)
-            raise BrokerUnavailable(
-                f"no answer for {what} within {timeout:g}s",
-                hint="the broker may be down or overloaded; check `plexus status`",
-            ) from None
+            raise no_answer(what, timeout) from None
         return answer
 
     @property
@@ -450,10 +396,7 @@ class Bus:
         try:
             return future.result(timeout)
         except FutureTimeout:
-            raise BrokerUnavailable(
-                f"no answer for {what} within {timeout:g}s",
-                hint="the broker may be down or overloaded; check `plexus status`",
-            ) from None
+            raise no_answer(what, timeout) from None
 
     def _dispatch(self, sub: Subscription, message: Message) -> None:
         self._dispatch_queue.put((sub, message))

@@ -13,8 +13,6 @@ by Confirmed and PublishRefused events.
 from __future__ import annotations
 
 import logging
-import os
-import select
 import threading
 import time
 from collections import deque
@@ -48,6 +46,7 @@ from clients.events import (
 from clients.message import Message, Subscription
 from clients.session import ClientSession, SessionConfig, State
 from clients.wakeup import Wakeup
+from security.handoff import read_handoff
 
 log = logging.getLogger("plexus.client")
 
@@ -347,20 +346,8 @@ class Connection(threading.Thread):
             session.settle_all(self._settlements)
 
     def _send_unsent(self) -> None:
-        """Send queued multipart messages in order until done or the socket is full."""
-        dealer = self._dealer
-        assert dealer is not None
-        unsent = self._unsent
-        while unsent:
-            frames = unsent[0]
-            last = len(frames) - 1
-            try:
-                dealer.send(frames[0], (_SNDMORE if last else 0) | _NOBLOCK)
-            except zmq.Again:
-                return
-            for index in range(1, last + 1):
-                dealer.send(frames[index], _SNDMORE if index < last else 0)
-            unsent.popleft()
+        assert self._dealer is not None
+        send_in_order(self._dealer, self._unsent)
 
     def _on_monitor(self) -> None:
         monitor = self._monitor
@@ -487,17 +474,22 @@ def _reject(token: object, error: BaseException) -> None:
 
 def read_credential_fd(fd: int) -> str:
     """Read the whole credential the supervisor wrote into an inherited pipe, then close it."""
-    chunks: list[bytes] = []
-    while True:
-        ready, _, _ = select.select([fd], [], [], 5.0)
-        if not ready:
-            break
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(fd)
-    return b"".join(chunks).decode("utf-8").strip()
+    return read_handoff(fd).decode("utf-8").strip()
+
+
+def send_in_order(sock: zmq.Socket[Any], unsent: deque[list[bytes]]) -> None:
+    """Send queued multipart messages in order until done or the socket is full (both
+    drivers: the frames of one message go out whole or not at all)."""
+    while unsent:
+        frames = unsent[0]
+        last = len(frames) - 1
+        try:
+            sock.send(frames[0], (_SNDMORE if last else 0) | _NOBLOCK)
+        except zmq.Again:
+            return
+        for index in range(1, last + 1):
+            sock.send(frames[index], _SNDMORE if index < last else 0)
+        unsent.popleft()
 
 
 __all__ = ["ConnectSettings", "Connection", "State", "read_credential_fd"]
