@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) -m perf.bench_routing $(ARGS)
 	$(PY) -m perf.bench_supervisor
 	$(PY) -m perf.bench_persistence $(if $(findstring --quick,$(ARGS)),--quick)
+	$(PY) -m perf.bench_client $(if $(findstring --quick,$(ARGS)),--repeat 1 --messages 1000 --calls 3000)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
