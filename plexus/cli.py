@@ -22,11 +22,19 @@ from clients.bus import (
     BusError,
 )
 from plexus import exits
-from plexus.common import fail, home_option, message_record, operator_bus, running_state
+from plexus.common import (
+    fail,
+    home_option,
+    message_record,
+    operator_bus,
+    running_state,
+    stale_message,
+)
 from plexus.status import collect_status, render_status
 from plexus.store_commands import history, keys, replay
 from security.credentials import CredentialStore
 from supervisor.config import ConfigError, load_config
+from supervisor.platform_state import platform_alive
 from supervisor.supervisor import CONTROL_TOPIC, PlatformRunning, Supervisor
 
 DEMO_APPS = Path(__file__).resolve().parent.parent / "examples" / "apps"
@@ -103,6 +111,10 @@ def status(home: Path | None, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps({"running": False, "home": str(paths.home)}))
         fail(f"no platform is running with home {paths.home}", exits.NOT_RUNNING)
+    if not platform_alive(state):
+        if as_json:
+            click.echo(json.dumps({"running": False, "stale": True, "home": str(paths.home)}))
+        fail(stale_message(paths), exits.NOT_RUNNING)
     with operator_bus(home) as bus:
         report = collect_status(state, bus.broker_stats())
     click.echo(json.dumps(report, indent=2) if as_json else render_status(report))

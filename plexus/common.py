@@ -26,6 +26,7 @@ from clients.bus import (
 from clients.errors import StorageError
 from plexus import exits
 from security.credentials import CredentialStore
+from supervisor.platform_state import platform_alive
 
 home_option = click.option(
     "--home",
@@ -62,7 +63,16 @@ def running_state(paths: PlatformPaths) -> dict[str, Any]:
             f"no platform is running with home {paths.home}; start one with `plexus run`",
             exits.NOT_RUNNING,
         )
+    if not platform_alive(state):
+        fail(stale_message(paths), exits.NOT_RUNNING)
     return state
+
+
+def stale_message(paths: PlatformPaths) -> str:
+    return (
+        f"not running; the last run ended without cleaning up (home {paths.home}); "
+        "`plexus run` removes the stale state and starts it"
+    )
 
 
 @contextmanager

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from broker import protocol as P
 from broker.config import CONFIG_FD_VARIABLE
 from broker.logs import event
@@ -37,6 +35,7 @@ from supervisor.config import PlatformConfig
 from supervisor.launch import app_argv, app_environment, credential_pipe
 from supervisor.lifecycle import Action, Input, Lifecycle, RestartPolicy, State
 from supervisor.monitor import Usage, check_limits, kill_leftovers, process_table
+from supervisor.platform_state import platform_alive, recorded_pid
 from supervisor.spawner import Child, Spawner
 
 log = logging.getLogger("plexus.supervisor")
@@ -411,12 +410,18 @@ class Supervisor:
 
     def _refuse_second_platform(self) -> None:
         state = self.paths.read_state()
-        pid = state.get("pid") if state else None
-        if isinstance(pid, int) and pid != os.getpid() and psutil.pid_exists(pid):
+        if state is None:
+            self.paths.state_file.unlink(missing_ok=True)  # unreadable: nothing runs from it
+            return
+        pid = recorded_pid(state)
+        if pid != os.getpid() and platform_alive(state):
             raise PlatformRunning(
                 f"a platform (pid {pid}) already runs with home {self.paths.home}; "
                 "stop it or pass another --home"
             )
+        if pid != os.getpid():
+            event(log, "stale-state-removed", logging.WARNING, pid=pid)
+            self.paths.state_file.unlink(missing_ok=True)
 
     def _poll_service(self, service: PlatformService, now: float) -> None:
         """A platform service's exit and timers, through its life cycle (restart with
