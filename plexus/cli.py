@@ -7,7 +7,9 @@ Errors go to stderr as one line saying what to do, with exit codes from `plexus.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 from types import FrameType
@@ -40,7 +42,22 @@ from supervisor.supervisor import CONTROL_TOPIC, PlatformRunning, Supervisor
 DEMO_APPS = Path(__file__).resolve().parent.parent / "examples" / "apps"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Plexus(click.Group):
+    """Ctrl-C exits 130 and a closed stdout exits 141 quietly, in every command."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            sys.exit(exits.INTERRUPTED)
+        except BrokenPipeError:
+            # the reader went away (`| head`): no traceback, no flush error at exit
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(exits.CLOSED_PIPE)
+
+
+@click.group(cls=_Plexus, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Plexus: a desktop interoperability platform (message bus, supervisor, storage, audit)."""
 
@@ -199,7 +216,7 @@ def subscribe(
                         f"{json.dumps(record['data'], default=str)}"
                     )
         except KeyboardInterrupt:
-            return
+            sys.exit(exits.INTERRUPTED)  # after the messages printed so far
     if count is not None and received < count:
         fail(f"got {received} of {count} messages before the timeout", exits.TIMEOUT)
 
@@ -259,7 +276,8 @@ def _apps_request(home: Path | None, op: str, app: str | None = None) -> dict[st
         reply = bus.request(CONTROL_TOPIC, {"op": op, "app": app}, timeout=15.0)
     answer: dict[str, Any] = reply.data if isinstance(reply.data, dict) else {}
     if not answer.get("ok"):
-        fail(str(answer.get("error", "the supervisor refused")), exits.BAD_INPUT)
+        code = exits.AUTH if answer.get("unknown_app") else exits.BAD_INPUT
+        fail(str(answer.get("error", "the supervisor refused")), code)
     return answer
 
 

@@ -385,7 +385,8 @@ class Supervisor:
             return {"ok": True, "apps": {a: r.as_dict(now, wall) for a, r in self.apps.items()}}
         record = self.apps.get(app) if isinstance(app, str) else None
         if record is None:
-            return {"ok": False, "error": f"no app {app!r}; see `plexus apps list`"}
+            error = f"no app {app!r}; see `plexus apps list`"
+            return {"ok": False, "error": error, "unknown_app": True}
         if record.manifest.external:
             return {"ok": False, "error": f"{app} is external: start it yourself"}
         if op == "stop":

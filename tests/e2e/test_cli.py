@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from broker.paths import PlatformPaths
 from supervisor.config import load_config
 from supervisor.platform_state import platform_alive
 from supervisor.supervisor import Supervisor
-from tests.conftest import plexus_cli
+from tests.conftest import (
+    REPO,
+    operator_on,
+    plexus_cli,
+    running_platform,
+    stop_process,
+    wait_for,
+    write_manifest,
+)
 
 
 def _dead_pid() -> int:
@@ -60,8 +73,6 @@ def test_stale_state_after_kill_answers_at_once() -> None:
 
 
 def test_live_pid_is_a_running_platform_and_reused_pid_is_not() -> None:
-    import os
-
     assert platform_alive({"pid": os.getpid(), "started_at": time.time()})
     assert not platform_alive({"pid": os.getpid(), "started_at": time.time() - 3600 * 24 * 365})
     assert not platform_alive({"pid": _dead_pid()})
@@ -74,3 +85,80 @@ def test_run_removes_stale_state_at_start() -> None:
         supervisor = Supervisor(paths, Path(home) / "apps", load_config(None, persistence=False))
         supervisor._refuse_second_platform()
         assert not paths.state_file.exists()
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="px-cli-", dir="/tmp") as name:
+        home, apps = Path(name) / "home", Path(name) / "apps"
+        apps.mkdir()
+        write_manifest(apps, "outsider", '[permissions]\npublish = ["cli.>"]\n')
+        with running_platform(home, apps):
+            yield home
+
+
+def test_unknown_app_is_exit_5_in_every_command(live: Path) -> None:
+    for args in (
+        ("apps", "stop", "nosuch"),
+        ("apps", "start", "nosuch"),
+        ("apps", "restart", "nosuch"),
+        ("env", "nosuch"),
+    ):
+        result = plexus_cli(*args, "--home", str(live))
+        assert result.returncode == 5, (args, result)
+        assert "nosuch" in result.stderr
+
+
+def _plexus(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "plexus", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _subscriptions(home: Path) -> int:
+    result = plexus_cli("status", "--home", str(home), "--json")
+    count: int = json.loads(result.stdout)["subscriptions"]
+    return count
+
+
+def test_ctrl_c_during_subscribe_exits_130_after_what_it_printed(live: Path) -> None:
+    before = _subscriptions(live)
+    sub = _plexus("subscribe", "--home", str(live), "cli.sigint.>", "--json")
+    try:
+        wait_for(lambda: _subscriptions(live) > before, 10)
+        with operator_on(live) as bus:
+            bus.publish("cli.sigint.a", {"n": 1}, confirm=True)
+            bus.publish("cli.sigint.a", {"n": 2}, confirm=True)
+        assert sub.stdout is not None
+        lines = [sub.stdout.readline(), sub.stdout.readline()]
+        sub.send_signal(signal.SIGINT)
+        rest, stderr = sub.communicate(timeout=10)
+    finally:
+        stop_process(sub)
+    assert sub.returncode == 130, stderr
+    assert [json.loads(line)["data"] for line in lines] == [{"n": 1}, {"n": 2}]
+    assert rest == "" and "Traceback" not in stderr
+
+
+def test_closed_pipe_during_replay_exits_quietly(live: Path) -> None:
+    since = time.time() - 1
+    with operator_on(live) as bus:
+        for n in range(3000):
+            bus.publish("cli.pipe.x", {"n": n, "pad": "x" * 100})
+        bus.publish("cli.pipe.x", {"n": "last"}, confirm=True)
+    replay = _plexus("replay", "--home", str(live), "cli.pipe.>", "--since", str(since), "--json")
+    assert replay.stdout is not None and replay.stderr is not None
+    first = replay.stdout.readline()
+    replay.stdout.close()
+    try:
+        replay.wait(20)
+        stderr = replay.stderr.read()
+    finally:
+        stop_process(replay)
+    assert json.loads(first)["topic"] == "cli.pipe.x"
+    assert replay.returncode in (0, 141), stderr
+    assert stderr == ""
