@@ -22,6 +22,7 @@ from clients.bus import (
     Message,
     PermissionDenied,
     ProtocolError,
+    RequestTimeout,
 )
 from clients.errors import StorageError
 from plexus import exits
@@ -52,6 +53,8 @@ def exit_code(error: BusError) -> int:
         return exits.BAD_INPUT
     if isinstance(error, StorageError):
         return exits.STORAGE
+    if isinstance(error, RequestTimeout):
+        return exits.TIMEOUT
     return exits.FAILURE
 
 

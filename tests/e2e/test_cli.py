@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from broker.paths import PlatformPaths
+from clients.bus import Bus
+from security.credentials import CredentialStore
 from supervisor.config import load_config
 from supervisor.platform_state import platform_alive
 from supervisor.supervisor import Supervisor
@@ -92,7 +94,9 @@ def live() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="px-cli-", dir="/tmp") as name:
         home, apps = Path(name) / "home", Path(name) / "apps"
         apps.mkdir()
-        write_manifest(apps, "outsider", '[permissions]\npublish = ["cli.>"]\n')
+        write_manifest(
+            apps, "outsider", '[permissions]\npublish = ["cli.>"]\nsubscribe = ["cli.>"]\n'
+        )
         with running_platform(home, apps):
             yield home
 
@@ -162,3 +166,71 @@ def test_closed_pipe_during_replay_exits_quietly(live: Path) -> None:
     assert json.loads(first)["topic"] == "cli.pipe.x"
     assert replay.returncode in (0, 141), stderr
     assert stderr == ""
+
+
+def test_version() -> None:
+    result = plexus_cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("plexus ")
+
+
+def test_publish_from_stdin_or_file_sensitive_and_to(live: Path, tmp_path: Path) -> None:
+    home = str(live)
+    paths = PlatformPaths.resolve(live)
+    token = CredentialStore(paths.creds_dir).mint("outsider")
+    with Bus.connect(paths.bus_endpoint(), "outsider", token) as app:
+        sub = app.subscribe("cli.to.>")
+        wait_for(lambda: _subscriptions(live) > 0, 10)
+        piped = plexus_cli(
+            "publish", "--home", home, "cli.to.a", "-", input_text='{"via": "stdin"}'
+        )
+        assert piped.returncode == 0, piped.stderr
+        body = tmp_path / "body.json"
+        body.write_text('{"via": "file"}', encoding="utf-8")
+        from_file = plexus_cli("publish", "--home", home, "cli.to.b", "--file", str(body))
+        assert from_file.returncode == 0, from_file.stderr
+        secret = plexus_cli(
+            "publish",
+            "--home",
+            home,
+            "cli.to.c",
+            '{"via": "to"}',
+            "--sensitive",
+            "--to",
+            "outsider",
+        )
+        assert secret.returncode == 0, secret.stderr
+        got = [sub.get(5) for _ in range(3)]
+    assert [m.data if m else None for m in got] == [
+        {"via": "stdin"},
+        {"via": "file"},
+        {"via": "to"},
+    ]
+    nan = plexus_cli("publish", "--home", home, "cli.to.a", "NaN")
+    assert nan.returncode == 6 and "JSON" in nan.stderr
+    neither = plexus_cli("publish", "--home", home, "cli.to.a")
+    assert neither.returncode == 2
+
+
+def test_request_prints_the_reply(live: Path) -> None:
+    home = str(live)
+    listed = plexus_cli("request", "--home", home, "$sys.supervisor.apps", '{"op": "list"}')
+    assert listed.returncode == 0, listed.stderr
+    assert "outsider" in json.loads(listed.stdout)["apps"]
+    as_json = plexus_cli(
+        "request", "--home", home, "$sys.supervisor.apps", '{"op": "list"}', "--json"
+    )
+    assert as_json.returncode == 0 and "outsider" in json.loads(as_json.stdout)["data"]["apps"]
+    nobody = plexus_cli("request", "--home", home, "cli.nobody", "1", "--timeout", "1")
+    assert nobody.returncode != 0 and nobody.stderr.startswith("plexus: error:")
+
+
+def test_stop_stops_the_platform_cleanly(tmp_path: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="px-stop-", dir="/tmp") as name:
+        home, apps = Path(name) / "home", Path(name) / "apps"
+        apps.mkdir()
+        with running_platform(home, apps) as process:
+            stopped = plexus_cli("stop", "--home", str(home))
+            assert stopped.returncode == 0, stopped.stderr
+            assert process.wait(5) == 0
+            assert not PlatformPaths.resolve(home).state_file.exists()
+        assert plexus_cli("stop", "--home", str(home)).returncode == 3
