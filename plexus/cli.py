@@ -7,32 +7,57 @@ Errors go to stderr as one line saying what to do, with exit codes from `plexus.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
 from broker.logs import configure
 from broker.manifests import ManifestError, load_manifests
 from broker.paths import PlatformPaths
-from clients.bus import (
-    BusError,
-)
+from clients.bus import BusError
 from plexus import exits
-from plexus.common import fail, home_option, message_record, operator_bus, running_state
+from plexus.common import (
+    exit_code,
+    fail,
+    home_option,
+    message_record,
+    operator_bus,
+    running_state,
+    stale_message,
+)
 from plexus.status import collect_status, render_status
 from plexus.store_commands import history, keys, replay
 from security.credentials import CredentialStore
 from supervisor.config import ConfigError, load_config
+from supervisor.platform_state import platform_alive, recorded_pid
 from supervisor.supervisor import CONTROL_TOPIC, PlatformRunning, Supervisor
 
 DEMO_APPS = Path(__file__).resolve().parent.parent / "examples" / "apps"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Plexus(click.Group):
+    """Ctrl-C exits 130 and a closed stdout exits 141 quietly, in every command."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            sys.exit(exits.INTERRUPTED)
+        except BrokenPipeError:
+            # the reader went away (`| head`): no traceback, no flush error at exit
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(exits.CLOSED_PIPE)
+
+
+@click.group(cls=_Plexus, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="plexus", prog_name="plexus", message="%(prog)s %(version)s")
 def main() -> None:
     """Plexus: a desktop interoperability platform (message bus, supervisor, storage, audit)."""
 
@@ -103,6 +128,10 @@ def status(home: Path | None, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps({"running": False, "home": str(paths.home)}))
         fail(f"no platform is running with home {paths.home}", exits.NOT_RUNNING)
+    if not platform_alive(state):
+        if as_json:
+            click.echo(json.dumps({"running": False, "stale": True, "home": str(paths.home)}))
+        fail(stale_message(paths), exits.NOT_RUNNING)
     with operator_bus(home) as bus:
         report = collect_status(state, bus.broker_stats())
     click.echo(json.dumps(report, indent=2) if as_json else render_status(report))
@@ -134,20 +163,108 @@ def env(home: Path | None, app_id: str) -> None:
         click.echo(f"export {name}='{value}'")
 
 
+def _json_value(text: str, what: str) -> Any:
+    """`text` as a JSON value; NaN and Infinity are not JSON and are refused."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except ValueError as exc:
+        fail(f"{what} is not valid JSON ({exc}); quote it, e.g. '{{\"px\": 1}}'", exits.BAD_INPUT)
+
+
+@main.command()
+@home_option
+@click.argument("topic")
+@click.argument("data", required=False)
+@click.option(
+    "--file",
+    "data_file",
+    type=click.File("r", encoding="utf-8"),
+    default=None,
+    help="Read DATA (one JSON value) from this file instead.",
+)
+@click.option("--sensitive", is_flag=True, help="Encrypt the payload at rest in the store.")
+@click.option("--to", "to_app", default=None, help="Deliver only to this app id.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def publish(
+    home: Path | None,
+    topic: str,
+    data: str | None,
+    data_file: TextIO | None,
+    sensitive: bool,
+    to_app: str | None,
+    as_json: bool,
+) -> None:
+    """Publish DATA (a JSON value; `-` reads stdin) on TOPIC as the operator; waits for the
+    broker's confirm."""
+    if (data is None) == (data_file is None):
+        fail("give DATA (a JSON value, or - for stdin) or --file F, not both", exits.USAGE)
+    if data_file is not None:
+        value = _json_value(data_file.read(), f"--file {data_file.name}")
+    elif data == "-":
+        value = _json_value(sys.stdin.read(), "stdin")
+    else:
+        value = _json_value(str(data), "DATA")
+    with operator_bus(home) as bus:
+        msg_id = bus.publish(topic, value, confirm=True, sensitive=sensitive, to=to_app)
+    click.echo(json.dumps({"id": msg_id, "topic": topic}) if as_json else msg_id)
+
+
 @main.command()
 @home_option
 @click.argument("topic")
 @click.argument("data")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def publish(home: Path | None, topic: str, data: str, as_json: bool) -> None:
-    """Publish DATA (a JSON value) on TOPIC as the operator; waits for the broker's confirm."""
-    try:
-        value = json.loads(data)
-    except ValueError as exc:
-        fail(f"DATA is not valid JSON ({exc}); quote it, e.g. '{{\"px\": 1}}'", exits.BAD_INPUT)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for the reply (exit 7 when none came).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the reply as one JSON object.")
+def request(home: Path | None, topic: str, data: str, timeout: float, as_json: bool) -> None:
+    """Send DATA (a JSON value; `-` reads stdin) as a request on TOPIC; print the reply."""
+    value = _json_value(sys.stdin.read() if data == "-" else data, "DATA")
     with operator_bus(home) as bus:
-        msg_id = bus.publish(topic, value, confirm=True)
-    click.echo(json.dumps({"id": msg_id, "topic": topic}) if as_json else msg_id)
+        try:
+            reply = bus.request(topic, value, timeout=timeout)
+        except BusError as exc:
+            fail(str(exc), exit_code(exc))
+    record = message_record(reply)
+    if as_json:
+        click.echo(json.dumps(record, default=str))
+    else:
+        click.echo(json.dumps(record["data"], default=str))
+
+
+@main.command()
+@home_option
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the platform to stop (exit 7 when it has not).",
+)
+def stop(home: Path | None, timeout: float) -> None:
+    """Stop the platform running with this home (as Ctrl-C in its terminal would)."""
+    paths = PlatformPaths.resolve(home)
+    state = running_state(paths)
+    pid = recorded_pid(state)
+    assert pid is not None  # running_state checked it names a live process
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        fail(stale_message(paths), exits.NOT_RUNNING)
+    deadline = time.monotonic() + timeout
+    while platform_alive(state):
+        if time.monotonic() > deadline:
+            fail(f"the platform (pid {pid}) has not stopped after {timeout:g} s", exits.TIMEOUT)
+        time.sleep(0.05)
+    click.echo(f"plexus: platform stopped (pid {pid})", err=True)
 
 
 @main.command()
@@ -187,7 +304,7 @@ def subscribe(
                         f"{json.dumps(record['data'], default=str)}"
                     )
         except KeyboardInterrupt:
-            return
+            sys.exit(exits.INTERRUPTED)  # after the messages printed so far
     if count is not None and received < count:
         fail(f"got {received} of {count} messages before the timeout", exits.TIMEOUT)
 
@@ -247,7 +364,8 @@ def _apps_request(home: Path | None, op: str, app: str | None = None) -> dict[st
         reply = bus.request(CONTROL_TOPIC, {"op": op, "app": app}, timeout=15.0)
     answer: dict[str, Any] = reply.data if isinstance(reply.data, dict) else {}
     if not answer.get("ok"):
-        fail(str(answer.get("error", "the supervisor refused")), exits.BAD_INPUT)
+        code = exits.AUTH if answer.get("unknown_app") else exits.BAD_INPUT
+        fail(str(answer.get("error", "the supervisor refused")), code)
     return answer
 
 

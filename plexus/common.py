@@ -22,10 +22,12 @@ from clients.bus import (
     Message,
     PermissionDenied,
     ProtocolError,
+    RequestTimeout,
 )
 from clients.errors import StorageError
 from plexus import exits
 from security.credentials import CredentialStore
+from supervisor.platform_state import platform_alive
 
 home_option = click.option(
     "--home",
@@ -51,6 +53,8 @@ def exit_code(error: BusError) -> int:
         return exits.BAD_INPUT
     if isinstance(error, StorageError):
         return exits.STORAGE
+    if isinstance(error, RequestTimeout):
+        return exits.TIMEOUT
     return exits.FAILURE
 
 
@@ -62,7 +66,16 @@ def running_state(paths: PlatformPaths) -> dict[str, Any]:
             f"no platform is running with home {paths.home}; start one with `plexus run`",
             exits.NOT_RUNNING,
         )
+    if not platform_alive(state):
+        fail(stale_message(paths), exits.NOT_RUNNING)
     return state
+
+
+def stale_message(paths: PlatformPaths) -> str:
+    return (
+        f"not running; the last run ended without cleaning up (home {paths.home}); "
+        "`plexus run` removes the stale state and starts it"
+    )
 
 
 @contextmanager

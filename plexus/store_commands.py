@@ -115,6 +115,7 @@ def replay(
     if until is not None and until < since:
         fail("--until is before --since; nothing can match", exits.BAD_INPUT)
     progress = _Progress(since, until)
+    interrupted = False
     with operator_bus(home) as bus:
         try:
             for message in bus.replay(pattern, since, until):
@@ -123,8 +124,10 @@ def replay(
         except BusError as exc:
             fail(str(exc), exit_code(exc))
         except KeyboardInterrupt:
-            pass
+            interrupted = True
     progress.finish()
+    if interrupted:
+        sys.exit(exits.INTERRUPTED)  # what was printed is complete; the rest was not sent
 
 
 @click.group()

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from broker import protocol as P
 from broker.config import CONFIG_FD_VARIABLE
 from broker.logs import event
@@ -37,6 +35,7 @@ from supervisor.config import PlatformConfig
 from supervisor.launch import app_argv, app_environment, credential_pipe
 from supervisor.lifecycle import Action, Input, Lifecycle, RestartPolicy, State
 from supervisor.monitor import Usage, check_limits, kill_leftovers, process_table
+from supervisor.platform_state import platform_alive, recorded_pid
 from supervisor.spawner import Child, Spawner
 
 log = logging.getLogger("plexus.supervisor")
@@ -386,7 +385,8 @@ class Supervisor:
             return {"ok": True, "apps": {a: r.as_dict(now, wall) for a, r in self.apps.items()}}
         record = self.apps.get(app) if isinstance(app, str) else None
         if record is None:
-            return {"ok": False, "error": f"no app {app!r}; see `plexus apps list`"}
+            error = f"no app {app!r}; see `plexus apps list`"
+            return {"ok": False, "error": error, "unknown_app": True}
         if record.manifest.external:
             return {"ok": False, "error": f"{app} is external: start it yourself"}
         if op == "stop":
@@ -411,12 +411,18 @@ class Supervisor:
 
     def _refuse_second_platform(self) -> None:
         state = self.paths.read_state()
-        pid = state.get("pid") if state else None
-        if isinstance(pid, int) and pid != os.getpid() and psutil.pid_exists(pid):
+        if state is None:
+            self.paths.state_file.unlink(missing_ok=True)  # unreadable: nothing runs from it
+            return
+        pid = recorded_pid(state)
+        if pid != os.getpid() and platform_alive(state):
             raise PlatformRunning(
                 f"a platform (pid {pid}) already runs with home {self.paths.home}; "
                 "stop it or pass another --home"
             )
+        if pid != os.getpid():
+            event(log, "stale-state-removed", logging.WARNING, pid=pid)
+            self.paths.state_file.unlink(missing_ok=True)
 
     def _poll_service(self, service: PlatformService, now: float) -> None:
         """A platform service's exit and timers, through its life cycle (restart with
