@@ -98,8 +98,18 @@ class DeadLetterQueue:
     def ids(self) -> list[int]:
         return list(self._entries)
 
-    def purge(self) -> int:
-        count = len(self._entries)
-        self._entries.clear()
-        self._bytes = 0
-        return count
+    def purge(self, ids: tuple[int, ...] | None = None) -> list[int]:
+        """Drop the entries `ids` names (unknown ids are skipped), or all when None;
+        returns the ids dropped."""
+        if ids is None:
+            dropped = list(self._entries)
+            self._entries.clear()
+            self._bytes = 0
+            return dropped
+        dropped = []
+        for entry_id in dict.fromkeys(ids):
+            entry = self._entries.pop(entry_id, None)
+            if entry is not None:
+                self._bytes -= entry.delivery.size
+                dropped.append(entry_id)
+        return dropped

@@ -1,4 +1,4 @@
-"""The DLQ command (platform identities only): list, replay one entry, purge them all.
+"""The DLQ command (platform identities only): list, replay one entry, purge chosen ones or all.
 
 A replayed dead letter goes back to its session when that still exists (tracked as
 pending again for a durable subscription), else it is routed by topic afresh. Replays and
@@ -41,10 +41,10 @@ class DeadLetterCommands:
             listing = {"entries": [e.describe() for e in dlq.entries()], "dropped": dlq.dropped}
             return [(peer, DlqOk(command.rid, listing).frames())]
         if command.op == "purge":
-            ids = dlq.ids()
+            ids = dlq.purge(command.ids)
             if ids:
                 core.emit(DlqPurged(ids, actor))
-            return [(peer, DlqOk(command.rid, {"purged": dlq.purge()}).frames())]
+            return [(peer, DlqOk(command.rid, {"purged": len(ids)}).frames())]
         entry = dlq.take(command.entry_id)
         if entry is None:
             raise ProtocolViolation(

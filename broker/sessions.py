@@ -8,7 +8,8 @@ with the same name resumes its subscriptions and everything queued meanwhile. Li
     DETACHED --HELLO, same key-->            ATTACHED   "resumed" (in-flight comes again)
     ATTACHED --HELLO, same key, other conn--> ATTACHED  "taken-over" (old conn told), "resumed"
     ATTACHED --peer gone / silent / HELLO of another session on the conn--> DETACHED "detached"
-    ATTACHED --BYE-->                        CLOSED     "closed" (non-durable subscriptions end)
+    ATTACHED --BYE-->                        CLOSED     "closed" (non-durable subscriptions end,
+                                                        what it held discarded and counted)
     DETACHED --grace period over-->          EXPIRED    "expired" (its queue dead-lettered)
 
 A session with durable subscriptions outlives BYE and its grace period, detached, its
@@ -189,16 +190,27 @@ class Sessions:
 
     def end(self, session: Session, now_ns: int, change: str, why: str) -> None:
         """End a session ("closed" or "expired"): non-durable subscriptions go, and what
-        it held is dead-lettered unless durable subscriptions keep the session."""
+        it held goes too unless durable subscriptions keep the session.
+
+        A clean close (BYE) discards what it held and counts it (`discarded_on_close`):
+        the app chose to leave, nothing failed. An expiry (the grace period over without
+        a resume) dead-letters it as "expired"."""
         core = self._core
+        closing = change == "closed" and not session.durable
+        # a clean close takes everything first, in flight too: not redelivered, not dead
+        discarded = session.mailbox.drain() if closing else []
         self._unhook(session, now_ns)
-        core.emit(SessionChanged(session.app_id, session.name, change, why))
+        reason = f"{why}; {len(discarded)} queued discarded" if discarded else why
+        core.emit(SessionChanged(session.app_id, session.name, change, reason))
         core.subscriptions.end_transient(
             session, "expired" if change == "expired" else "session-ended"
         )
         if session.durable:  # the session lives on for its durable subscriptions, queue kept
             return
         del self.by_key[session.key]
+        if closing:
+            core.stats.discarded_on_close += len(discarded)
+            return
         dead: list[Delivery] = session.mailbox.drain()
         for delivery in dead:
             delivery.last_error = f"session ended ({why})"

@@ -36,6 +36,8 @@ class RouterStats:
     sessions_opened: int = 0
     sessions_resumed: int = 0
     sessions_expired: int = 0
+    discarded_on_close: int = 0
+    """Deliveries a session still held when it closed cleanly (BYE): dropped, not dead."""
     unresponsive: int = 0
     undeliverable: int = 0
     denied: int = 0
@@ -85,6 +87,7 @@ def snapshot(core: Router, now_ns: int, reset: bool = False) -> dict[str, Any]:
         "dlq_size": len(core.dlq),
         "dlq_dropped": core.dlq.dropped,
         "dlq_by_reason": dict(core.dlq.by_reason),
+        "discarded_on_close": stats.discarded_on_close,
         "undeliverable": stats.undeliverable,
         "denied": stats.denied,
         "errors": {str(k): v for k, v in sorted(stats.errors.items())},

@@ -722,17 +722,21 @@ DlqOp = Literal["list", "replay", "purge"]
 
 @dataclass(frozen=True, slots=True)
 class Dlq:
-    """List, replay (`entry_id`) or purge the dead-letter queue."""
+    """List, replay (`entry_id`) or purge the dead-letter queue: purge drops the entries
+    `ids` names (those still there), every entry when `ids` is None (absent on the wire)."""
 
     COMMAND: ClassVar[bytes] = P.DLQ
     op: DlqOp
     entry_id: int = 0
     rid: int = 0
+    ids: tuple[int, ...] | None = None
 
     def frames(self) -> list[bytes]:
         body: dict[str, Any] = {"op": self.op, "rid": self.rid}
         if self.op == "replay":
             body["id"] = self.entry_id
+        if self.op == "purge" and self.ids is not None:
+            body["ids"] = list(self.ids)
         return [P.DLQ, pack(body)]
 
     @classmethod
@@ -741,6 +745,8 @@ class Dlq:
         op = body.get("op")
         if op == "replay":
             return cls("replay", required_int(body, "id", 1, _SEQ_MAX), _rid(body))
+        if op == "purge" and "ids" in body:
+            return cls("purge", 0, _rid(body), _int_list(body, "ids", "DLQ"))
         if op in ("list", "purge"):
             return cls(op, 0, _rid(body))
         raise ProtocolViolation(Code.BAD_HEADER, "DLQ field 'op' must be list, replay or purge")

@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -359,8 +359,10 @@ class AsyncBus:
     async def replay_dead_letter(self, entry_id: int, timeout: float = 5.0) -> dict[str, Any]:
         return await self._dlq("replay", entry_id, timeout)
 
-    async def purge_dead_letters(self, timeout: float = 5.0) -> dict[str, Any]:
-        return await self._dlq("purge", 0, timeout)
+    async def purge_dead_letters(
+        self, timeout: float = 5.0, ids: Sequence[int] | None = None
+    ) -> dict[str, Any]:
+        return await self._call(Dlq("purge", ids=None if ids is None else tuple(ids)), timeout)
 
     async def _dlq(self, op: DlqOp, entry_id: int, timeout: float) -> dict[str, Any]:
         return await self._call(Dlq(op, entry_id), timeout)

@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime
@@ -338,9 +338,11 @@ class Bus:
         """Deliver dead letter `entry_id` again (to its session if it still exists)."""
         return self._dlq("replay", entry_id, timeout)
 
-    def purge_dead_letters(self, timeout: float = 5.0) -> dict[str, Any]:
-        """Drop every dead letter; returns {"purged": n}."""
-        return self._dlq("purge", 0, timeout)
+    def purge_dead_letters(
+        self, timeout: float = 5.0, ids: Sequence[int] | None = None
+    ) -> dict[str, Any]:
+        """Drop the dead letters `ids` names (every one when None); returns {"purged": n}."""
+        return self._call(Dlq("purge", ids=None if ids is None else tuple(ids)), timeout, "DLQ")
 
     def _dlq(self, op: DlqOp, entry_id: int, timeout: float) -> dict[str, Any]:
         return self._call(Dlq(op, entry_id), timeout, "DLQ")

@@ -21,6 +21,7 @@ from broker.logs import configure
 from broker.manifests import ManifestError, load_manifests
 from broker.paths import PlatformPaths
 from clients.bus import BusError
+from plexus import dlq_purge as dlq_purge_flow
 from plexus import exits
 from plexus.common import (
     exit_code,
@@ -346,12 +347,32 @@ def dlq_replay(home: Path | None, entry_id: int) -> None:
 
 @dlq.command("purge")
 @home_option
+@click.option("--app", default=None, help="Only dead letters addressed to this app.")
+@click.option(
+    "--reason", type=click.Choice(dlq_purge_flow.REASONS), default=None, help="Only this reason."
+)
+@click.option(
+    "--older-than",
+    "older_than",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="SECONDS",
+    help="Only dead letters that died at least SECONDS ago.",
+)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (for scripts).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def dlq_purge(home: Path | None, as_json: bool) -> None:
-    """Drop every dead letter."""
-    with operator_bus(home) as bus:
-        answer = bus.purge_dead_letters()
-    click.echo(json.dumps(answer) if as_json else f"purged {answer.get('purged', 0)}")
+def dlq_purge(
+    home: Path | None,
+    app: str | None,
+    reason: str | None,
+    older_than: float | None,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Drop dead letters: every one, or those matching --app, --reason and --older-than.
+
+    Asks for confirmation on a terminal; without one, --yes is required."""
+    dlq_purge_flow.purge(home, yes, app, reason, older_than, as_json)
 
 
 @main.group()

@@ -292,6 +292,6 @@ def test_dlq_commands_list_replay_and_purge(platform: Platform) -> None:
     assert missing.returncode != 0 and "999999" in missing.stderr
     bad = plexus_cli("dlq", "replay", "--home", home, "zero")
     assert bad.returncode == 2
-    purged = plexus_cli("dlq", "purge", "--home", home, "--json")
+    purged = plexus_cli("dlq", "purge", "--home", home, "--json", "--yes")
     assert purged.returncode == 0 and "purged" in json.loads(purged.stdout)
     assert json.loads(plexus_cli("dlq", "list", "--home", home, "--json").stdout)["entries"] == []

@@ -491,6 +491,50 @@ def test_overflow_and_unreachable_peers() -> None:
     assert b.router.stats.undeliverable == 2
 
 
+# -- sessions ending: a clean close discards, an expiry dead-letters ------------------------
+
+
+def test_bye_discards_what_a_session_held_while_grace_expiry_still_dead_letters() -> None:
+    delivery = DeliveryConfig(window=2, retries=0, grace_ms=30_000)
+    b = Broker(consumers=("$audit",), limits=StreamLimits(max_events=10_000), delivery=delivery)
+    b.hello(b"p", "pub")
+    b.hello(b"s", "sub")  # leaves cleanly: 2 in flight (out of attempts) + 3 queued
+    b.send(b"s", "sub", Subscribe(1, "market.>").frames())
+    b.hello(b"g", "sub")  # vanishes: its grace period runs out
+    b.send(b"g", "sub", Subscribe(1, "market.>").frames())
+    for _ in range(5):
+        b.pub(b"p", "pub", "market.a")
+    b.events()
+    b.send(b"s", "sub", [P.BYE])
+    assert len(b.router.dlq) == 0
+    assert b.router.stats.discarded_on_close == 5
+    seen = b.events()
+    [closed] = [c for c in of_type(seen, R.SessionChanged) if c.change == "closed"]
+    assert (closed.session, closed.reason) == ("s", "bye; 5 queued discarded")
+    assert of_type(seen, R.DeadLettered) == [] and of_type(seen, R.RetryScheduled) == []
+    b.hello(b"c", "$cli")
+    [(_, frames)] = b.send(b"c", "$cli", Stats(rid=1).frames())
+    stats = unpack_map(frames[1])
+    assert stats["discarded_on_close"] == 5 and stats["dlq_size"] == 0
+    b.router.drop_peer(b"g", b.mono)
+    b.tick(31 * SECOND)
+    dead = b.router.dlq.entries()
+    assert {(e.reason, e.session) for e in dead} == {("ack-timeout", "g"), ("expired", "g")}
+    assert len(dead) == 5 and b.router.stats.discarded_on_close == 5
+    assert [e.delivery.last_error for e in dead if e.reason == "expired"] == [
+        "session ended (grace period over)"
+    ] * 3
+    # purge by ids drops just those (unknown ids skipped); without ids, every entry
+    first, second, *rest = b.router.dlq.ids()
+    b.hello(b"c", "$cli")  # the operator went silent over the grace period too
+    [(_, frames)] = b.send(b"c", "$cli", Dlq("purge", rid=2, ids=(second, 999, first)).frames())
+    assert unpack_map(frames[1]) == {"purged": 2, "rid": 2}
+    assert b.router.dlq.ids() == rest
+    assert [p.entry_ids for p in of_type(b.events(), R.DlqPurged)] == [[second, first]]
+    [(_, frames)] = b.send(b"c", "$cli", Dlq("purge", rid=3).frames())
+    assert unpack_map(frames[1])["purged"] == 3 and len(b.router.dlq) == 0
+
+
 # -- time -------------------------------------------------------------------------------------
 
 

@@ -118,6 +118,7 @@ RECORDS: dict[type[Any], st.SearchStrategy[Any]] = {
     W.Dlq: st.one_of(
         st.builds(W.Dlq, st.sampled_from(["list", "purge"]), st.just(0), u31),
         st.builds(W.Dlq, st.just("replay"), st.integers(1, 2**63 - 1), u31),
+        st.builds(W.Dlq, st.just("purge"), st.just(0), u31, st.lists(u63, max_size=5).map(tuple)),
     ),
     W.DlqOk: st.builds(
         W.DlqOk, u31, st.dictionaries(st.text(max_size=8).filter(lambda k: k != "rid"), scalars)
