@@ -41,7 +41,7 @@ from supervisor.spawner import Child, Spawner
 
 log = logging.getLogger("plexus.supervisor")
 
-CONTROL_TOPIC = "$sys.supervisor.apps"
+CONTROL_TOPIC = P.SUPERVISOR_CONTROL_TOPIC
 """Requests the supervisor serves: {"op": "list"|"start"|"stop"|"restart", "app": id}."""
 
 
@@ -343,7 +343,7 @@ class Supervisor:
                     record, record.life.handle(Input.KILL, now, reason=breach.describe()), now
                 )
         if self.bus is not None and metrics:
-            self._publish("$sys.metrics.apps", metrics)
+            self._publish(P.METRICS_TOPIC, metrics)
 
     def _take_unresponsive_notices(self, now: float) -> None:
         if self._unresponsive is None:
@@ -510,7 +510,7 @@ class Supervisor:
         body = {"app": record.app_id, "event": kind, "at": self.wall_clock(), **fields}
         level = logging.INFO if kind in ("launch", "exit", "restart-scheduled") else logging.WARNING
         event(log, f"app-{kind}", level, **{k: v for k, v in body.items() if k != "event"})
-        self._publish(f"$sys.audit.apps.{kind}", body)
+        self._publish(f"{P.LIFECYCLE_TOPIC_PREFIX}{kind}", body)
 
     def _publish(self, topic: str, data: Any) -> None:
         if self.bus is None:
