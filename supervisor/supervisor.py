@@ -217,7 +217,7 @@ class Supervisor:
         running = [r for r in self.apps.values() if r.child and r.child.poll() is None]
         for record in running:
             record.wanted = False
-            self._act(record, record.life.handle(Input.STOP, now), now)
+            self._act(record, record.life.handle(Input.STOP, now, reason="platform stop"), now)
         for record in running:
             assert record.child is not None
             status = self.spawner.stop(record.child, self.config.stop_grace_s)
@@ -391,7 +391,7 @@ class Supervisor:
             return {"ok": False, "error": f"{app} is external: start it yourself"}
         if op == "stop":
             record.wanted = False
-            self._act(record, record.life.handle(Input.STOP, now), now)
+            self._act(record, record.life.handle(Input.STOP, now, reason="operator stop"), now)
         elif op == "start":
             record.wanted = True
             self._act(record, record.life.handle(Input.START, now, reason="operator"), now)

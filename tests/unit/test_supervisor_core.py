@@ -10,7 +10,7 @@ from typing import Any
 from broker.manifests import load_manifests
 from broker.paths import PlatformPaths
 from supervisor.config import PlatformConfig
-from supervisor.lifecycle import Lifecycle, State
+from supervisor.lifecycle import Input, Lifecycle, State
 from supervisor.spawner import Child, Spawner
 from supervisor.supervisor import AppRecord, Supervisor
 
@@ -169,3 +169,36 @@ def test_the_wall_clock_only_stamps(tmp_path: Path) -> None:
     listed = supervisor._command({"op": "list"}, clock.now)["apps"]["app"]
     assert listed["uptime_s"] == 2.0  # measured on the monotonic clock
     assert listed["started_at"] == wall.now - 2.0  # shown in wall time
+
+
+def test_each_exit_carries_its_own_reason(tmp_path: Path) -> None:
+    """A hang kill's reason is that attempt's; a later operator stop logs its own."""
+    supervisor, spawner, clock = make(tmp_path, {"app": ""})
+    announced: list[tuple[str, dict[str, Any]]] = []
+    supervisor._announce = lambda kind, record, **fields: announced.append((kind, fields))  # type: ignore[method-assign]
+    supervisor.poll()
+    clock.now += 1.0
+    supervisor.poll()
+    record = supervisor.apps["app"]
+    reason = "unresponsive: silent for 10002 ms"
+    supervisor._act(record, record.life.handle(Input.KILL, clock.now, reason=reason), clock.now)
+    spawner.processes["app"].status = -15
+    supervisor.poll()
+    assert [f["reason"] for k, f in announced if k == "exit"] == [reason]
+    clock.now = record.life.due_at
+    supervisor.poll()  # restarted
+    clock.now += 1.0
+    supervisor.poll()
+    assert spawner.spawned == ["app", "app"] and state(supervisor, "app") is State.RUNNING
+    assert supervisor._command({"op": "stop", "app": "app"}, clock.now)["ok"]
+    spawner.processes["app"].status = 0
+    supervisor.poll()
+    assert state(supervisor, "app") is State.STOPPED
+    exits = [f["reason"] for k, f in announced if k == "exit"]
+    assert exits == [reason, "operator stop (exit 0)"]
+    assert "unresponsive" not in record.life.last_reason
+    # a plain exit after a stop-and-start has no reason but its status
+    assert supervisor._command({"op": "start", "app": "app"}, clock.now)["ok"]
+    spawner.processes["app"].status = 0
+    supervisor.poll()
+    assert record.life.last_reason == "exit 0"
