@@ -291,8 +291,7 @@ class Supervisor:
             if action is Action.SPAWN:
                 self._launch(record, now)
             elif action is Action.TERMINATE and record.child is not None:
-                self.spawner.signal_group(record.child, signal.SIGTERM)
-                record.stop_deadline = now + self.config.stop_grace_s
+                self._terminate(record, record.child, now)
             elif action is Action.ANNOUNCE_FATAL:
                 self._announce(
                     "fatal",
@@ -302,6 +301,18 @@ class Supervisor:
                     budget=f"{self.config.restart_budget} restarts in "
                     f"{self.config.restart_window_s:g} s",
                 )
+
+    def _terminate(self, record: AppRecord, child: Child, now: float) -> None:
+        """SIGTERM the app's group with a SIGCONT (a stopped process handles SIGTERM only
+        once continued); a hung app that is stopped gets SIGKILL at once, no grace spent."""
+        if record.life.killing and self.spawner.is_stopped(child):
+            event(log, "app-stopped-killed", logging.WARNING, app=record.app_id, pid=child.pid)
+            self.spawner.signal_group(child, signal.SIGKILL)
+            record.stop_deadline = now
+            return
+        self.spawner.signal_group(child, signal.SIGTERM)
+        self.spawner.signal_group(child, signal.SIGCONT)
+        record.stop_deadline = now + self.config.stop_grace_s
 
     def _start_ready_apps(self) -> None:
         """Start wanted, stopped apps whose `after` dependencies are running."""

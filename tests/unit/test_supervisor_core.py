@@ -3,6 +3,7 @@ ordering, a crash seen on the next poll, and timers that ignore the wall clock."
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ class RecordingSpawner(Spawner):
         self.spawned: list[str] = []
         self.signals: list[tuple[str, int]] = []
         self.processes: dict[str, FakeProcess] = {}
+        self.stopped: set[str] = set()
+        """Apps whose process is stopped (SIGSTOP), as psutil would report it."""
 
     def spawn(
         self,
@@ -49,6 +52,9 @@ class RecordingSpawner(Spawner):
 
     def signal_group(self, child: Child, signum: int) -> None:
         self.signals.append((child.name, signum))
+
+    def is_stopped(self, child: Child) -> bool:
+        return child.name in self.stopped
 
 
 class Clock:
@@ -202,3 +208,45 @@ def test_each_exit_carries_its_own_reason(tmp_path: Path) -> None:
     spawner.processes["app"].status = 0
     supervisor.poll()
     assert record.life.last_reason == "exit 0"
+
+
+def _running(tmp_path: Path) -> tuple[Supervisor, RecordingSpawner, Clock, AppRecord]:
+    supervisor, spawner, clock = make(tmp_path, {"app": ""})
+    supervisor.poll()
+    clock.now += 1.0
+    supervisor.poll()
+    assert state(supervisor, "app") is State.RUNNING
+    return supervisor, spawner, clock, supervisor.apps["app"]
+
+
+def test_a_stopped_hung_app_is_sigkilled_at_once(tmp_path: Path) -> None:
+    supervisor, spawner, clock, record = _running(tmp_path)
+    spawner.stopped.add("app")
+    reason = "unresponsive: silent for 10002 ms"
+    supervisor._act(record, record.life.handle(Input.KILL, clock.now, reason=reason), clock.now)
+    assert spawner.signals == [("app", signal.SIGKILL)]  # no SIGTERM grace on a stopped process
+    spawner.processes["app"].status = -signal.SIGKILL
+    supervisor.poll()
+    assert state(supervisor, "app") is State.BACKOFF
+    assert record.life.last_reason == reason
+    clock.now = record.life.due_at
+    supervisor.poll()
+    assert spawner.spawned == ["app", "app"]
+
+
+def test_a_running_hung_app_gets_sigterm_with_sigcont_then_sigkill(tmp_path: Path) -> None:
+    supervisor, spawner, clock, record = _running(tmp_path)
+    supervisor._act(record, record.life.handle(Input.KILL, clock.now, reason="hung"), clock.now)
+    assert spawner.signals == [("app", signal.SIGTERM), ("app", signal.SIGCONT)]
+    clock.now += supervisor.config.stop_grace_s
+    supervisor.poll()
+    assert spawner.signals[-1] == ("app", signal.SIGKILL)
+
+
+def test_an_operator_stop_of_a_stopped_app_continues_it_to_handle_sigterm(
+    tmp_path: Path,
+) -> None:
+    supervisor, spawner, clock, _record = _running(tmp_path)
+    spawner.stopped.add("app")
+    assert supervisor._command({"op": "stop", "app": "app"}, clock.now)["ok"]
+    assert spawner.signals == [("app", signal.SIGTERM), ("app", signal.SIGCONT)]
