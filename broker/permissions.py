@@ -2,9 +2,10 @@
 
 A publish is allowed when some `publish` pattern matches the topic; a subscription when
 some `subscribe` pattern covers the whole requested pattern (every topic it can match).
-`$sys.` topics are published only by platform identities (`$...`). Results of publish
-checks are cached per topic (bounded), because the same app publishes to the same few
-topics millions of times.
+`$sys.` topics are published only by the platform identity that owns them
+(SYS_TOPIC_OWNERS): no app, and no other platform identity (`$cli` included), may forge a
+platform event. Results of publish checks are cached per topic (bounded), because the same
+app publishes to the same few topics millions of times.
 """
 
 from __future__ import annotations
@@ -13,8 +14,32 @@ from collections.abc import Callable
 
 from broker.errors import AuthFailure, Code, PermissionViolation
 from broker.manifests import Permissions
-from broker.protocol import RESERVED_PREFIX, SYS_TOPIC_PREFIX
+from broker.protocol import (
+    BROKER_ID,
+    EVENTS_ALERT_TOPIC,
+    LIFECYCLE_TOPIC_PREFIX,
+    METRICS_TOPIC,
+    PERSISTENCE_ID,
+    RESERVED_PREFIX,
+    STORAGE_ALERT_TOPIC,
+    SUPERVISOR_CONTROL_TOPIC,
+    SUPERVISOR_ID,
+    SYS_TOPIC_PREFIX,
+    UNRESPONSIVE_TOPIC,
+)
 from broker.topics import pattern_covers, pattern_matches
+
+SYS_TOPIC_OWNERS: tuple[tuple[str, str], ...] = (
+    (f"{LIFECYCLE_TOPIC_PREFIX}>", SUPERVISOR_ID),
+    (METRICS_TOPIC, SUPERVISOR_ID),
+    (SUPERVISOR_CONTROL_TOPIC, SUPERVISOR_ID),
+    (UNRESPONSIVE_TOPIC, BROKER_ID),
+    (EVENTS_ALERT_TOPIC, BROKER_ID),
+    (STORAGE_ALERT_TOPIC, PERSISTENCE_ID),
+)
+"""Who may publish each platform topic: (pattern, owning identity). A `$sys.` topic no
+pattern here matches is published by no one. Requests to `$sys.supervisor.apps` (the
+CLI's app commands) are REQ, checked by `request` permissions, not by this table."""
 
 PLATFORM_PERMISSIONS = Permissions(
     publish=(">", "$sys.>"), subscribe=(">", "$sys.>"), request=(">", "$sys.>")
@@ -33,6 +58,14 @@ def permissions_of(app_id: str, lookup: Callable[[str], Permissions | None]) -> 
     if permissions is None:
         raise AuthFailure(Code.MANIFEST_MISSING, f"no manifest for app {app_id!r}")
     return permissions
+
+
+def sys_topic_owner(topic: str) -> str | None:
+    """The platform identity that alone may publish `$sys.` topic `topic` (None: nobody)."""
+    for pattern, owner in SYS_TOPIC_OWNERS:
+        if pattern_matches(pattern, topic):
+            return owner
+    return None
 
 
 class Authorizer:
@@ -55,10 +88,12 @@ class Authorizer:
                 self._cache.clear()
             self._cache[topic] = allowed
         if not allowed:
-            if topic.startswith(SYS_TOPIC_PREFIX) and not self.platform:
+            if topic.startswith(SYS_TOPIC_PREFIX):
+                owner = sys_topic_owner(topic)
+                whose = f"published by {owner} only" if owner else "published by no one"
                 raise PermissionViolation(
                     Code.RESERVED_TOPIC,
-                    f"app {self.app_id!r} may not publish to {topic!r}",
+                    f"{self.app_id!r} may not publish to {topic!r}: a platform topic, {whose}",
                     topic=topic,
                 )
             raise PermissionViolation(
@@ -69,8 +104,8 @@ class Authorizer:
             )
 
     def _decide_publish(self, topic: str) -> bool:
-        if topic.startswith(SYS_TOPIC_PREFIX) and not self.platform:
-            return False
+        if topic.startswith(SYS_TOPIC_PREFIX):
+            return self.platform and sys_topic_owner(topic) == self.app_id
         return any(pattern_matches(p, topic) for p in self.permissions.publish)
 
     def check_request(self, topic: str) -> None:

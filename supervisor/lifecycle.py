@@ -76,7 +76,10 @@ class Lifecycle:
     """Monotonic time of the last spawn (0: not spawned yet)."""
     last_status: int | None = None
     last_reason: str = ""
+    """Why the last attempt ended (its own reason: a kill's, a stop's, or its status)."""
     killing: bool = False  # a KILL is in progress: its exit is a failure, not a stop
+    ending: str = ""
+    """Why the current attempt is being ended (a kill or stop reason); cleared per attempt."""
 
     def handle(
         self, event: Input, now: float, status: int | None = None, reason: str = ""
@@ -102,6 +105,7 @@ class Lifecycle:
         self.state = State.STARTING
         self.started_at = 0.0
         self.killing = False
+        self.ending = ""
         if reason == "operator":
             self.restarts.clear()
         return [Action.SPAWN]
@@ -123,6 +127,7 @@ class Lifecycle:
         self.last_reason = reason or describe_status(status)
         failed = self.killing or status != 0
         self.killing = False
+        self.ending = ""
         if self.policy.mode == "never" or (self.policy.mode == "on-failure" and not failed):
             self.state = State.EXITED
             return []
@@ -162,21 +167,25 @@ class Lifecycle:
             return []
         self.state = State.STOPPING
         self.killing = False
+        self.ending = reason or "stop requested"
         return [Action.TERMINATE]
 
     def _kill(self, now: float, status: int | None, reason: str) -> list[Action]:
         # RUNNING/STARTING -> STOPPING, exit then counts as a failure
         self.state = State.STOPPING
         self.killing = True
-        self.last_reason = reason
+        self.ending = reason or "killed"
         return [Action.TERMINATE]
 
     def _stopped(self, now: float, status: int | None, reason: str) -> list[Action]:
         # STOPPING -> STOPPED, or, after a KILL, the restart policy
         self.last_status = status
+        ending, self.ending = self.ending, ""
         if self.killing:
             self.state = State.RUNNING  # let _exited judge it as the failure it is
-            return self._exited(now, status, self.last_reason)
+            return self._exited(now, status, ending)
+        exit_status = describe_status(status)
+        self.last_reason = f"{ending} ({exit_status})" if ending else exit_status
         self.state = State.STOPPED
         return []
 

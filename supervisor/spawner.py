@@ -16,6 +16,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import psutil
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -67,6 +69,14 @@ class Spawner:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signum)
 
+    def is_stopped(self, child: Child) -> bool:
+        """Whether the child is stopped (SIGSTOP, a debugger): it cannot handle SIGTERM."""
+        try:
+            status = psutil.Process(child.pid).status()
+        except psutil.Error:
+            return False
+        return status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+
     def wait(self, child: Child, timeout: float) -> int | None:
         try:
             return child.process.wait(timeout)
@@ -77,6 +87,7 @@ class Spawner:
         """SIGTERM the group, SIGKILL it after `grace` seconds; returns the exit status."""
         if child.poll() is None:
             self.signal_group(child, signal.SIGTERM)
+            self.signal_group(child, signal.SIGCONT)  # a stopped child handles it only so
             status = self.wait(child, grace)
             if status is not None:
                 self.signal_group(child, signal.SIGKILL)  # stragglers of the group

@@ -40,7 +40,7 @@ from supervisor.spawner import Child, Spawner
 
 log = logging.getLogger("plexus.supervisor")
 
-CONTROL_TOPIC = "$sys.supervisor.apps"
+CONTROL_TOPIC = P.SUPERVISOR_CONTROL_TOPIC
 """Requests the supervisor serves: {"op": "list"|"start"|"stop"|"restart", "app": id}."""
 
 
@@ -216,7 +216,7 @@ class Supervisor:
         running = [r for r in self.apps.values() if r.child and r.child.poll() is None]
         for record in running:
             record.wanted = False
-            self._act(record, record.life.handle(Input.STOP, now), now)
+            self._act(record, record.life.handle(Input.STOP, now, reason="platform stop"), now)
         for record in running:
             assert record.child is not None
             status = self.spawner.stop(record.child, self.config.stop_grace_s)
@@ -290,8 +290,7 @@ class Supervisor:
             if action is Action.SPAWN:
                 self._launch(record, now)
             elif action is Action.TERMINATE and record.child is not None:
-                self.spawner.signal_group(record.child, signal.SIGTERM)
-                record.stop_deadline = now + self.config.stop_grace_s
+                self._terminate(record, record.child, now)
             elif action is Action.ANNOUNCE_FATAL:
                 self._announce(
                     "fatal",
@@ -301,6 +300,18 @@ class Supervisor:
                     budget=f"{self.config.restart_budget} restarts in "
                     f"{self.config.restart_window_s:g} s",
                 )
+
+    def _terminate(self, record: AppRecord, child: Child, now: float) -> None:
+        """SIGTERM the app's group with a SIGCONT (a stopped process handles SIGTERM only
+        once continued); a hung app that is stopped gets SIGKILL at once, no grace spent."""
+        if record.life.killing and self.spawner.is_stopped(child):
+            event(log, "app-stopped-killed", logging.WARNING, app=record.app_id, pid=child.pid)
+            self.spawner.signal_group(child, signal.SIGKILL)
+            record.stop_deadline = now
+            return
+        self.spawner.signal_group(child, signal.SIGTERM)
+        self.spawner.signal_group(child, signal.SIGCONT)
+        record.stop_deadline = now + self.config.stop_grace_s
 
     def _start_ready_apps(self) -> None:
         """Start wanted, stopped apps whose `after` dependencies are running."""
@@ -342,7 +353,7 @@ class Supervisor:
                     record, record.life.handle(Input.KILL, now, reason=breach.describe()), now
                 )
         if self.bus is not None and metrics:
-            self._publish("$sys.metrics.apps", metrics)
+            self._publish(P.METRICS_TOPIC, metrics)
 
     def _take_unresponsive_notices(self, now: float) -> None:
         if self._unresponsive is None:
@@ -391,7 +402,7 @@ class Supervisor:
             return {"ok": False, "error": f"{app} is external: start it yourself"}
         if op == "stop":
             record.wanted = False
-            self._act(record, record.life.handle(Input.STOP, now), now)
+            self._act(record, record.life.handle(Input.STOP, now, reason="operator stop"), now)
         elif op == "start":
             record.wanted = True
             self._act(record, record.life.handle(Input.START, now, reason="operator"), now)
@@ -516,7 +527,7 @@ class Supervisor:
         body = {"app": record.app_id, "event": kind, "at": self.wall_clock(), **fields}
         level = logging.INFO if kind in ("launch", "exit", "restart-scheduled") else logging.WARNING
         event(log, f"app-{kind}", level, **{k: v for k, v in body.items() if k != "event"})
-        self._publish(f"$sys.audit.apps.{kind}", body)
+        self._publish(f"{P.LIFECYCLE_TOPIC_PREFIX}{kind}", body)
 
     def _publish(self, topic: str, data: Any) -> None:
         if self.bus is None:

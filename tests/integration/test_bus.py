@@ -324,3 +324,20 @@ def test_direct_send_reaches_only_the_named_app(broker: BrokerHandle) -> None:
     public = everyone.get(5)
     assert public is not None and public.data == "for all"  # the direct one never came
     assert other.get(timeout=0.1) is None
+
+
+def test_operator_cannot_forge_platform_events(broker: BrokerHandle) -> None:
+    """`$cli` publishing the supervisor's `$sys.audit.apps.fatal` is refused; nobody sees it."""
+    watcher = broker.connect("$audit")
+    events = watcher.subscribe("$sys.>")
+    cli = broker.connect("$cli")
+    for topic in ["$sys.audit.apps.fatal", "$sys.alerts.storage", "$sys.metrics.apps"]:
+        with pytest.raises(PermissionDenied) as denied:
+            cli.publish(topic, {"app": "ticker", "reason": "forged"}, confirm=True)
+        assert denied.value.code in (300, 302) and "may not publish" in str(denied.value)
+    cli.publish("market.ok", 1, confirm=True)  # the session still works
+    supervisor = broker.connect("$supervisor")
+    supervisor.publish("$sys.metrics.apps", {"apps": {}}, confirm=True)  # the owner may
+    got = events.get(timeout=5)
+    assert got is not None and got.topic == "$sys.metrics.apps"
+    assert events.get(timeout=0.3) is None

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from broker.errors import Code, PermissionViolation
 from broker.histogram import LatencyHistogram
 from broker.manifests import Permissions
-from broker.permissions import PLATFORM_PERMISSIONS, Authorizer
+from broker.permissions import PLATFORM_PERMISSIONS, Authorizer, sys_topic_owner
 from security.credentials import CredentialError, CredentialStore
 
 # -- Authorizer -------------------------------------------------------------------------------
@@ -27,7 +27,12 @@ APP = Permissions(
 
 
 def denied(action: str, authorizer: Authorizer, target: str) -> Code | None:
-    check = authorizer.check_publish if action == "pub" else authorizer.check_subscribe
+    checks = {
+        "pub": authorizer.check_publish,
+        "sub": authorizer.check_subscribe,
+        "req": authorizer.check_request,
+    }
+    check = checks[action]
     try:
         check(target)
     except PermissionViolation as exc:
@@ -106,10 +111,44 @@ def test_sys_in_manifest_does_not_make_an_app_platform() -> None:
 def test_platform_identities(app_id: str) -> None:
     authorizer = Authorizer(app_id, PLATFORM_PERMISSIONS)
     assert authorizer.platform
-    for topic in ["$sys.alerts", "$sys.audit.x", "market.AAPL", "a"]:
+    for topic in ["market.AAPL", "a"]:
         assert denied("pub", authorizer, topic) is None
+    for topic in ["$sys.alerts", "$sys.audit.x", "$sys.unowned.y"]:
+        assert denied("pub", authorizer, topic) == Code.RESERVED_TOPIC
     for pattern in ["$sys.>", "$sys.*", ">", "*.x", "a.b"]:
         assert denied("sub", authorizer, pattern) is None
+
+
+SYS_OWNERS = [
+    ("$sys.audit.apps.fatal", "$supervisor"),
+    ("$sys.audit.apps.launch", "$supervisor"),
+    ("$sys.metrics.apps", "$supervisor"),
+    ("$sys.supervisor.apps", "$supervisor"),
+    ("$sys.apps.unresponsive", "$broker"),
+    ("$sys.alerts.events", "$broker"),
+    ("$sys.alerts.storage", "$persistence"),
+]
+
+
+@pytest.mark.parametrize(("topic", "owner"), SYS_OWNERS)
+def test_sys_topics_are_published_by_their_owner_only(topic: str, owner: str) -> None:
+    assert sys_topic_owner(topic) == owner
+    for app_id in ["$cli", "$supervisor", "$persistence", "$broker", "$audit", "app"]:
+        permissions = PLATFORM_PERMISSIONS if app_id.startswith("$") else APP
+        expected = None if app_id == owner else Code.RESERVED_TOPIC
+        assert denied("pub", Authorizer(app_id, permissions), topic) == expected, app_id
+
+
+def test_unowned_sys_topics_have_no_publisher() -> None:
+    for topic in ["$sys.audit.other", "$sys.alerts", "$sys.apps.launched", "$sys.x"]:
+        assert sys_topic_owner(topic) is None
+    with pytest.raises(PermissionViolation) as error:
+        Authorizer("$cli", PLATFORM_PERMISSIONS).check_publish("$sys.audit.apps.fatal")
+    assert "$supervisor only" in str(error.value)
+
+
+def test_cli_may_still_request_the_supervisor() -> None:
+    assert denied("req", Authorizer("$cli", PLATFORM_PERMISSIONS), "$sys.supervisor.apps") is None
 
 
 def test_error_names_the_fix() -> None:

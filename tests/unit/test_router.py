@@ -376,8 +376,13 @@ def test_sys_publish_by_normal_app(router: Router) -> None:
         error = error_of(p.pub(("$sys.alerts", b"")), p.peer)
         assert error["code"] == 302 == Code.RESERVED_TOPIC.value
     cli = Peer(router, b"c", "$supervisor").welcomed()
-    [(_, stamp, _, _)] = deliveries(cli.pub(("$sys.alerts", b"")), b"s")
+    [(_, stamp, _, _)] = deliveries(cli.pub(("$sys.metrics.apps", b"")), b"s")
     assert stamp.sender == "$supervisor"
+    # a platform identity may not publish a platform topic it does not own
+    for app, topic in [("$cli", "$sys.audit.apps.fatal"), ("$supervisor", "$sys.alerts.x")]:
+        p = Peer(router, b"p-" + app.encode(), app).welcomed()
+        error = error_of(p.pub((topic, b"")), p.peer)
+        assert error["code"] == 302 == Code.RESERVED_TOPIC.value
 
 
 def test_stats_is_for_platform_identities(router: Router) -> None:

@@ -3,6 +3,7 @@ ordering, a crash seen on the next poll, and timers that ignore the wall clock."
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from broker.manifests import load_manifests
 from broker.paths import PlatformPaths
 from supervisor.config import PlatformConfig
-from supervisor.lifecycle import Lifecycle, State
+from supervisor.lifecycle import Input, Lifecycle, State
 from supervisor.spawner import Child, Spawner
 from supervisor.supervisor import AppRecord, Supervisor
 
@@ -33,6 +34,8 @@ class RecordingSpawner(Spawner):
         self.spawned: list[str] = []
         self.signals: list[tuple[str, int]] = []
         self.processes: dict[str, FakeProcess] = {}
+        self.stopped: set[str] = set()
+        """Apps whose process is stopped (SIGSTOP), as psutil would report it."""
 
     def spawn(
         self,
@@ -49,6 +52,9 @@ class RecordingSpawner(Spawner):
 
     def signal_group(self, child: Child, signum: int) -> None:
         self.signals.append((child.name, signum))
+
+    def is_stopped(self, child: Child) -> bool:
+        return child.name in self.stopped
 
 
 class Clock:
@@ -169,3 +175,78 @@ def test_the_wall_clock_only_stamps(tmp_path: Path) -> None:
     listed = supervisor._command({"op": "list"}, clock.now)["apps"]["app"]
     assert listed["uptime_s"] == 2.0  # measured on the monotonic clock
     assert listed["started_at"] == wall.now - 2.0  # shown in wall time
+
+
+def test_each_exit_carries_its_own_reason(tmp_path: Path) -> None:
+    """A hang kill's reason is that attempt's; a later operator stop logs its own."""
+    supervisor, spawner, clock = make(tmp_path, {"app": ""})
+    announced: list[tuple[str, dict[str, Any]]] = []
+    supervisor._announce = lambda kind, record, **fields: announced.append((kind, fields))  # type: ignore[method-assign]
+    supervisor.poll()
+    clock.now += 1.0
+    supervisor.poll()
+    record = supervisor.apps["app"]
+    reason = "unresponsive: silent for 10002 ms"
+    supervisor._act(record, record.life.handle(Input.KILL, clock.now, reason=reason), clock.now)
+    spawner.processes["app"].status = -15
+    supervisor.poll()
+    assert [f["reason"] for k, f in announced if k == "exit"] == [reason]
+    clock.now = record.life.due_at
+    supervisor.poll()  # restarted
+    clock.now += 1.0
+    supervisor.poll()
+    assert spawner.spawned == ["app", "app"] and state(supervisor, "app") is State.RUNNING
+    assert supervisor._command({"op": "stop", "app": "app"}, clock.now)["ok"]
+    spawner.processes["app"].status = 0
+    supervisor.poll()
+    assert state(supervisor, "app") is State.STOPPED
+    exits = [f["reason"] for k, f in announced if k == "exit"]
+    assert exits == [reason, "operator stop (exit 0)"]
+    assert "unresponsive" not in record.life.last_reason
+    # a plain exit after a stop-and-start has no reason but its status
+    assert supervisor._command({"op": "start", "app": "app"}, clock.now)["ok"]
+    spawner.processes["app"].status = 0
+    supervisor.poll()
+    assert record.life.last_reason == "exit 0"
+
+
+def _running(tmp_path: Path) -> tuple[Supervisor, RecordingSpawner, Clock, AppRecord]:
+    supervisor, spawner, clock = make(tmp_path, {"app": ""})
+    supervisor.poll()
+    clock.now += 1.0
+    supervisor.poll()
+    assert state(supervisor, "app") is State.RUNNING
+    return supervisor, spawner, clock, supervisor.apps["app"]
+
+
+def test_a_stopped_hung_app_is_sigkilled_at_once(tmp_path: Path) -> None:
+    supervisor, spawner, clock, record = _running(tmp_path)
+    spawner.stopped.add("app")
+    reason = "unresponsive: silent for 10002 ms"
+    supervisor._act(record, record.life.handle(Input.KILL, clock.now, reason=reason), clock.now)
+    assert spawner.signals == [("app", signal.SIGKILL)]  # no SIGTERM grace on a stopped process
+    spawner.processes["app"].status = -signal.SIGKILL
+    supervisor.poll()
+    assert state(supervisor, "app") is State.BACKOFF
+    assert record.life.last_reason == reason
+    clock.now = record.life.due_at
+    supervisor.poll()
+    assert spawner.spawned == ["app", "app"]
+
+
+def test_a_running_hung_app_gets_sigterm_with_sigcont_then_sigkill(tmp_path: Path) -> None:
+    supervisor, spawner, clock, record = _running(tmp_path)
+    supervisor._act(record, record.life.handle(Input.KILL, clock.now, reason="hung"), clock.now)
+    assert spawner.signals == [("app", signal.SIGTERM), ("app", signal.SIGCONT)]
+    clock.now += supervisor.config.stop_grace_s
+    supervisor.poll()
+    assert spawner.signals[-1] == ("app", signal.SIGKILL)
+
+
+def test_an_operator_stop_of_a_stopped_app_continues_it_to_handle_sigterm(
+    tmp_path: Path,
+) -> None:
+    supervisor, spawner, clock, _record = _running(tmp_path)
+    spawner.stopped.add("app")
+    assert supervisor._command({"op": "stop", "app": "app"}, clock.now)["ok"]
+    assert spawner.signals == [("app", signal.SIGTERM), ("app", signal.SIGCONT)]
