@@ -28,7 +28,7 @@ CONFIG = """
 heartbeat_ms = 200
 peer_timeout_ms = 1500
 [platform]
-stop_grace_s = 2.0
+stop_grace_s = 8.0
 restart_backoff_s = 0.2
 restart_backoff_cap_s = 2.0
 restart_budget = 3
@@ -201,10 +201,12 @@ def test_hung_app_is_detected_and_restarted(platform: Running) -> None:
     )
     os.kill(pid, signal.SIGSTOP)
     stopped_at = time.monotonic()
-    try:  # a stopped process gets SIGKILL at once: no 2 s SIGTERM grace spent on it
-        wait_for(lambda: platform.app("sleepy")["pid"] not in (None, pid), 15)
+    try:  # a stopped process gets SIGKILL at once: no 8 s SIGTERM grace spent on it
+        wait_for(lambda: platform.app("sleepy")["pid"] not in (None, pid), 20)
         replaced_after = time.monotonic() - stopped_at
-        assert replaced_after < 1.5 + 2.0, f"replaced after {replaced_after:.2f} s"
+        # a SIGTERM it cannot handle would cost the whole grace after the peer timeout
+        # (>= 9.5 s); the bound leaves 7 s for detection and restart on a loaded machine
+        assert replaced_after < 1.5 + 8.0, f"replaced after {replaced_after:.2f} s"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
