@@ -32,6 +32,7 @@ from plexus.common import (
     running_state,
     stale_message,
 )
+from plexus.interrupts import interrupt_flag
 from plexus.status import collect_status, render_status
 from plexus.store_commands import history, keys, replay
 from security.credentials import CredentialStore
@@ -285,27 +286,26 @@ def subscribe(
     """Print messages matching PATTERN as they arrive (Ctrl-C to stop)."""
     deadline = time.monotonic() + timeout if timeout is not None else None
     received = 0
-    with operator_bus(home) as bus:
+    with interrupt_flag() as interrupted, operator_bus(home) as bus:
         sub = bus.subscribe(pattern)
-        try:
-            while count is None or received < count:
-                wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-                if wait <= 0:
-                    break
-                message = sub.get(wait)
-                if message is None:
-                    continue
-                received += 1
-                record = message_record(message)
-                if as_json:
-                    click.echo(json.dumps(record, default=str))
-                else:
-                    click.echo(
-                        f"{record['topic']} from {record['sender']}: "
-                        f"{json.dumps(record['data'], default=str)}"
-                    )
-        except KeyboardInterrupt:
-            sys.exit(exits.INTERRUPTED)  # after the messages printed so far
+        while (count is None or received < count) and not interrupted.is_set():
+            wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if wait <= 0:
+                break
+            message = sub.get(wait)
+            if message is None:
+                continue
+            received += 1
+            record = message_record(message)
+            if as_json:
+                click.echo(json.dumps(record, default=str))
+            else:
+                click.echo(
+                    f"{record['topic']} from {record['sender']}: "
+                    f"{json.dumps(record['data'], default=str)}"
+                )
+    if interrupted.is_set():
+        sys.exit(exits.INTERRUPTED)  # after the messages printed so far; the bus closed cleanly
     if count is not None and received < count:
         fail(f"got {received} of {count} messages before the timeout", exits.TIMEOUT)
 

@@ -21,6 +21,7 @@ from broker.paths import PlatformPaths
 from clients.bus import BusError, Message
 from plexus import exits
 from plexus.common import exit_code, fail, home_option, message_record, operator_bus
+from plexus.interrupts import interrupt_flag
 from security.keyring import KeyFileError, KeyRing
 
 _PROGRESS_EVERY_S = 0.2
@@ -115,18 +116,17 @@ def replay(
     if until is not None and until < since:
         fail("--until is before --since; nothing can match", exits.BAD_INPUT)
     progress = _Progress(since, until)
-    interrupted = False
-    with operator_bus(home) as bus:
+    with interrupt_flag() as interrupted, operator_bus(home) as bus:
         try:
             for message in bus.replay(pattern, since, until):
                 _print(message, as_json)
                 progress.step(message)
+                if interrupted.is_set():
+                    break
         except BusError as exc:
             fail(str(exc), exit_code(exc))
-        except KeyboardInterrupt:
-            interrupted = True
     progress.finish()
-    if interrupted:
+    if interrupted.is_set():
         sys.exit(exits.INTERRUPTED)  # what was printed is complete; the rest was not sent
 
 
