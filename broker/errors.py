@@ -112,7 +112,7 @@ ERRORS: dict[Code, ErrorSpec] = {
         ErrorSpec(Code.NOT_WELCOMED, "Send HELLO and wait for WELCOME before any other command."),
         ErrorSpec(Code.UNSUPPORTED_VERSION, "Upgrade the client; the broker speaks version 1."),
         ErrorSpec(
-            Code.BAD_TOPIC, "Publish to dot-separated non-empty tokens, no wildcards, ≤ 255 B."
+            Code.BAD_TOPIC, "A topic is dot-separated non-empty tokens, no wildcards, ≤ 255 B."
         ),
         ErrorSpec(Code.BAD_PATTERN, "Use whole-token '*' or a final '>' in subscription patterns."),
         ErrorSpec(Code.DUPLICATE_SID, "Pick a subscription id not already in use on this session."),
@@ -145,7 +145,8 @@ ERRORS: dict[Code, ErrorSpec] = {
             Code.QUEUE_FULL, "The receiver is too slow; consume faster or raise queue limits."
         ),
         ErrorSpec(
-            Code.NO_RESPONDERS, "Start an app that serves this topic (bus.serve) or check it."
+            Code.NO_RESPONDERS,
+            "Start an app that serves this topic (bus.serve), or check the topic's spelling.",
         ),
         ErrorSpec(Code.UNKNOWN_REPLY, "Reply only to requests you received, before they expire."),
         ErrorSpec(
@@ -179,13 +180,23 @@ ERRORS: dict[Code, ErrorSpec] = {
 
 
 class WireError(Exception):
-    """An error that is reported to the peer as an ERROR frame."""
+    """An error that is reported to the peer as an ERROR frame.
 
-    def __init__(self, code: Code, detail: str, **ref: Any) -> None:
+    `detail` says what happened; `fix`, when given, replaces the code's generic advice
+    with one naming this case (the exact manifest line to add), so the two never repeat
+    each other.
+    """
+
+    def __init__(self, code: Code, detail: str, *, fix: str = "", **ref: Any) -> None:
         super().__init__(f"{code.name} ({int(code)}): {detail}")
         self.code = code
         self.detail = detail
+        self.fix = fix
         self.ref = ref
+
+    @property
+    def hint(self) -> str:
+        return self.fix or ERRORS[self.code].hint
 
 
 class ProtocolViolation(WireError):

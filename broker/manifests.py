@@ -26,8 +26,9 @@ _PERMISSION_KEYS = {"publish", "subscribe", "request", "ask"}
 class ManifestError(Exception):
     """A manifest that cannot be used; the message names the file, the field and the fix."""
 
-    def __init__(self, path: Path | str, field_name: str, problem: str, fix: str) -> None:
-        super().__init__(f"{path}: field '{field_name}': {problem}. Fix: {fix}")
+    def __init__(self, path: Path | str, field_name: str | None, problem: str, fix: str) -> None:
+        where = f"{path}: field '{field_name}'" if field_name is not None else str(path)
+        super().__init__(f"{where}: {problem}. Fix: {fix}")
         self.path = str(path)
         self.field = field_name
         self.problem = problem
@@ -181,20 +182,27 @@ def load_manifest(path: Path) -> Manifest:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ManifestError(
-            path, "-", f"cannot be read ({exc.strerror})", "check the path and its permissions"
+            path, None, f"cannot be read ({exc.strerror})", "check the path and its permissions"
         ) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(
-            path, "-", f"is not valid TOML ({exc})", "fix the TOML syntax"
+            path, None, f"is not valid TOML ({exc})", "fix the TOML syntax at that line"
         ) from None
     return parse_manifest(path, data)
 
 
 def load_manifests(directory: Path) -> dict[str, Manifest]:
     """Every `*.toml` manifest in `directory`, by app id; duplicate ids are an error."""
+    if not directory.exists():
+        raise ManifestError(
+            directory,
+            None,
+            "the apps directory does not exist",
+            "create it with one APP.toml manifest per app, or pass --apps DIR",
+        )
     if not directory.is_dir():
         raise ManifestError(
-            directory, "-", "is not a directory", "pass --apps DIR with the manifests"
+            directory, None, "is a file, not a directory", "pass --apps DIR with the manifests"
         )
     manifests: dict[str, Manifest] = {}
     for path in sorted(directory.glob("*.toml")):

@@ -98,8 +98,9 @@ class Authorizer:
                 )
             raise PermissionViolation(
                 Code.PUBLISH_DENIED,
-                f"app {self.app_id!r} may not publish to {topic!r}; add "
-                f'publish = ["{topic}"] (or a wildcard covering it) to its manifest',
+                f"app {self.app_id!r} may not publish to {topic!r}",
+                fix=f'add publish = ["{topic}"] (or a wildcard covering it) to [permissions] '
+                f"in {self.app_id}'s manifest",
                 topic=topic,
             )
 
@@ -114,8 +115,9 @@ class Authorizer:
             return
         raise PermissionViolation(
             Code.REQUEST_DENIED,
-            f"app {self.app_id!r} may not send requests to {topic!r}; add "
-            f'request = ["{topic}"] (or a wildcard covering it) to its manifest',
+            f"app {self.app_id!r} may not send requests to {topic!r}",
+            fix=f'add request = ["{topic}"] (or a wildcard covering it) to [permissions] '
+            f"in {self.app_id}'s manifest",
             topic=topic,
         )
 
@@ -125,7 +127,8 @@ class Authorizer:
             return
         raise PermissionViolation(
             Code.SUBSCRIBE_DENIED,
-            f"app {self.app_id!r} may not subscribe to {pattern!r}; add "
-            f'subscribe = ["{pattern}"] (or a pattern covering it) to its manifest',
+            f"app {self.app_id!r} may not subscribe to {pattern!r}",
+            fix=f'add subscribe = ["{pattern}"] (or a pattern covering it) to [permissions] '
+            f"in {self.app_id}'s manifest",
             pattern=pattern,
         )

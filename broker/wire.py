@@ -286,7 +286,7 @@ class Error:
     @classmethod
     def of(cls, exc: WireError) -> Self:
         spec = ERRORS[exc.code]
-        return cls(int(exc.code), exc.detail, exc.code.name, spec.category, spec.hint, exc.ref)
+        return cls(int(exc.code), exc.detail, exc.code.name, spec.category, exc.hint, exc.ref)
 
     @classmethod
     def for_code(cls, code: Code, message: str, **ref: Any) -> Self:

@@ -66,7 +66,8 @@ def no_answer(what: str, timeout: float) -> BrokerUnavailable:
 def no_reply(topic: str, timeout: float) -> RequestTimeout:
     return RequestTimeout(
         f"no reply to {topic} within {timeout:g}s",
-        hint="the responder may be slow or stuck; raise the timeout or check it",
+        hint="the responder may be slow or stuck; raise the timeout, or look at the serving "
+        "app (`plexus status`, its log)",
     )
 
 

@@ -16,7 +16,7 @@ import math
 import threading
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import zmq
 
@@ -115,6 +115,11 @@ def stored_message(row: StoredRow) -> Message:
     return Message(envelope_of(Stamp(seq, sender, ts_ns, 1), header, payload), 0)
 
 
+_INT64_MAX: Final = 2**63 - 1
+_LATEST_S: Final = _INT64_MAX / 1e9 - 1e-3
+"""Broker time is int64 ns; a bound within a millisecond of its end is taken as the end."""
+
+
 def to_ns(moment: float | datetime | None, upper: bool = False) -> int | None:
     """A moment (seconds since the epoch, or a datetime) in ns; None stays None.
 
@@ -127,5 +132,12 @@ def to_ns(moment: float | datetime | None, upper: bool = False) -> int | None:
         return None
     if isinstance(moment, datetime):
         moment = moment.timestamp()
+    name = "until" if upper else "since"
+    if math.isnan(moment):
+        raise ValueError(f"{name} is NaN, not a moment")
+    if moment >= _LATEST_S:
+        if upper:  # later than anything the store can hold: no upper bound at all
+            return _INT64_MAX
+        raise ValueError(f"{name}={moment!r} is after 2262-04-11, the latest time the store holds")
     micros = moment * 1e6
     return (math.ceil(micros) + 1) * 1000 if upper else max(0, (math.floor(micros) - 1) * 1000)

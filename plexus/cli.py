@@ -20,7 +20,7 @@ import click
 from broker.logs import configure
 from broker.manifests import ManifestError, load_manifests
 from broker.paths import PlatformPaths
-from clients.bus import BusError
+from clients.bus import Bus, BusError
 from plexus import dlq_purge as dlq_purge_flow
 from plexus import exits
 from plexus.common import (
@@ -33,7 +33,7 @@ from plexus.common import (
     stale_message,
 )
 from plexus.interrupts import interrupt_flag
-from plexus.status import collect_status, render_status
+from plexus.status import collect_status, render_apps, render_status
 from plexus.store_commands import history, keys, replay
 from security.credentials import CredentialStore
 from supervisor.config import ConfigError, load_config
@@ -44,7 +44,28 @@ DEMO_APPS = Path(__file__).resolve().parent.parent / "examples" / "apps"
 
 
 class _Plexus(click.Group):
-    """Ctrl-C exits 130 and a closed stdout exits 141 quietly, in every command."""
+    """Ctrl-C exits 130 and a closed stdout exits 141 quietly, in every command; a bad
+    argument is one line on stderr (exit 2), like every other error."""
+
+    def main(  # type: ignore[override]
+        self, args: list[str] | None = None, prog_name: str | None = None, **extra: Any
+    ) -> Any:
+        extra.pop("standalone_mode", None)
+        try:
+            result = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()  # `plexus` alone: the help text, as usual
+            sys.exit(exits.USAGE)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "plexus"
+            message = exc.format_message().rstrip(".")
+            message = message[:1].lower() + message[1:]
+            fail(f"{message} (see `{where} --help`)", exits.USAGE)
+        except click.ClickException as exc:
+            fail(exc.format_message(), exc.exit_code)
+        except click.exceptions.Abort:
+            fail("aborted: no answer was given", exits.FAILURE)
+        sys.exit(result if isinstance(result, int) else exits.OK)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -108,9 +129,10 @@ def run(
     except BusError as exc:
         supervisor.stop()
         fail(f"the broker did not come up: {exc}", exits.FAILURE)
+    external = sum(1 for r in supervisor.apps.values() if r.manifest.external)
     click.echo(
-        f"plexus: platform running (home {paths.home}, {len(supervisor.apps)} apps); "
-        "Ctrl-C to stop",
+        f"plexus: platform running (home {paths.home}; apps: {len(supervisor.apps) - external} "
+        f"launched, {external} external); Ctrl-C to stop",
         err=True,
     )
     try:
@@ -142,7 +164,8 @@ def status(home: Path | None, as_json: bool) -> None:
 @main.command()
 @home_option
 @click.argument("app_id")
-def env(home: Path | None, app_id: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the variables as one JSON object.")
+def env(home: Path | None, app_id: str, as_json: bool) -> None:
     """Print `export PLEXUS_...` lines that let an external app connect as APP_ID."""
     paths = PlatformPaths.resolve(home)
     state = running_state(paths)
@@ -156,12 +179,16 @@ def env(home: Path | None, app_id: str) -> None:
             exits.AUTH,
         )
     token = CredentialStore(paths.creds_dir).mint(app_id)
-    for name, value in (
-        ("PLEXUS_ENDPOINT", state["endpoint"]),
-        ("PLEXUS_APP_ID", app_id),
-        ("PLEXUS_TOKEN", token),
-        ("PLEXUS_HOME", str(paths.home)),
-    ):
+    variables = {
+        "PLEXUS_ENDPOINT": state["endpoint"],
+        "PLEXUS_APP_ID": app_id,
+        "PLEXUS_TOKEN": token,
+        "PLEXUS_HOME": str(paths.home),
+    }
+    if as_json:
+        click.echo(json.dumps(variables))
+        return
+    for name, value in variables.items():
         click.echo(f"export {name}='{value}'")
 
 
@@ -317,15 +344,15 @@ def dlq() -> None:
 
 @dlq.command("list")
 @home_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON array of dead letters.")
 def dlq_list(home: Path | None, as_json: bool) -> None:
     """Every dead letter with its reason, attempts, last error, topic and sender."""
     with operator_bus(home) as bus:
         answer = bus.dead_letters()
-    if as_json:
-        click.echo(json.dumps(answer, indent=2))
-        return
     entries = answer.get("entries", [])
+    if as_json:  # a list is one array; the dropped count is in `plexus status --json`
+        click.echo(json.dumps(entries, indent=2))
+        return
     click.echo(f"{len(entries)} dead letters ({answer.get('dropped', 0)} dropped when full)")
     for entry in entries:
         click.echo(
@@ -338,11 +365,16 @@ def dlq_list(home: Path | None, as_json: bool) -> None:
 @dlq.command("replay")
 @home_option
 @click.argument("entry_id", type=click.IntRange(min=1))
-def dlq_replay(home: Path | None, entry_id: int) -> None:
-    """Deliver dead letter ENTRY_ID again (to its session if it still exists)."""
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def dlq_replay(home: Path | None, entry_id: int, as_json: bool) -> None:
+    """Deliver dead letter ENTRY_ID again (to its session if it still exists); exit 6 when
+    there is no such entry."""
     with operator_bus(home) as bus:
-        bus.replay_dead_letter(entry_id)
-    click.echo(f"replayed {entry_id}")
+        try:
+            bus.replay_dead_letter(entry_id)
+        except BusError as exc:
+            fail(str(exc), exit_code(exc))
+    click.echo(json.dumps({"replayed": entry_id}) if as_json else f"replayed {entry_id}")
 
 
 @dlq.command("purge")
@@ -380,9 +412,11 @@ def apps() -> None:
     """The supervised apps: list them, start, stop or restart one."""
 
 
-def _apps_request(home: Path | None, op: str, app: str | None = None) -> dict[str, Any]:
-    with operator_bus(home) as bus:
+def _apps_request(bus: Bus, op: str, app: str | None = None) -> dict[str, Any]:
+    try:
         reply = bus.request(CONTROL_TOPIC, {"op": op, "app": app}, timeout=15.0)
+    except BusError as exc:
+        fail(str(exc), exit_code(exc))
     answer: dict[str, Any] = reply.data if isinstance(reply.data, dict) else {}
     if not answer.get("ok"):
         code = exits.AUTH if answer.get("unknown_app") else exits.BAD_INPUT
@@ -392,52 +426,61 @@ def _apps_request(home: Path | None, op: str, app: str | None = None) -> dict[st
 
 @apps.command("list")
 @home_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON array of apps.")
 def apps_list(home: Path | None, as_json: bool) -> None:
-    """Every app with its pid, state, restarts, uptime, CPU, RSS and last exit reason."""
-    listed = _apps_request(home, "list")["apps"]
+    """Every app with its pid, state, connections, restarts, uptime, CPU, RSS and last exit."""
+    with operator_bus(home) as bus:
+        listed = _apps_request(bus, "list")["apps"]
+        sessions = bus.broker_stats().get("apps", {})
+    rows = [
+        {
+            "app": name,
+            **app,
+            "connections": sessions.get(name, {}).get("sessions", 0),
+            "last_heartbeat_s_ago": sessions.get(name, {}).get("last_seen_s_ago"),
+        }
+        for name, app in sorted(listed.items())
+    ]
     if as_json:
-        click.echo(json.dumps(listed, indent=2))
+        click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(
-        f"{'APP':<16}{'PID':>8} {'STATE':<9}{'RESTARTS':>9}{'UPTIME':>9}{'CPU%':>7}"
-        f"{'RSS MiB':>9}  LAST EXIT"
-    )
-    for name, app in listed.items():
-        uptime = f"{app['uptime_s']:.0f}s" if app.get("uptime_s") is not None else "-"
-        click.echo(
-            f"{name:<16}{_cell(app['pid']):>8} {app['state']:<9}{app['restarts']:>9}"
-            f"{uptime:>9}{_cell(app['cpu_percent']):>7}{_cell(app['rss_mb']):>9}  "
-            f"{app.get('exit_reason') or '-'}"
-        )
+    click.echo(render_apps(rows))
 
 
-def _cell(value: Any) -> str:
-    return "-" if value is None else str(value)
+def _change(home: Path | None, op: str, app_id: str, as_json: bool) -> None:
+    with operator_bus(home) as bus:
+        state = _apps_request(bus, op, app_id)["state"]
+    click.echo(json.dumps({"app": app_id, "state": state}) if as_json else f"{app_id}: {state}")
+
+
+_json_result = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 
 
 @apps.command("start")
 @home_option
 @click.argument("app_id")
-def apps_start(home: Path | None, app_id: str) -> None:
+@_json_result
+def apps_start(home: Path | None, app_id: str, as_json: bool) -> None:
     """Start APP_ID (also one that went FATAL)."""
-    click.echo(f"{app_id}: {_apps_request(home, 'start', app_id)['state']}")
+    _change(home, "start", app_id, as_json)
 
 
 @apps.command("stop")
 @home_option
 @click.argument("app_id")
-def apps_stop(home: Path | None, app_id: str) -> None:
+@_json_result
+def apps_stop(home: Path | None, app_id: str, as_json: bool) -> None:
     """Stop APP_ID (SIGTERM, SIGKILL after the grace period); it stays stopped."""
-    click.echo(f"{app_id}: {_apps_request(home, 'stop', app_id)['state']}")
+    _change(home, "stop", app_id, as_json)
 
 
 @apps.command("restart")
 @home_option
 @click.argument("app_id")
-def apps_restart(home: Path | None, app_id: str) -> None:
+@_json_result
+def apps_restart(home: Path | None, app_id: str, as_json: bool) -> None:
     """Stop APP_ID and start it again."""
-    click.echo(f"{app_id}: {_apps_request(home, 'restart', app_id)['state']}")
+    _change(home, "restart", app_id, as_json)
 
 
 main.add_command(history)

@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 import click
 
 from broker import protocol as P
+from broker.errors import Code
 from broker.paths import PlatformPaths
 from clients.bus import (
     AuthenticationError,
@@ -43,6 +44,9 @@ def fail(message: str, code: int) -> NoReturn:
 
 
 def exit_code(error: BusError) -> int:
+    """The exit code (plexus.exits) a command ends with for `error`."""
+    if error.code == Code.UNKNOWN_DLQ_ENTRY:  # the id the user gave names nothing
+        return exits.BAD_INPUT
     if isinstance(error, PermissionDenied):
         return exits.PERMISSION
     if isinstance(error, AuthenticationError):

@@ -37,7 +37,8 @@ def _processes(pids: dict[str, int]) -> dict[str, dict[str, float]]:
 
 
 def collect_status(state: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
-    """The `plexus status --json` document (field names are a documented contract)."""
+    """The `plexus status --json` document (field names are a documented contract,
+    docs/cli.md)."""
     now = time.time()
     apps_state: dict[str, dict[str, Any]] = state.get("apps", {})
     broker_pid = state.get("broker", {}).get("pid")
@@ -49,6 +50,7 @@ def collect_status(state: dict[str, Any], stats: dict[str, Any]) -> dict[str, An
         apps[name] = {
             "pid": info.get("pid"),
             "state": info.get("state"),
+            "external": bool(info.get("external")),
             "restarts": info.get("restarts", 0),
             "uptime_s": info.get("uptime_s"),
             "exit_status": info.get("exit_status"),
@@ -58,6 +60,10 @@ def collect_status(state: dict[str, Any], stats: dict[str, Any]) -> dict[str, An
             "connections": connected.get("sessions", 0),
             "last_heartbeat_s_ago": connected.get("last_seen_s_ago"),
         }
+    platform_clients = sum(
+        int(entry.get("sessions", 0)) for app, entry in sessions.items() if app.startswith("$")
+    )
+    total_clients = int(stats.get("sessions", 0))
     return {
         "running": True,
         "home": state.get("home"),
@@ -73,12 +79,20 @@ def collect_status(state: dict[str, Any], stats: dict[str, Any]) -> dict[str, An
             "route_latency_us": stats.get("route_latency"),
         },
         "store": _store_status(state, stats),
-        "clients": stats.get("sessions", 0),
+        "clients": total_clients,
+        "app_clients": total_clients - platform_clients,
+        "platform_clients": platform_clients,
         "subscriptions": stats.get("subscriptions", 0),
         "msg_per_s": stats.get("delivered_per_s", 0.0),
         "published": stats.get("published", 0),
         "delivered": stats.get("delivered", 0),
         "undeliverable": stats.get("undeliverable", 0),
+        "dlq": {
+            "entries": stats.get("dlq_size", 0),
+            "dropped": stats.get("dlq_dropped", 0),
+            "by_reason": stats.get("dlq_by_reason", {}),
+            "discarded_on_close": stats.get("discarded_on_close", 0),
+        },
         "auth_failures": stats.get("auth_failures", 0),
         "errors": stats.get("errors", {}),
         "apps": apps,
@@ -106,6 +120,34 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def seconds(value: float | None) -> str:
+    """A duration for people: `35 s`, `12 min`, `3.2 h`, `2.0 d`."""
+    if value is None:
+        return "-"
+    if value < 60:
+        return f"{value:.0f} s"
+    if value < 3600:
+        return f"{value / 60:.0f} min"
+    if value < 86400:
+        return f"{value / 3600:.1f} h"
+    return f"{value / 86400:.1f} d"
+
+
+def latency(micros: float | None) -> str:
+    """A latency for people: `850 µs`, `4.2 ms`, `1.3 s`."""
+    if micros is None:
+        return "-"
+    if micros < 1000:
+        return f"{micros:.0f} µs"
+    if micros < 1_000_000:
+        return f"{micros / 1000:.1f} ms"
+    return f"{micros / 1_000_000:.1f} s"
+
+
+def _unit(value: Any, unit: str) -> str:
+    return "-" if value is None else f"{value} {unit}"
+
+
 def _store_line(store: dict[str, Any] | None) -> str:
     if store is None:
         return "store     off (--no-persistence): nothing is written to disk"
@@ -116,30 +158,44 @@ def _store_line(store: dict[str, Any] | None) -> str:
     )
 
 
-def render_status(report: dict[str, Any]) -> str:
-    """A short table for people."""
-    broker = report["broker"]
-    latency = broker.get("route_latency_us") or {}
+def render_apps(rows: list[dict[str, Any]]) -> str:
+    """The app table of `plexus status` and `plexus apps list`: one row an app."""
     lines = [
-        f"platform  running {report['uptime_s']}s  home {report['home']}",
-        f"broker    pid {broker['pid']}  cpu {_cell(broker['cpu_percent'])}%  "
-        f"rss {_cell(broker['rss_mb'])} MiB  restarts {broker['restarts']}",
+        f"{'APP':<16}{'PID':>8} {'STATE':<9}{'CONN':>5}{'RESTARTS':>9}{'UPTIME':>9}"
+        f"{'CPU':>8}{'RSS':>10}{'HEARTBEAT':>11}  LAST EXIT"
+    ]
+    for app in rows:
+        beat = app.get("last_heartbeat_s_ago")
+        cpu = app.get("cpu_percent")
+        lines.append(
+            f"{app['app']:<16}{_cell(app['pid']):>8} {_cell(app['state']):<9}"
+            f"{app.get('connections', 0):>5}{app['restarts']:>9}{seconds(app['uptime_s']):>9}"
+            f"{_unit(cpu, '%'):>8}{_unit(app['rss_mb'], 'MiB'):>10}"
+            f"{(f'{beat:.1f} s ago' if beat is not None else '-'):>11}"
+            f"  {app.get('exit_reason') or '-'}"
+        )
+    return "\n".join(lines)
+
+
+def render_status(report: dict[str, Any]) -> str:
+    """A short report for people; every figure with its unit."""
+    broker = report["broker"]
+    route = broker.get("route_latency_us") or {}
+    dlq = report["dlq"]
+    lines = [
+        f"platform  running {seconds(report['uptime_s'])}  home {report['home']}",
+        f"broker    pid {broker['pid']}  cpu {_unit(broker['cpu_percent'], '%')}  "
+        f"rss {_unit(broker['rss_mb'], 'MiB')}  restarts {broker['restarts']}",
         f"traffic   {report['msg_per_s']} msg/s  published {report['published']}  "
         f"delivered {report['delivered']}  undeliverable {report['undeliverable']}  "
-        f"route p99 {_cell(latency.get('p99_us'))} µs",
-        f"clients   {report['clients']}  subscriptions {report['subscriptions']}  "
-        f"auth failures {report['auth_failures']}",
+        f"route p50 {latency(route.get('p50_us'))}  p99 {latency(route.get('p99_us'))}",
+        f"clients   {report['clients']} connected ({report['app_clients']} apps, "
+        f"{report['platform_clients']} platform: supervisor, store, this command)  "
+        f"subscriptions {report['subscriptions']}  auth failures {report['auth_failures']}",
+        f"dlq       {dlq['entries']} dead letters ({dlq['dropped']} dropped when full)  "
+        f"{dlq['discarded_on_close']} discarded by clean closes (not failures)",
         _store_line(report.get("store")),
         "",
-        f"{'APP':<16}{'PID':>8} {'STATE':<9}{'RESTARTS':>9}{'UPTIME':>8}{'CPU%':>7}"
-        f"{'RSS MiB':>9}{'CONN':>6}{'HEARTBEAT':>11}  LAST EXIT",
+        render_apps([{"app": name, **app} for name, app in report["apps"].items()]),
     ]
-    for name, app in report["apps"].items():
-        beat = app["last_heartbeat_s_ago"]
-        lines.append(
-            f"{name:<16}{_cell(app['pid']):>8} {_cell(app['state']):<9}{app['restarts']:>9}"
-            f"{_cell(app['uptime_s']):>8}{_cell(app['cpu_percent']):>7}{_cell(app['rss_mb']):>9}"
-            f"{app['connections']:>6}{(f'{beat}s ago' if beat is not None else '-'):>11}"
-            f"  {app['exit_reason'] or '-'}"
-        )
     return "\n".join(lines)

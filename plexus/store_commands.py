@@ -10,10 +10,12 @@ within a second) or stopped.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any, Final
 
 import click
 
@@ -27,18 +29,45 @@ from security.keyring import KeyFileError, KeyRing
 _PROGRESS_EVERY_S = 0.2
 
 
+LATEST_MOMENT_S: Final = (2**63 - 1) / 1e9
+"""The store keeps broker time as int64 nanoseconds: nothing later than 2262-04-11."""
+
+
 def parse_moment(text: str) -> float:
-    """ISO 8601 (local time when no offset is given) or epoch seconds, as epoch seconds."""
+    """ISO 8601 (local time when no offset is given) or epoch seconds, as epoch seconds
+    within what the store can hold (0, the epoch, means "from the start")."""
     try:
-        return float(text)
+        moment = float(text)
     except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        raise click.BadParameter(
-            f"{text!r} is neither ISO 8601 (2026-11-27T09:00) nor epoch seconds"
-        ) from None
+        try:
+            moment = datetime.fromisoformat(text).timestamp()
+        except (ValueError, OverflowError, OSError):
+            raise ValueError(
+                f"{text!r} is neither ISO 8601 (2026-11-27T09:00) nor epoch seconds"
+            ) from None
+    if math.isnan(moment):
+        raise ValueError(f"{text!r} is not a time")
+    if moment < 0:
+        raise ValueError(f"{text!r} is before the epoch; 0 means from the start")
+    if moment > LATEST_MOMENT_S:
+        raise ValueError(f"{text!r} is after 2262-04-11, the latest time the store holds")
+    return moment
+
+
+class Moment(click.ParamType[float]):
+    """A --since/--until value; a bad one is reported under the option's own name."""
+
+    name = "TIME"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_moment(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 def _print(message: Message, as_json: bool) -> None:
@@ -57,9 +86,15 @@ def _print(message: Message, as_json: bool) -> None:
 @home_option
 @click.argument("topic")
 @click.option("--last", type=click.IntRange(1, 100_000), default=10, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON array of messages.")
 def history(home: Path | None, topic: str, last: int, as_json: bool) -> None:
-    """The last N stored messages of TOPIC, oldest first."""
+    """The last N stored messages of TOPIC (one topic, no wildcards), oldest first."""
+    if "*" in topic.split(".") or ">" in topic.split("."):
+        fail(
+            f"history takes one topic, and {topic!r} is a pattern; for every topic it "
+            f"matches use `plexus replay '{topic}' --since 0` (or a later --since)",
+            exits.BAD_INPUT,
+        )
     with operator_bus(home) as bus:
         try:
             found = bus.history(topic, last)
@@ -104,15 +139,15 @@ class _Progress:
 @click.command()
 @home_option
 @click.argument("pattern")
-@click.option("--since", "since_text", required=True, help="ISO 8601 or epoch seconds (>=).")
-@click.option("--until", "until_text", default=None, help="ISO 8601 or epoch seconds (<=).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
+@click.option(
+    "--since", type=Moment(), required=True, help="ISO 8601 or epoch seconds (>=); 0: the start."
+)
+@click.option("--until", type=Moment(), default=None, help="ISO 8601 or epoch seconds (<=).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line (a stream).")
 def replay(
-    home: Path | None, pattern: str, since_text: str, until_text: str | None, as_json: bool
+    home: Path | None, pattern: str, since: float, until: float | None, as_json: bool
 ) -> None:
     """Stored messages matching PATTERN with broker timestamp >= --since, in order."""
-    since = parse_moment(since_text)
-    until = parse_moment(until_text) if until_text is not None else None
     if until is not None and until < since:
         fail("--until is before --since; nothing can match", exits.BAD_INPUT)
     progress = _Progress(since, until)

@@ -34,6 +34,7 @@ from security.handoff import handoff_pipe
 from supervisor.config import PlatformConfig
 from supervisor.launch import app_argv, app_environment, credential_pipe
 from supervisor.lifecycle import Action, Input, Lifecycle, RestartPolicy, State
+from supervisor.manifest_watch import ManifestWatch
 from supervisor.monitor import Usage, check_limits, kill_leftovers, process_table
 from supervisor.platform_state import platform_alive, recorded_pid
 from supervisor.spawner import Child, Spawner
@@ -60,6 +61,8 @@ class AppRecord:
     stop_deadline: float = 0.0
     wanted: bool = True
     """False after an operator stop: `after` ordering and restarts leave it alone."""
+    removed: bool = False
+    """Its manifest is gone: it is stopped, and forgotten once it no longer runs."""
 
     @property
     def app_id(self) -> str:
@@ -70,7 +73,8 @@ class AppRecord:
         running = self.life.state in (State.RUNNING, State.STARTING, State.STOPPING)
         return {
             "pid": self.child.pid if self.child and running else None,
-            "state": self.life.state.value,
+            # an external app is never launched here: whether it is connected is the broker's
+            "state": "EXTERNAL" if self.manifest.external else self.life.state.value,
             "restarts": self.life.restart_count,
             "started_at": round(wall_now - (now - self.life.started_at), 3)
             if running and self.life.started_at
@@ -149,6 +153,7 @@ class Supervisor:
         default_factory=queue.SimpleQueue
     )
     _unresponsive: Subscription | None = None
+    _manifest_watch: ManifestWatch | None = None
 
     @property
     def credentials(self) -> CredentialStore:
@@ -159,6 +164,7 @@ class Supervisor:
         on a running platform or a bad manifest."""
         self._refuse_second_platform()
         manifests = load_manifests(self.apps_dir)
+        self._manifest_watch = ManifestWatch(self.apps_dir)
         self.paths.prepare()
         self.credentials.ensure()
         self.credentials.revoke_all()
@@ -185,7 +191,14 @@ class Supervisor:
             record.wanted = not record.manifest.external
         self._start_ready_apps()
         self._write_state()
-        event(log, "platform-started", apps=len(self.apps), home=str(self.paths.home))
+        external = sum(1 for r in self.apps.values() if r.manifest.external)
+        event(
+            log,
+            "platform-started",
+            apps=len(self.apps) - external,
+            external=external,
+            home=str(self.paths.home),
+        )
 
     def run(self, should_stop: Callable[[], bool], tick: float = 0.1) -> None:
         """Watch children until `should_stop()` (the caller then calls `stop`)."""
@@ -194,6 +207,7 @@ class Supervisor:
             self.poll()
             now = self.clock()
             if now >= next_sample:
+                self._reread_manifests(now)
                 self._sample()
                 self._write_state()
                 next_sample = now + 1.0
@@ -319,9 +333,39 @@ class Supervisor:
         for record in self.apps.values():
             if not record.wanted or record.life.state is not State.STOPPED:
                 continue
-            deps = [self.apps[d].life.state for d in record.manifest.after]
-            if all(state is State.RUNNING for state in deps):
+            deps = [self.apps.get(d) for d in record.manifest.after]
+            if all(dep is not None and dep.life.state is State.RUNNING for dep in deps):
                 self._act(record, record.life.handle(Input.START, now), now)
+
+    def _reread_manifests(self, now: float) -> None:
+        """Manifests added, changed or removed while running: an added app appears in
+        `plexus apps list` (STOPPED until started, or EXTERNAL); a changed one takes effect
+        at its next launch; a removed one is stopped and then forgotten."""
+        for app_id, record in list(self.apps.items()):
+            if record.removed and (record.child is None or record.child.poll() is not None):
+                del self.apps[app_id]
+                event(log, "app-removed", app=app_id)
+        if self._manifest_watch is None:
+            return
+        changes = self._manifest_watch.poll(
+            {a: r.manifest for a, r in self.apps.items() if not r.removed}
+        )
+        for manifest in changes.added:
+            self.apps[manifest.app_id] = AppRecord(
+                manifest, Lifecycle(self._policy(manifest)), wanted=False
+            )
+            event(log, "app-added", app=manifest.app_id, external=manifest.external)
+        for manifest in changes.changed:
+            self.apps[manifest.app_id].manifest = manifest
+            event(log, "app-manifest-changed", app=manifest.app_id)
+        for app_id in changes.removed:
+            record = self.apps[app_id]
+            record.removed, record.wanted = True, False
+            if record.child is not None and record.child.poll() is None:
+                self._act(
+                    record, record.life.handle(Input.STOP, now, reason="manifest removed"), now
+                )
+            event(log, "app-manifest-removed", app=app_id)
 
     def _sample(self) -> None:
         """Measure every running app; kill the ones over a limit; publish the metrics."""

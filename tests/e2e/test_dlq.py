@@ -55,7 +55,7 @@ def _purge_on_a_terminal(home: Path, answer: str, *args: str) -> tuple[int, str,
 def _dlq(home: Path) -> list[dict[str, object]]:
     listed = plexus_cli("dlq", "list", "--home", str(home), "--json")
     assert listed.returncode == 0, listed.stderr
-    entries: list[dict[str, object]] = json.loads(listed.stdout)["entries"]
+    entries: list[dict[str, object]] = json.loads(listed.stdout)
     return entries
 
 

@@ -85,6 +85,6 @@ def test_without_persistence_nothing_is_stored_and_the_bus_still_works(short_tmp
         assert history.returncode == 8
         assert "--no-persistence" in history.stderr
         listed = plexus_cli("dlq", "list", "--home", str(home), "--json")
-        assert json.loads(listed.stdout)["entries"][0]["reason"] == "rejected"
+        assert json.loads(listed.stdout)[0]["reason"] == "rejected"
     assert files_containing(home, CANARY.encode()) == []
     assert not (home / "store").exists()

@@ -189,7 +189,8 @@ def test_stopped_app_leaves_no_process_of_its_tree(platform: Running) -> None:
     wait_for(no_zombies, 5)
     wait_for(lambda: platform.app("forker")["state"] == "STOPPED", 5)
     listed = plexus_cli("apps", "list", "--home", str(platform.home), "--json")
-    assert json.loads(listed.stdout)["forker"]["state"] == "STOPPED"
+    [forker] = [app for app in json.loads(listed.stdout) if app["app"] == "forker"]
+    assert forker["state"] == "STOPPED"
     started = plexus_cli("apps", "start", "--home", str(platform.home), "forker")
     assert started.returncode == 0
     wait_for(lambda: platform.app("forker")["pid"], 10)

@@ -85,7 +85,7 @@ def test_failing_handler_is_retried_with_backoff_then_dead_lettered(
     def listed() -> list[dict[str, Any]]:
         result = plexus_cli("dlq", "list", "--home", home, "--json")
         assert result.returncode == 0, result.stderr
-        entries: list[dict[str, Any]] = json.loads(result.stdout)["entries"]
+        entries: list[dict[str, Any]] = json.loads(result.stdout)
         return entries
 
     entries = wait_for(listed, 10)

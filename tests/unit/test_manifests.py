@@ -133,10 +133,9 @@ BAD_FIELDS = [
     ('id = "a"\n[env]\nA = 1', "env"),
     ('id = "a"\nafter = "b"', "after"),
     ('id = "a"\nafter = [""]', "after"),
-    ('id = "a', "-"),  # invalid TOML
-    ('id = "a"\nid = "b"', "-"),  # invalid TOML: duplicate key
-    ("[permissions\n", "-"),
 ]
+
+INVALID_TOML = ['id = "a', 'id = "a"\nid = "b"', "[permissions\n"]
 
 
 @pytest.mark.parametrize(("text", "field"), BAD_FIELDS)
@@ -152,12 +151,31 @@ def test_bad_field(tmp_path: Path, text: str, field: str) -> None:
     assert error.fix and error.problem
 
 
+@pytest.mark.parametrize("text", INVALID_TOML)
+def test_invalid_toml_names_the_line_not_a_field(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, "bad.toml", text + "\n")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    assert info.value.field is None
+    assert "field" not in str(info.value)
+    assert "line" in str(info.value)  # tomllib's position, so the user can find it
+
+
 def test_invalid_utf8_is_a_manifest_error(tmp_path: Path) -> None:
     path = tmp_path / "bin.toml"
     path.write_bytes(b'id = "\xff"\n')
     with pytest.raises(ManifestError) as info:
         load_manifest(path)
-    assert info.value.field == "-"
+    assert info.value.field is None
+
+
+def test_missing_apps_directory_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError) as info:
+        load_manifests(tmp_path / "nowhere")
+    assert info.value.field is None
+    assert "does not exist" in str(info.value)
+    assert "field" not in str(info.value)
+    assert "--apps" in info.value.fix
 
 
 def test_missing_file(tmp_path: Path) -> None:

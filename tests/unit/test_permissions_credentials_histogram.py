@@ -155,11 +155,11 @@ def test_error_names_the_fix() -> None:
     with pytest.raises(PermissionViolation) as info:
         Authorizer("app", APP).check_publish("orders.old")
     assert info.value.ref == {"topic": "orders.old"}
-    assert 'publish = ["orders.old"]' in info.value.detail
+    assert 'publish = ["orders.old"]' in info.value.hint
     with pytest.raises(PermissionViolation) as info:
         Authorizer("app", APP).check_subscribe("orders.>")
     assert info.value.ref == {"pattern": "orders.>"}
-    assert 'subscribe = ["orders.>"]' in info.value.detail
+    assert 'subscribe = ["orders.>"]' in info.value.hint
 
 
 def test_publish_cache_stays_correct_past_its_limit() -> None:
@@ -314,3 +314,28 @@ def test_percentile_never_exceeds_max() -> None:
     # beyond the last bucket (2**40 ns, ~18 min) values are clamped, as documented
     histogram.record(2**45)
     assert 2**39 < histogram.percentile(1.0) <= histogram.max_ns == 2**45
+
+
+@pytest.mark.parametrize(
+    ("action", "target", "line"),
+    [
+        ("pub", "orders.old", 'publish = ["orders.old"]'),
+        ("sub", "orders.>", 'subscribe = ["orders.>"]'),
+        ("req", "pricing.quote", 'request = ["pricing.quote"]'),
+    ],
+)
+def test_a_refusal_says_the_fix_once_in_its_hint(action: str, target: str, line: str) -> None:
+    """The message says what was refused, the hint the exact manifest line: the ERROR a
+    user sees carries the fix once, not a specific and a generic copy of it."""
+    checks = {
+        "pub": Authorizer("app", APP).check_publish,
+        "sub": Authorizer("app", APP).check_subscribe,
+        "req": Authorizer("app", APP).check_request,
+    }
+    with pytest.raises(PermissionViolation) as info:
+        checks[action](target)
+    error = info.value
+    assert target in error.detail and "add" not in error.detail
+    assert line in error.hint and "app's manifest" in error.hint
+    text = f"{error.detail} — {error.hint}"
+    assert text.lower().count("manifest") == 1
