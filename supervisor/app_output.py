@@ -252,11 +252,20 @@ class AppOutput:
                     deadline = deadline or time.monotonic() + self._stop_timeout
                     if not streams or time.monotonic() >= deadline:
                         break
-                for key, _ in selector.select(0.5 if deadline is None else 0.05):
+                for key, _ in selector.select(None if deadline is None else 0.05):
                     if key.data is None:
                         self._take_attached(selector, streams)
-                    else:
+                        continue
+                    try:
                         self._read(selector, streams, key.data)
+                    except Exception as exc:  # a bug here must not leave every pipe unread
+                        event(
+                            log,
+                            "app-output-error",
+                            logging.ERROR,
+                            app=key.data.app,
+                            error=repr(exc),
+                        )
             self._take_attached(selector, streams)
             for stream in list(streams.values()):  # what is left (bounded), then the end
                 for _ in range(_FINAL_READS):
@@ -299,15 +308,17 @@ class AppOutput:
         self, selector: selectors.BaseSelector, streams: dict[int, _Stream], stream: _Stream
     ) -> None:
         """The pipe ended: its unfinished line, then close it and tell who waits."""
-        self._emit(stream.app, stream.splitter.close())
-        selector.unregister(stream.fd)
-        del streams[stream.fd]
-        os.close(stream.fd)
-        stream.written.set()
-        if self._echo is not None:
-            self._echo.mark(stream)
-        else:
-            stream.echoed.set()
+        try:
+            self._emit(stream.app, stream.splitter.close())
+        finally:
+            selector.unregister(stream.fd)
+            del streams[stream.fd]
+            os.close(stream.fd)
+            stream.written.set()
+            if self._echo is not None:
+                self._echo.mark(stream)
+            else:
+                stream.echoed.set()
 
     def _emit(self, app: str, lines: list[str]) -> None:
         if not lines:

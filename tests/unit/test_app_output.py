@@ -149,3 +149,17 @@ def test_many_apps_share_one_thread(tmp_path: Path) -> None:
     assert (tmp_path / "logs" / "a299.log").read_text().endswith(" I am a299\n")
     assert pump.logs.open_files == 0
     assert threading.active_count() <= before
+
+
+def test_a_log_file_that_cannot_be_written_stops_neither_pump_nor_terminal(
+    output: AppOutput, terminal: Terminal
+) -> None:
+    def refuse(app: str, lines: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    output.logs.write = refuse  # type: ignore[method-assign]
+    app = _pipe(output, "full")
+    os.write(app, b"one\ntwo\n")
+    os.close(app)
+    assert output.drain("full", 10.0)
+    assert terminal.text() == "full | one\nfull | two\n"
