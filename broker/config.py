@@ -19,6 +19,8 @@ It sits on the broker's floor because both the broker and the services read it.
     restart_window_s = 60.0
     settle_s = 1.0             # alive this long: an app counts as running
     cpu_window_s = 5.0         # over its CPU limit this long: an app is killed
+    log_max_mb = 10            # an app's HOME/logs/APP.log rotates at this size ...
+    log_files = 5              # ... and this many files are kept, the current one included
     [delivery]                 # broker.delivery.DeliveryConfig
     [persistence]
     max_age_s = 2592000        # retention: 30 days
@@ -68,6 +70,8 @@ class PlatformConfig:
     restart_window_s: float = 60.0
     settle_s: float = 1.0
     cpu_window_s: float = 5.0
+    log_max_mb: int = 10
+    log_files: int = 5
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     max_age_s: float = 30 * 86_400.0
     max_size_mb: int = 0
@@ -125,6 +129,8 @@ SCHEMA: dict[str, dict[str, _Rule]] = {
         "restart_window_s": (float, (1.0, 86400.0)),
         "settle_s": (float, (0.0, 600.0)),
         "cpu_window_s": (float, (0.5, 3600.0)),
+        "log_max_mb": (int, (1, 1 << 20)),
+        "log_files": (int, (1, 100)),
     },
     "persistence": {
         "max_age_s": (float, (1.0, 10 * 365 * 86_400.0)),

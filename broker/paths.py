@@ -78,7 +78,12 @@ class PlatformPaths:
 
     @property
     def log_dir(self) -> Path:
+        """Each supervised app's stdout and stderr, `APP.log` and its rotated files (0700)."""
         return self.home / "logs"
+
+    def app_log(self, app_id: str) -> Path:
+        """The current log file of app `app_id` (supervisor.log_files has the format)."""
+        return self.log_dir / f"{app_id}.log"
 
     @property
     def store_dir(self) -> Path:
@@ -118,9 +123,10 @@ class PlatformPaths:
         return "tcp://127.0.0.1:*"
 
     def prepare(self) -> None:
-        """Create home and run dir with private modes."""
+        """Create home, run dir and log dir with private modes."""
         _private_dir(self.home)
         _private_dir(self.run_dir)
+        _private_dir(self.log_dir)
 
     def write_state(self, state: dict[str, Any]) -> None:
         tmp = self.state_file.with_suffix(".tmp")

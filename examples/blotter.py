@@ -12,7 +12,7 @@ def main() -> None:
     stop = stop_on_signals()
     with Bus.connect() as bus:
         sub = bus.subscribe("market.*.prices")
-        print(f"[blotter] connected as {bus.app_id}; watching {sub.pattern}", flush=True)
+        print(f"connected as {bus.app_id}; watching {sub.pattern}", flush=True)
         while not stop.is_set():
             message = sub.get(timeout=0.5)
             if message is None:
@@ -20,11 +20,11 @@ def main() -> None:
             data = message.data
             stamp = time.strftime("%H:%M:%S", time.localtime(message.timestamp))
             print(
-                f"[blotter] {stamp} {data.get('symbol', '?'):<5} {data.get('px')!s:>9}"
+                f"{stamp} {data.get('symbol', '?'):<5} {data.get('px')!s:>9}"
                 f"  (from {message.sender}, topic {message.topic})",
                 flush=True,
             )
-    print("[blotter] stopped", flush=True)
+    print("stopped", flush=True)
 
 
 if __name__ == "__main__":

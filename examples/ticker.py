@@ -18,7 +18,7 @@ def main() -> None:
     prices = dict(SYMBOLS)
     rng = random.Random()
     with Bus.connect() as bus:
-        print(f"[ticker] connected as {bus.app_id}; publishing {', '.join(prices)}", flush=True)
+        print(f"connected as {bus.app_id}; publishing {', '.join(prices)}", flush=True)
         while not stop.is_set():
             for symbol, last in prices.items():
                 prices[symbol] = round(last * (1 + rng.gauss(0, 0.001)), 2)
@@ -27,7 +27,7 @@ def main() -> None:
                     {"symbol": symbol, "px": prices[symbol], "ts": time.time()},
                 )
             stop.wait(interval)
-    print("[ticker] stopped", flush=True)
+    print("stopped", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from broker.manifests import ManifestError, load_manifests
 from broker.paths import PlatformPaths
 from clients.bus import Bus, BusError
 from plexus import dlq_purge as dlq_purge_flow
-from plexus import exits
+from plexus import exits, logs_command
 from plexus.common import (
     exit_code,
     fail,
@@ -486,3 +486,4 @@ def apps_restart(home: Path | None, app_id: str, as_json: bool) -> None:
 main.add_command(history)
 main.add_command(replay)
 main.add_command(keys)
+main.add_command(logs_command.logs)

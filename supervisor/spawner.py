@@ -33,6 +33,9 @@ class Child:
 
     name: str
     process: subprocess.Popen[bytes]
+    output: int | None = None
+    """The read end of the pipe its stdout and stderr go to (`capture_output`), or None when
+    they are the supervisor's own; whoever takes it closes it (`AppOutput` at the end)."""
 
     @property
     def pid(self) -> int:
@@ -53,16 +56,30 @@ class Spawner:
         env: Mapping[str, str],
         pass_fds: Sequence[int] = (),
         cwd: str | None = None,
+        capture_output: bool = False,
     ) -> Child:
-        process = subprocess.Popen(
-            list(argv),
-            env=dict(env),
-            pass_fds=tuple(pass_fds),
-            cwd=cwd,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, no locks or imports
-        )
-        return Child(name, process)
+        """Start `argv`; with `capture_output` its stdout and stderr both go into one pipe,
+        whose read end is `Child.output` (else they are the supervisor's)."""
+        read_end, write_end = os.pipe() if capture_output else (None, None)
+        try:
+            process = subprocess.Popen(
+                list(argv),
+                env=dict(env),
+                pass_fds=tuple(pass_fds),
+                cwd=cwd,
+                stdout=write_end,
+                stderr=subprocess.STDOUT if capture_output else None,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, no locks or imports
+            )
+        except BaseException:
+            if read_end is not None:
+                os.close(read_end)
+            raise
+        finally:
+            if write_end is not None:
+                os.close(write_end)  # the child holds it now: the pipe ends when the child does
+        return Child(name, process, read_end)
 
     def signal_group(self, child: Child, signum: int) -> None:
         """Send `signum` to the child's whole process group (its own children included)."""

@@ -31,6 +31,7 @@ from broker.paths import PlatformPaths
 from clients.bus import Bus, BusError, Message, Subscription
 from security.credentials import CredentialStore
 from security.handoff import handoff_pipe
+from supervisor.app_output import AppOutput
 from supervisor.config import PlatformConfig
 from supervisor.launch import app_argv, app_environment, credential_pipe
 from supervisor.lifecycle import Action, Input, Lifecycle, RestartPolicy, State
@@ -43,6 +44,11 @@ log = logging.getLogger("plexus.supervisor")
 
 CONTROL_TOPIC = P.SUPERVISOR_CONTROL_TOPIC
 """Requests the supervisor serves: {"op": "list"|"start"|"stop"|"restart", "app": id}."""
+
+
+_DRAIN_S = 1.0
+"""Longest wait, when an app ended, for the rest of its output (a surviving grandchild may
+hold its pipe open; the pump keeps reading it all the same)."""
 
 
 class PlatformRunning(Exception):
@@ -154,6 +160,9 @@ class Supervisor:
     )
     _unresponsive: Subscription | None = None
     _manifest_watch: ManifestWatch | None = None
+    output: AppOutput | None = None
+    """Pumps the apps' stdout and stderr into HOME/logs and the terminal (built at the first
+    launch of an app whose output the spawner captured)."""
 
     @property
     def credentials(self) -> CredentialStore:
@@ -235,6 +244,8 @@ class Supervisor:
             assert record.child is not None
             status = self.spawner.stop(record.child, self.config.stop_grace_s)
             self._exited(record, status, self.clock())
+        if self.output is not None:
+            self.output.stop()
         if self.bus is not None:
             self.bus.close()
         for service in self.services.values():  # broker first: persistence takes its last events
@@ -281,6 +292,8 @@ class Supervisor:
         actions = record.life.handle(Input.EXITED, now, status)
         pid = record.child.pid if record.child else None
         kind = "exit" if status == 0 or was is State.STOPPING else "crash"
+        if self.output is not None:  # its last lines (a traceback) before its exit is told
+            self.output.drain(record.app_id, _DRAIN_S)
         self._announce(
             kind,
             record,
@@ -554,7 +567,9 @@ class Supervisor:
         fd = credential_pipe(token)
         try:
             env = app_environment(manifest, self.paths, self.paths.bus_endpoint(), fd)
-            record.child = self.spawner.spawn(manifest.app_id, app_argv(manifest), env, [fd])
+            record.child = self.spawner.spawn(
+                manifest.app_id, app_argv(manifest), env, [fd], capture_output=True
+            )
         except OSError as exc:
             self.credentials.revoke(manifest.app_id, token)
             self._announce("launch-failed", record, reason=str(exc))
@@ -562,9 +577,22 @@ class Supervisor:
             return
         finally:
             os.close(fd)
+        if record.child.output is not None:
+            self._app_output().attach(manifest.app_id, record.child.output)
         record.token = token
         record.life.handle(Input.SPAWNED, now)
         self._announce("launch", record, pid=record.child.pid, restarts=record.life.restart_count)
+
+    def _app_output(self) -> AppOutput:
+        if self.output is None:
+            self.output = AppOutput(
+                self.paths.log_dir,
+                max_bytes=self.config.log_max_mb * 1024 * 1024,
+                files=self.config.log_files,
+                echo=sys.stderr,
+                wall_clock=self.wall_clock,
+            )
+        return self.output
 
     def _announce(self, kind: str, record: AppRecord, **fields: Any) -> None:
         """A lifecycle event: a log line and `$sys.audit.apps.<kind>` for the audit service."""

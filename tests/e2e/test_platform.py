@@ -242,7 +242,7 @@ def test_demo_platform_runs_and_stops_cleanly_on_sigterm() -> None:
         finally:
             stop_process(process)
         assert process.returncode == 0, output
-        assert "[blotter]" in output and "market." in output
+        assert "blotter | " in output and "market." in output
         assert "platform-stopped" in output
         wait_for(
             lambda: (

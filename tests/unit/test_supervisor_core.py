@@ -3,10 +3,13 @@ ordering, a crash seen on the next poll, and timers that ignore the wall clock."
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from broker.manifests import load_manifests
 from broker.paths import PlatformPaths
@@ -32,6 +35,12 @@ class RecordingSpawner(Spawner):
 
     def __init__(self) -> None:
         self.spawned: list[str] = []
+        self.captured: list[bool] = []
+        """Whether each spawn asked for the child's output."""
+        self.with_pipes = False
+        """Give a child that captures its output a real pipe (else it has no output)."""
+        self.pipes: dict[str, int] = {}
+        """The write end of each child's output pipe: the test writes what the app would."""
         self.signals: list[tuple[str, int]] = []
         self.processes: dict[str, FakeProcess] = {}
         self.stopped: set[str] = set()
@@ -44,11 +53,16 @@ class RecordingSpawner(Spawner):
         env: Mapping[str, str],
         pass_fds: Sequence[int] = (),
         cwd: str | None = None,
+        capture_output: bool = False,
     ) -> Child:
         process = FakeProcess(1000 + len(self.spawned))
         self.spawned.append(name)
+        self.captured.append(capture_output)
         self.processes[name] = process
-        return Child(name, process)  # type: ignore[arg-type]
+        output = None
+        if capture_output and self.with_pipes:
+            output, self.pipes[name] = os.pipe()
+        return Child(name, process, output)  # type: ignore[arg-type]
 
     def signal_group(self, child: Child, signum: int) -> None:
         self.signals.append((child.name, signum))
@@ -250,3 +264,35 @@ def test_an_operator_stop_of_a_stopped_app_continues_it_to_handle_sigterm(
     spawner.stopped.add("app")
     assert supervisor._command({"op": "stop", "app": "app"}, clock.now)["ok"]
     assert spawner.signals == [("app", signal.SIGTERM), ("app", signal.SIGCONT)]
+
+
+def test_a_crash_is_announced_after_the_last_output_is_in_the_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The traceback of a failed attempt is in HOME/logs/APP.log, and was shown on the
+    terminal named by the app, by the time the crash is announced."""
+    supervisor, spawner, _clock = make(tmp_path, {"app": ""})
+    spawner.with_pipes = True
+    log = supervisor.paths.app_log("app")
+    at_announce: dict[str, str] = {}
+    announce = supervisor._announce
+
+    def recording(kind: str, record: AppRecord, **fields: Any) -> None:
+        at_announce[kind] = log.read_text() if log.exists() else ""
+        announce(kind, record, **fields)
+
+    supervisor._announce = recording  # type: ignore[method-assign]
+    supervisor.poll()
+    assert spawner.captured == [True]
+    os.write(spawner.pipes["app"], b"working\nTraceback (most recent call last):\n")
+    os.write(spawner.pipes["app"], b"ValueError: boom\n")
+    os.close(spawner.pipes["app"])
+    spawner.processes["app"].status = 1
+    supervisor.poll()
+    assert state(supervisor, "app") is State.BACKOFF
+    assert at_announce["crash"].splitlines()[-1].endswith(" ValueError: boom")
+    assert "app | Traceback (most recent call last):\napp | ValueError: boom\n" in (
+        capsys.readouterr().err
+    )
+    assert supervisor.output is not None
+    supervisor.output.stop()
