@@ -52,7 +52,10 @@ class Running:
 
     def app(self, name: str) -> dict[str, Any]:
         state = PlatformPaths.resolve(self.home).read_state()
-        assert state is not None
+        assert state is not None, (  # the platform ended: its log says why
+            f"no state file (platform exit {self.process.poll()}):\n"
+            + self.log.read_text(errors="replace")[-4000:]
+        )
         app: dict[str, Any] = state["apps"][name]
         return app
 
