@@ -151,7 +151,10 @@ def status(home: Path | None, as_json: bool) -> None:
     if state is None:
         if as_json:
             click.echo(json.dumps({"running": False, "home": str(paths.home)}))
-        fail(f"no platform is running with home {paths.home}", exits.NOT_RUNNING)
+        fail(
+            f"no platform is running with home {paths.home}; start one with `plexus run`",
+            exits.NOT_RUNNING,
+        )
     if not platform_alive(state):
         if as_json:
             click.echo(json.dumps({"running": False, "stale": True, "home": str(paths.home)}))
