@@ -35,6 +35,7 @@ def broker_config(
         ),
         persistence=platform.persistence,
         recovery_timeout_s=platform.recovery_timeout_s,
+        event_batch_ms=platform.event_batch_ms,
     )
 
 

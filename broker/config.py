@@ -10,6 +10,7 @@ It sits on the broker's floor because both the broker and the services read it.
     heartbeat_ms = 2000        # how often clients and broker prove they are alive
     peer_timeout_ms = 10000    # silence after which a session ends
     recovery_timeout_s = 10.0  # longest wait for the persistence service at broker start
+    event_batch_ms = 2.0       # longest wait of an event nobody's confirm waits for
     [platform]
     persistence = true         # false: no message data is written to disk
     stop_grace_s = 5.0         # SIGTERM -> SIGKILL delay when stopping an app
@@ -79,6 +80,7 @@ class PlatformConfig:
     segment_period_s: float = 3600.0
     sensitive_topics: tuple[str, ...] = ()
     recovery_timeout_s: float = 10.0
+    event_batch_ms: float = 2.0
 
     def to_tables(self) -> dict[str, dict[str, Any]]:
         """The config as its sections (the shape of the TOML file and of the document)."""
@@ -119,6 +121,7 @@ SCHEMA: dict[str, dict[str, _Rule]] = {
         "heartbeat_ms": (int, (50, 600_000)),
         "peer_timeout_ms": (int, (100, 3_600_000)),
         "recovery_timeout_s": (float, (0.1, 3600.0)),
+        "event_batch_ms": (float, (0.1, 1000.0)),
     },
     "platform": {
         "persistence": (bool, None),

@@ -101,6 +101,8 @@ class EventLog:
         self._batch_first = 0
         self.batch_started_ns = 0
         """Monotonic time the unsent batch was first seen by `batch_due` (0: not yet)."""
+        self.sent_through = 0
+        """Seq of the last event handed out in a batch (`take_batch`)."""
         self._raws: list[bytes] = []
         self._ends: list[int] = []
         """Cumulative bytes up to and including each retained event (backlog in O(1))."""
@@ -177,11 +179,27 @@ class EventLog:
             self.batch_started_ns = now_ns
         return now_ns - self.batch_started_ns >= max_age_ns or len(self._batch) >= max_events
 
+    def confirmer_idle(self) -> bool:
+        """Unsent events hold CONFIRMs and the confirming consumer has taken everything
+        sent so far: it is idle (not committing), so the batch should go now.
+
+        This is the broker's half of group commit: a lone confirmed publish goes out at
+        once, and what arrives while the consumer commits waits for its EVACK and then
+        goes as one batch (the Nagle rule with an immediate acknowledgement)."""
+        confirm_by = self.confirm_by
+        return (
+            bool(self._batch)
+            and bool(self._confirms)
+            and confirm_by is not None
+            and self.cursors[confirm_by] >= self.sent_through
+        )
+
     def take_batch(self) -> list[bytes] | None:
         """The frames of the events appended since the last call, or None."""
         if not self._batch:
             return None
         frames = [EV, batch_head(self.epoch, self._batch_first), b"".join(self._batch)]
+        self.sent_through = self._batch_first + len(self._batch) - 1
         self._batch = []
         self.batch_started_ns = 0
         return frames

@@ -16,6 +16,7 @@ monotonic clock; the wall clock only stamps messages and events.
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import time
 from collections.abc import Callable
@@ -46,7 +47,6 @@ _RCVMORE = 13
 _DRAIN_LIMIT = 512
 _TIMER_TICK_NS = 50_000_000
 """How often delivery timers (retries, ack timeouts, grace periods) are looked at."""
-_EVENT_BATCH_POLL_MS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +62,8 @@ class BrokerConfig:
     """Wait for the persistence service's restore, confirm once stored."""
     recovery_timeout_s: float = 10.0
     """How long persistence may stay silent before each `persistence-silent` warning."""
+    event_batch_ms: float = 2.0
+    """Longest wait of an unsent event no CONFIRM waits for (broker.core.EVENT_BATCH_NS)."""
     consumers: tuple[str, ...] = ()
     """Event-stream consumers expected from the start (nothing is dropped before their
     first EVSYNC); `$persistence` is one whenever persistence is on."""
@@ -120,6 +122,7 @@ class BrokerServer:
             CoreConfig(
                 persistence=config.persistence,
                 recovery_timeout_ns=int(config.recovery_timeout_s * 1e9),
+                event_batch_ns=int(config.event_batch_ms * 1e6),
             ),
             RecoveryRestorer(),
             now,
@@ -174,8 +177,9 @@ class BrokerServer:
         next_tick = monotonic() + tick_ns
         core = self.core
         stream = self.router.stream
+        batch_poll_ms = max(1, math.ceil(self.config.event_batch_ms))
         while not should_stop():
-            timeout = _EVENT_BATCH_POLL_MS if stream.pending else self.config.poll_ms
+            timeout = batch_poll_ms if stream.pending else self.config.poll_ms
             ready = dict(poller.poll(timeout))
             if zap in ready:
                 self._answer_zap(zap)

@@ -326,6 +326,11 @@ class StreamConsumer:
             fresh += self.read_stream()
         return fresh, controls
 
+    def readable(self) -> bool:
+        """Whether more is waiting on the stream or the link right now (ZMQ_EVENTS, no
+        wait): the owner's cue that a group of events is complete."""
+        return any(int(sock.get(zmq.EVENTS)) & zmq.POLLIN for sock in self.sockets())
+
     def sync(self, watermark: int) -> None:
         self.link.sync(watermark)
 

@@ -48,12 +48,17 @@ log = logging.getLogger("plexus.persistence")
 
 _BIG_BATCH = 20_000
 _HOUSEKEEPING_NS = 1_000_000_000
-_ACK_IDLE_NS = 1_000_000_000
 _RETRY_NS = 1_000_000_000
-_COMMIT_WINDOW_MS = 5
-_COMMIT_WINDOW_NS = _COMMIT_WINDOW_MS * 1_000_000
-_MIN_WAIT_NS = 1_000_000
+_IDLE_POLL_MS = 100
 STORAGE_ALERT_TOPIC = "$sys.alerts.storage"
+
+
+def group_complete(pending: int, more_readable: bool) -> bool:
+    """Group commit that adapts, as databases do behind a running fsync: commit as soon as
+    nothing more is readable (a lone event at once: one commit, no window, no timer), or
+    when a big batch is pending. What arrives during a commit queues in the sockets and
+    is the next group, so groups grow with the load instead of with a timer."""
+    return pending > 0 and (not more_readable or pending >= _BIG_BATCH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +101,6 @@ class PersistenceService:
         self._next_housekeeping = 0
         self._warned = False
         self._retry_at = 0
-        self._pending_since = 0
         self.commits = 0
         self.restores = 0
 
@@ -153,29 +157,21 @@ class PersistenceService:
             poller.register(sock, zmq.POLLIN)
         while not should_stop():
             busy = self._pending and not self._retry_at
-            ready = dict(poller.poll(_COMMIT_WINDOW_MS if busy else 100))
+            ready = dict(poller.poll(0 if busy else _IDLE_POLL_MS))
             if zap in ready:
                 answer_zap(zap, self._credentials, P.ZAP_DOMAIN)
             fresh, controls = stream.read(ready)
             self._take(fresh)
             for control in controls:
                 self._on_control(stream, control)
-            if self._commit_due(bool(ready)):
+            if self._commit_due(stream.readable()):
                 self._commit()
             if query in ready:
                 self.answers.serve(query)
             self._tick(stream)
 
-    def _commit_due(self, more_waiting: bool) -> bool:
-        """Group commit: when a big batch is pending, or the stream paused, or the oldest
-        pending event has waited the commit window (a few ms: one fsync pair then serves
-        every event of the window instead of nearly one per event at moderate rates)."""
-        if not self._pending:
-            return False
-        if len(self._pending) >= _BIG_BATCH:
-            return True
-        waited = time.monotonic_ns() - self._pending_since
-        return waited >= _COMMIT_WINDOW_NS or (not more_waiting and waited >= _MIN_WAIT_NS)
+    def _commit_due(self, more_readable: bool) -> bool:
+        return group_complete(len(self._pending), more_readable)
 
     def _tick(self, stream: StreamConsumer) -> None:
         stream.tick(self.writer.watermark)
@@ -185,8 +181,6 @@ class PersistenceService:
             self._housekeeping(stream)
 
     def _take(self, fresh: list[R.Event]) -> None:
-        if fresh and not self._pending:
-            self._pending_since = time.monotonic_ns()
         self._pending.extend(fresh)
 
     def _on_control(self, stream: StreamConsumer, control: wire.Welcome | wire.EvSyncOk) -> None:

@@ -85,6 +85,7 @@ NON_DEFAULT = PlatformConfig(
     segment_period_s=12.5,
     sensitive_topics=("orders.secret.>", "keys.*"),
     recovery_timeout_s=2.5,
+    event_batch_ms=7.5,
 )
 
 

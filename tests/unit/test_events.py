@@ -569,3 +569,23 @@ def test_every_event_once_in_order_despite_a_lossy_stream(
     assert [e.seq for e in consumer.got] == list(range(start + 1, log.last_seq + 1))
     assert [R.encode_event(e.seq, e.ts_ns, e.record) for e in consumer.got] == originals
     assert log.backlog_bytes == 0
+
+
+def test_a_batch_a_confirm_waits_for_goes_at_once_when_the_confirmer_is_idle() -> None:
+    """The broker's half of group commit: no window for a lone confirmed publish; while
+    the confirming consumer commits, what arrives waits for its EVACK, then goes at once."""
+    log = log_for("$persistence", confirm_by="$persistence")
+    fill(log, 1)
+    assert not log.confirmer_idle()  # nobody waits for this event: the window applies
+    assert log.confirm_later(1, b"p", b"m1")
+    assert log.confirmer_idle()  # a confirm waits, nothing in flight: now, not in 2 ms
+    _, first, _ = frames_events(log.take_batch())
+    assert (first, log.sent_through) == (1, 1)
+    fill(log, 2)  # events 2, 3 arrive while the consumer commits event 1
+    assert log.confirm_later(3, b"p", b"m3")
+    assert not log.confirmer_idle()  # they wait for the consumer, not for a timer
+    assert log.acknowledge("$persistence", 1) == {b"p": [b"m1"]}
+    assert log.confirmer_idle()  # its EVACK frees them: one batch for the next commit
+    _, first, events = frames_events(log.take_batch())
+    assert (first, [e.seq for e in events]) == (2, [2, 3])
+    assert not log.confirmer_idle()  # nothing left unsent
