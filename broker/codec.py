@@ -256,17 +256,40 @@ def decode_envelope(stamp_raw: bytes, header_raw: bytes, payload: bytes) -> Enve
     )
 
 
+_POOL_BYTES = 4096
+
+
 class MessageIdGenerator:
     """Time-ordered unique 16-byte ids (UUIDv7 layout): 48-bit ms time, 74 random bits.
 
     Within one millisecond a counter in the random field keeps ids strictly increasing,
-    so ids from one process sort in creation order.
+    so ids from one process sort in creation order. The random bits come from a pool
+    refilled with `os.urandom` 4 KiB at a time: `os.urandom` releases the GIL, and a
+    publishing thread that gives the GIL to the client's I/O thread per message waited
+    for it back (16 µs per publish measured, half the cost of `Bus.publish`). A forked
+    child starts a pool of its own, so parent and child never share random bits.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last_ms = 0
         self._counter = 0
+        self._pool = b""
+        self._offset = 0
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forget_pool)
+
+    def _forget_pool(self) -> None:
+        self._lock = threading.Lock()
+        self._pool, self._offset = b"", 0
+
+    def _random(self, size: int) -> int:
+        """`size` random bytes as an int, from the pool (under the lock)."""
+        if self._offset + size > len(self._pool):
+            self._pool, self._offset = os.urandom(_POOL_BYTES), 0
+        start = self._offset
+        self._offset = start + size
+        return int.from_bytes(self._pool[start : start + size], "big")
 
     def new(self) -> bytes:
         with self._lock:
@@ -279,9 +302,9 @@ class MessageIdGenerator:
                     self._counter = 0
             else:
                 self._last_ms = ms
-                self._counter = int.from_bytes(os.urandom(2), "big") & 0x3FF
+                self._counter = self._random(2) & 0x3FF
             counter = self._counter & 0xFFF
-            rand = int.from_bytes(os.urandom(8), "big") & 0x3FFFFFFFFFFFFFFF
+            rand = self._random(8) & 0x3FFFFFFFFFFFFFFF
         value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand
         return value.to_bytes(MESSAGE_ID_BYTES, "big")
 

@@ -31,6 +31,20 @@ def checked_pattern(pattern: str) -> None:
     _checked(pattern_tokens, pattern)
 
 
+_VALID_TOPICS: set[str] = set()
+_VALID_TOPICS_MAX = 4096
+"""Topics already found valid: an app publishes on few topics, many times each."""
+
+
+def _checked_topic(topic: str) -> None:
+    if type(topic) is str and topic in _VALID_TOPICS:
+        return
+    _checked(validate_topic, topic)
+    if len(_VALID_TOPICS) >= _VALID_TOPICS_MAX:
+        _VALID_TOPICS.clear()
+    _VALID_TOPICS.add(topic)
+
+
 def _within_limits(header: bytes, payload: bytes) -> None:
     if len(payload) > P.MAX_PAYLOAD_BYTES or len(header) > P.MAX_HEADER_BYTES:
         raise ProtocolError(
@@ -49,7 +63,7 @@ def encoded_publish(
     to: str | None = None,
 ) -> tuple[bytes, bytes, bytes]:
     """(msg_id, header, payload) of one publish; every publish asks for a CONFIRM."""
-    _checked(validate_topic, topic)
+    _checked_topic(topic)
     msg_id = new_message_id()
     header = encode_pub_header(
         msg_id,

@@ -472,3 +472,29 @@ def test_fuzz_decode_envelope(stamp: bytes, header: bytes) -> None:
         return
     assert isinstance(envelope, Envelope)
     assert envelope.payload == b"payload"
+
+
+def test_a_forked_child_never_repeats_its_parents_ids() -> None:
+    """The random bits come from a pooled buffer; a child must not inherit the pool."""
+    import os
+
+    from broker.codec import MessageIdGenerator
+
+    generator = MessageIdGenerator()
+    generator.new()  # fill the pool before the fork
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        try:
+            os.write(write_end, b"".join(generator.new() for _ in range(64)))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    data = b""
+    while chunk := os.read(read_end, 4096):
+        data += chunk
+    os.close(read_end)
+    child = {data[i : i + 16][8:] for i in range(0, len(data), 16)}  # the random halves
+    parent = {generator.new()[8:] for _ in range(64)}
+    assert len(child) == 64 and not child & parent
