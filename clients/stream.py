@@ -269,6 +269,8 @@ class StreamConsumer:
     ) -> None:
         self.feed = EventFeed(watermark)
         self.sub = events_socket(context, events_endpoint, identity, token)
+        self.drained = True
+        """The last `read` emptied the stream socket (nothing more was waiting)."""
         self.link = BrokerLink(context, bus_endpoint, identity, token, session, clock)
 
     def sockets(self) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
@@ -282,12 +284,15 @@ class StreamConsumer:
         self.link.close()
 
     def read_stream(self, max_batches: int = 256) -> list[R.Event]:
-        """New contiguous events from the SUB socket (at most `max_batches` batches)."""
+        """New contiguous events from the SUB socket (at most `max_batches` batches;
+        `drained` says whether the socket was emptied)."""
         fresh: list[R.Event] = []
+        self.drained = False
         for _ in range(max_batches):
             try:
                 frames = self.sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
+                self.drained = True
                 break
             if len(frames) == 3:
                 fresh += self.feed.ingest(frames[1], frames[2])
@@ -320,16 +325,12 @@ class StreamConsumer:
         """Link first (a re-send fills a gap before newer batches), then the stream."""
         fresh: list[R.Event] = []
         controls: list[LinkControl] = []
+        self.drained = True
         if self.link.socket in ready:
             fresh, controls = self.read_link()
         if self.sub in ready:
             fresh += self.read_stream()
         return fresh, controls
-
-    def readable(self) -> bool:
-        """Whether more is waiting on the stream or the link right now (ZMQ_EVENTS, no
-        wait): the owner's cue that a group of events is complete."""
-        return any(int(sock.get(zmq.EVENTS)) & zmq.POLLIN for sock in self.sockets())
 
     def sync(self, watermark: int) -> None:
         self.link.sync(watermark)

@@ -53,12 +53,13 @@ _IDLE_POLL_MS = 100
 STORAGE_ALERT_TOPIC = "$sys.alerts.storage"
 
 
-def group_complete(pending: int, more_readable: bool) -> bool:
-    """Group commit that adapts, as databases do behind a running fsync: commit as soon as
-    nothing more is readable (a lone event at once: one commit, no window, no timer), or
-    when a big batch is pending. What arrives during a commit queues in the sockets and
-    is the next group, so groups grow with the load instead of with a timer."""
-    return pending > 0 and (not more_readable or pending >= _BIG_BATCH)
+def group_complete(pending: int, drained: bool) -> bool:
+    """Group commit that adapts, as databases do behind a running fsync: a loop pass reads
+    everything waiting (the sockets until empty, or up to the read limit) and commits it
+    as one group, so a lone event is committed at once (no window, no timer) and what
+    arrives during a commit is the next group: groups grow with the load. A read cut
+    short by its limit commits too once a big batch is pending."""
+    return pending > 0 and (drained or pending >= _BIG_BATCH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,14 +165,14 @@ class PersistenceService:
             self._take(fresh)
             for control in controls:
                 self._on_control(stream, control)
-            if self._commit_due(stream.readable()):
+            if self._commit_due(stream.drained):
                 self._commit()
             if query in ready:
                 self.answers.serve(query)
             self._tick(stream)
 
-    def _commit_due(self, more_readable: bool) -> bool:
-        return group_complete(len(self._pending), more_readable)
+    def _commit_due(self, drained: bool) -> bool:
+        return group_complete(len(self._pending), drained)
 
     def _tick(self, stream: StreamConsumer) -> None:
         stream.tick(self.writer.watermark)

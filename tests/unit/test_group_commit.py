@@ -7,15 +7,17 @@ from persistence.service import _BIG_BATCH, group_complete
 
 def test_a_lone_event_is_committed_at_once() -> None:
     # the old rule held a lone event for a 5 ms window before its commit
-    assert group_complete(1, more_readable=False)
+    assert group_complete(1, drained=True)
 
 
-def test_a_group_grows_while_more_is_readable_up_to_the_big_batch() -> None:
-    assert not group_complete(1, more_readable=True)
-    assert not group_complete(_BIG_BATCH - 1, more_readable=True)
-    assert group_complete(_BIG_BATCH, more_readable=True)
+def test_what_a_read_pass_took_is_one_group() -> None:
+    # a continuous stream (always more readable) must not grow one group without end:
+    # each pass that emptied the socket commits what it read
+    assert group_complete(300, drained=True)
+    assert not group_complete(300, drained=False)  # the read stopped at its limit
+    assert group_complete(_BIG_BATCH, drained=False)
 
 
 def test_nothing_pending_is_never_a_commit() -> None:
-    assert not group_complete(0, more_readable=False)
-    assert not group_complete(0, more_readable=True)
+    assert not group_complete(0, drained=True)
+    assert not group_complete(0, drained=False)
