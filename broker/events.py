@@ -350,5 +350,10 @@ class EventLog:
         confirm_by = self.confirm_by
         if confirm_by is None or seq <= self.cursors[confirm_by]:
             return False
-        bisect.insort(self._confirms, PendingConfirm(seq, peer, msg_id), key=lambda c: c.seq)
+        pending = PendingConfirm(seq, peer, msg_id)
+        confirms = self._confirms
+        if not confirms or confirms[-1].seq <= seq:
+            confirms.append(pending)  # the usual case: publishes confirm in seq order
+        else:  # a resend's confirm waits on an older seq
+            bisect.insort(confirms, pending, key=lambda c: c.seq)
         return True

@@ -589,3 +589,12 @@ def test_a_batch_a_confirm_waits_for_goes_at_once_when_the_confirmer_is_idle() -
     _, first, events = frames_events(log.take_batch())
     assert (first, [e.seq for e in events]) == (2, [2, 3])
     assert not log.confirmer_idle()  # nothing left unsent
+
+
+def test_held_confirms_release_in_seq_order_whatever_order_they_came_in() -> None:
+    log = log_for("$persistence", confirm_by="$persistence")
+    fill(log, 6)
+    for seq, msg in ((2, b"a"), (5, b"b"), (3, b"c"), (6, b"d"), (1, b"e")):
+        assert log.confirm_later(seq, b"p", msg)  # a resend's confirm waits on an older seq
+    assert log.acknowledge("$persistence", 3) == {b"p": [b"e", b"a", b"c"]}
+    assert log.acknowledge("$persistence", 6) == {b"p": [b"b", b"d"]}
