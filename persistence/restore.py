@@ -88,7 +88,7 @@ class RestoreReader:
         """Events up to here are in the store. Messages may lie beyond the state's
         watermark (a crash between the two commits, writer.py): numbering continues after
         them, never reusing a stored message's seq."""
-        return max(self._state.watermark(), self._messages.last_seq())
+        return max(self._state.watermark(), self._messages.last_seq(), self._messages.watermark())
 
     def pages(self) -> Iterator[EvRestore]:
         """The pages, in order; the last is `done`."""

@@ -26,6 +26,7 @@ import lmdb
 import msgpack
 
 _SEQ = struct.Struct(">Q")
+WATERMARK_KEY = b"watermark"
 _PREFIX = "seg-"
 _SUFFIX = ".mdb"
 _MAP_SLACK = 64 * 2**20
@@ -88,6 +89,20 @@ class Segment:
         )
         self.msgs = self.env.open_db(b"msgs", create=not readonly)
         self.topics = self.env.open_db(b"topic", create=not readonly)
+        try:
+            self.meta: Any = self.env.open_db(b"meta", create=not readonly)
+        except lmdb.NotFoundError:  # written before the key existed, opened read-only
+            self.meta = None
+
+    def watermark(self) -> int:
+        """The stream watermark this segment's last group commit recorded (0: none):
+        a group with no state changes moves the watermark here, in the same synced
+        transaction as its messages, instead of in a second one in state.mdb."""
+        if self.meta is None:
+            return 0
+        with self.env.begin(db=self.meta) as txn:
+            raw = txn.get(WATERMARK_KEY)
+        return _SEQ.unpack(raw)[0] if raw is not None else 0
 
     def close(self) -> None:
         self.env.close()

@@ -19,6 +19,7 @@ from typing import Any
 import lmdb
 
 from persistence.segments import (
+    WATERMARK_KEY,
     Segment,
     StoredMessage,
     decode_record,
@@ -184,45 +185,54 @@ class MessageStore:
             return active.bounds() is not None
         return active.size_bytes >= self.policy.max_bytes
 
-    def append(self, rows: list[Row]) -> None:
+    def append(self, rows: list[Row], watermark: int | None = None) -> bool:
         """Write `rows` (ascending seq), rolling when due: in one synced transaction when
         they fit the active segment, else in slices of about a quarter segment each, so a
-        big group commit cannot swell one segment far past the size retention works with."""
+        big group commit cannot swell one segment far past the size retention works with.
+
+        With `watermark`, the last transaction also records it (`Segment.watermark`), so a
+        group without state changes costs one synced commit; returns whether it was
+        recorded (not when there is no segment to hold it yet)."""
         if not rows:
-            return
+            if watermark is None or self._active is None:
+                return False
+            self._append_rolling([], watermark)
+            return True
         budget = max(self.policy.max_bytes // 4, _MIN_SLICE_BYTES)
         start, size = 0, 0
         for index, row in enumerate(rows):
             size += len(row[5]) + len(row[6]) + _ROW_OVERHEAD
             if size >= budget and index + 1 < len(rows):
-                self._append_slice(rows[start : index + 1])
+                self._append_slice(rows[start : index + 1], None)
                 start, size = index + 1, 0
-        self._append_slice(rows[start:])
+        self._append_slice(rows[start:], watermark)
+        return watermark is not None
 
-    def _append_slice(self, rows: list[Row]) -> None:
+    def _append_slice(self, rows: list[Row], watermark: int | None) -> None:
         if self._needs_roll(self._clock()):
             self._roll(rows[0][0])
-        self._append_rolling(rows)
+        self._append_rolling(rows, watermark)
 
-    def _append_rolling(self, rows: list[Row]) -> None:
-        """Write, rolling on a full map; a batch too big for an empty segment is split."""
+    def _append_rolling(self, rows: list[Row], watermark: int | None) -> None:
+        """Write, rolling on a full map; a batch too big for an empty segment is split
+        (the watermark goes with the last part)."""
         active = self._active
         assert active is not None
         try:
-            self._write(active, rows)
+            self._write(active, rows, watermark)
         except lmdb.MapFullError:
-            if active.bounds() is not None:
+            if rows and active.bounds() is not None:
                 self._roll(rows[0][0])
-                self._append_rolling(rows)
+                self._append_rolling(rows, watermark)
                 return
-            if len(rows) == 1:
+            if len(rows) <= 1:
                 raise
             half = len(rows) // 2
-            self._append_rolling(rows[:half])
-            self._append_rolling(rows[half:])
+            self._append_rolling(rows[:half], None)
+            self._append_rolling(rows[half:], watermark)
 
     @staticmethod
-    def _write(segment: Segment, rows: list[Row]) -> None:
+    def _write(segment: Segment, rows: list[Row], watermark: int | None) -> None:
         with segment.env.begin(write=True) as txn:
             msgs = txn.cursor(segment.msgs)
             topics = txn.cursor(segment.topics)
@@ -230,6 +240,8 @@ class MessageStore:
                 record = encode_record(ts, [sender, topic, msg_id, header, payload, sealed])
                 msgs.put(seq_key(seq), record, append=True)
                 topics.put(topic_key(topic, seq), b"")
+            if watermark is not None and segment.meta is not None:
+                txn.put(WATERMARK_KEY, seq_key(watermark), db=segment.meta)
 
     def close(self) -> None:
         for segment in self._open.values():
@@ -256,6 +268,16 @@ class MessageStore:
             if attempt == 0:
                 self.refresh()
         return None
+
+    def watermark(self) -> int:
+        """The highest stream watermark a segment recorded (0: none)."""
+        found = 0
+        for first in self._firsts:
+            try:
+                found = max(found, self._segment(first).watermark())
+            except lmdb.Error:  # deleted by retention since the last listing
+                continue
+        return found
 
     def last_seq(self) -> int:
         """Highest stored message seq (0 when empty)."""

@@ -1,7 +1,11 @@
 """Apply a batch of broker events to the store in one group commit.
 
 The messages commit first, then the durable state (subscriptions, pending deliveries,
-dead letters) with the watermark. The watermark is what persistence reports, and the
+dead letters) with the watermark. A group without state changes (the common case: no
+durable subscriber involved) records its watermark in the messages' own transaction
+instead, one synced commit rather than two; the store's watermark is the higher of the
+two records, and a group is only committed after every earlier one was, so either
+record covers everything before it. The watermark is what persistence reports, and the
 broker confirms publishes up to it, so it must never name a message the segments lack.
 After a crash between the two commits the segments hold messages beyond the watermark:
 the broker still retains those events (they were never acknowledged) and sends them
@@ -24,6 +28,21 @@ from persistence.state import StateStore
 from persistence.store import MessageStore, Row
 
 _DEAD_FIELDS = tuple(item.name for item in fields(R.DeadLettered))
+
+
+def _changes_state(record: object) -> bool:
+    """Whether applying this event writes to state.mdb (`StoreWriter._apply`)."""
+    match record:
+        case R.Published(targets=targets):
+            return bool(targets)
+        case R.Subscribed(durable=durable) | R.Unsubscribed(durable=durable):
+            return bool(durable)
+        case R.Acked(stored_seqs=stored_seqs):
+            return bool(stored_seqs)
+        case R.DeadLettered() | R.DlqReplayed() | R.DlqPurged():
+            return True
+        case _:
+            return False
 
 
 class Sealer(Protocol):
@@ -51,7 +70,7 @@ class StoreWriter:
         self._sensitive: TopicIndex[bool] = TopicIndex(1024)
         for pattern in sensitive_topics:
             self._sensitive.insert(pattern, True)
-        self.watermark = state.watermark()
+        self.watermark = max(state.watermark(), messages.watermark())
         self._stored_up_to = messages.last_seq()
         """Rows up to here are already in the segments (a crash between the commits)."""
         self.stored = 0
@@ -77,11 +96,16 @@ class StoreWriter:
             for event in fresh
             if type(event.record) is published and event.seq > self._stored_up_to
         ]
+        stateless = not any(_changes_state(event.record) for event in fresh)
         try:
-            self.messages.append(rows)
+            recorded = self.messages.append(rows, fresh[-1].seq if stateless else None)
         except lmdb.Error:  # e.g. disk full: some slices may be in; never write them twice
             self._stored_up_to = max(self._stored_up_to, self.messages.last_seq())
             raise
+        if recorded:  # one synced commit held the messages and the watermark
+            self.stored += len(rows)
+            self.watermark = fresh[-1].seq
+            return self.watermark
         # sealed once, outside the retry: a grown map re-runs the transaction, not the sealing
         dead_letters = {
             e.seq: self._dead_record(e.ts_ns, e.record)

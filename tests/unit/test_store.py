@@ -816,10 +816,11 @@ def test_watermark_is_persisted_and_commit_is_idempotent(stores: Stores) -> None
     assert [m.seq for m in stores.messages.scan(0)] == [1, 3, 4]
     assert stores.state.pending_of("sub", "s1") == [(4, [1])]
     assert writer.stored == 1
-    # a batch without any message still moves the watermark
+    # a batch without any message still moves the watermark; without state changes it
+    # is recorded in the messages' own transaction (one synced commit), not in state.mdb
     assert writer.commit([sub(5, "sub", "s1", 9, "t.>", False)]) == 5
     stores.reopen()
-    assert stores.state.watermark() == 5
+    assert (stores.state.watermark(), stores.messages.watermark()) == (4, 5)
     assert stores.writer().watermark == 5
     assert writer.commit([]) == 5
 
@@ -1091,3 +1092,32 @@ def test_restore_skips_what_cannot_be_read_and_sends_the_rest(stores: Stores) ->
     reader, pages = restore_of(stores)
     assert [d[2] for d in pages[-1].deliveries] == [2, 3]
     assert reader.skipped == 2
+
+
+def test_a_group_without_state_changes_is_one_commit_and_survives_a_crash_of_the_next(
+    stores: Stores,
+) -> None:
+    """A group with no durable subscriber involved records its watermark with its messages
+    (one synced commit); a later group's crash between its two commits falls back to it."""
+    writer = stores.writer()
+    assert writer.commit([msg(1), msg(2), sub(3, "a", "s", 1, "t.>", False)]) == 3
+    assert (stores.state.watermark(), stores.messages.watermark()) == (0, 3)  # state untouched
+    stores.reopen()
+    assert stores.writer().watermark == 3
+
+    stateful = [msg(4, targets=[("sub", "s1", (1,))]), msg(5)]
+    # the crash: the group's messages committed, its state transaction never ran
+    stores.messages.append(
+        [
+            (e.seq, e.ts_ns, "pub", e.record.topic, e.record.msg_id, b"hdr", b"plain", False)
+            for e in stateful
+            if isinstance(e.record, R.Published)
+        ]
+    )
+    stores.reopen()
+    writer = stores.writer()
+    assert writer.watermark == 3  # not 5: the group's state never landed
+    assert writer.commit(stateful) == 5  # sent again: rows skipped, state applied
+    assert [m.seq for m in stores.messages.scan(0)] == [1, 2, 4, 5]
+    assert stores.state.pending_of("sub", "s1") == [(4, [1])]
+    assert stores.state.watermark() == 5
