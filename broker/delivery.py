@@ -37,7 +37,7 @@ class DeliveryConfig:
     queue_max: int = 10_000
     queue_max_bytes: int = 64 * 2**20
     grace_ms: int = P.DEFAULT_GRACE_MS
-    credit: int = 1024
+    credit: int = 256
     """Publish credit of every session (WELCOME `credit`; 0: no flow control)."""
     flow_high: int = 2_000
     """A receiver's queue this long (or at a quarter of `queue_max_bytes`) holds back the

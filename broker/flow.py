@@ -2,7 +2,7 @@
 
 Every session may send `credit` PUB messages (WELCOME `credit`) before it must wait for
 a CREDIT; each message (pair) of a PUB the broker reads uses one. The broker gives them
-back (`CREDIT {n}`, once a quarter of the credit is used, so one small message per 256
+back (`CREDIT {n}`, once a quarter of the credit is used, so one small message per 64
 publishes by default) as soon as it has routed them - unless one of the **attached**
 sessions they were queued for is congested: its queue reached `flow_high` deliveries (or
 a quarter of `queue_max_bytes`). Then the publisher's credit is held until every such
@@ -58,7 +58,8 @@ class FlowControl:
         self.high_bytes = config.queue_max_bytes // 4 if config.credit else 1 << 62
         self.low = config.flow_low
         self.low_bytes = config.queue_max_bytes // 16
-        self._grant_at = max(1, config.credit // 4)
+        self._grant_at = max(1, config.credit // 4) if config.credit else 1 << 62
+        """Owed credit given back in one CREDIT (never, without flow control)."""
         self._sessions = sessions
         self.held: dict[SessionKey, int] = {}
         """Publishers whose credit is held now -> since when (monotonic ns; 0: since the

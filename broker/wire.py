@@ -1118,6 +1118,7 @@ CONTROL_RECORDS: Final[dict[bytes, Any]] = {
         Publish,
         Deliver,
         Confirm,
+        Credit,
         Ack,
         Nack,
         Request,
