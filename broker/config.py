@@ -202,11 +202,8 @@ def from_tables(tables: Mapping[str, Any], source: str, complete: bool = False) 
         **values["persistence"],
         delivery=DeliveryConfig(**values["delivery"]),
     )
-    flow = config.delivery
-    if not flow.flow_low < flow.flow_high <= flow.queue_max:
-        raise ConfigError(
-            f"{source}: delivery.flow_low < delivery.flow_high <= delivery.queue_max must hold"
-        )
+    if config.delivery.flow_low >= config.delivery.flow_high:
+        raise ConfigError(f"{source}: delivery.flow_low must be below delivery.flow_high")
     if config.peer_timeout_ms <= config.heartbeat_ms:
         raise ConfigError(f"{source}: broker.peer_timeout_ms must exceed broker.heartbeat_ms")
     return config

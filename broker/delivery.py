@@ -40,10 +40,11 @@ class DeliveryConfig:
     credit: int = 256
     """Publish credit of every session (WELCOME `credit`; 0: no flow control)."""
     flow_high: int = 2_000
-    """A receiver's queue this long (or at a quarter of `queue_max_bytes`) holds back the
-    credit of the publishers feeding it (broker.flow) ..."""
+    """A receiver's queue this long (at most half of `queue_max`; or at a quarter of
+    `queue_max_bytes`) holds back the credit of the publishers feeding it (broker.flow) ..."""
     flow_low: int = 500
-    """... until it is down to this (and to a sixteenth of `queue_max_bytes`)."""
+    """... until it is down to this (at most a quarter of the high mark; and to a sixteenth
+    of `queue_max_bytes`)."""
 
     def backoff_ns(self, attempt: int) -> int:
         """Delay before attempt `attempt` (2, 3, ...): base * 2^(attempt-2), capped."""

@@ -53,10 +53,12 @@ class FlowControl:
 
     def __init__(self, config: DeliveryConfig, sessions: dict[SessionKey, Session]) -> None:
         self.credit = config.credit
-        self.high = config.flow_high if config.credit else 1 << 62
-        """Queue length at which a receiver holds back credit (never, without credit)."""
+        high = min(config.flow_high, max(1, config.queue_max // 2))
+        self.high = high if config.credit else 1 << 62
+        """Queue length at which a receiver holds back credit: `flow_high`, at most half
+        of `queue_max` (never, without credit)."""
         self.high_bytes = config.queue_max_bytes // 4 if config.credit else 1 << 62
-        self.low = config.flow_low
+        self.low = min(config.flow_low, high // 4)
         self.low_bytes = config.queue_max_bytes // 16
         self._grant_at = max(1, config.credit // 4) if config.credit else 1 << 62
         """Owed credit given back in one CREDIT (never, without flow control)."""
