@@ -39,10 +39,10 @@ class DeliveryConfig:
     grace_ms: int = P.DEFAULT_GRACE_MS
     credit: int = 256
     """Publish credit of every session (WELCOME `credit`; 0: no flow control)."""
-    flow_high: int = 2_000
+    flow_high: int = 5_000
     """A receiver's queue this long (at most half of `queue_max`; or at a quarter of
     `queue_max_bytes`) holds back the credit of the publishers feeding it (broker.flow) ..."""
-    flow_low: int = 500
+    flow_low: int = 1_000
     """... until it is down to this (at most a quarter of the high mark; and to a sixteenth
     of `queue_max_bytes`)."""
 
