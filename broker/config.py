@@ -151,6 +151,9 @@ SCHEMA: dict[str, dict[str, _Rule]] = {
         "window": (int, (1, 100_000)),
         "queue_max": (int, (1, 10_000_000)),
         "queue_max_bytes": (int, (1024, 2**40)),
+        "credit": (int, (0, 1_000_000)),
+        "flow_high": (int, (1, 10_000_000)),
+        "flow_low": (int, (0, 10_000_000)),
     },
 }
 """Every key of every section: (type, inclusive bounds or None)."""
@@ -202,6 +205,8 @@ def from_tables(tables: Mapping[str, Any], source: str, complete: bool = False) 
         **values["persistence"],
         delivery=DeliveryConfig(**values["delivery"]),
     )
+    if config.delivery.flow_low >= config.delivery.flow_high:
+        raise ConfigError(f"{source}: delivery.flow_low must be below delivery.flow_high")
     if config.peer_timeout_ms <= config.heartbeat_ms:
         raise ConfigError(f"{source}: broker.peer_timeout_ms must exceed broker.heartbeat_ms")
     return config

@@ -37,6 +37,14 @@ class DeliveryConfig:
     queue_max: int = 10_000
     queue_max_bytes: int = 64 * 2**20
     grace_ms: int = P.DEFAULT_GRACE_MS
+    credit: int = 256
+    """Publish credit of every session (WELCOME `credit`; 0: no flow control)."""
+    flow_high: int = 5_000
+    """A receiver's queue this long (at most half of `queue_max`; or at a quarter of
+    `queue_max_bytes`) holds back the credit of the publishers feeding it (broker.flow) ..."""
+    flow_low: int = 1_000
+    """... until it is down to this (at most a quarter of the high mark; and to a sixteenth
+    of `queue_max_bytes`)."""
 
     def backoff_ns(self, attempt: int) -> int:
         """Delay before attempt `attempt` (2, 3, ...): base * 2^(attempt-2), capped."""
@@ -53,6 +61,9 @@ DELIVERY_FIELDS = (
     "queue_max",
     "queue_max_bytes",
     "grace_ms",
+    "credit",
+    "flow_high",
+    "flow_low",
 )
 """The settings `[delivery]` of the platform config (`broker.config`) may change."""
 

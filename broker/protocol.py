@@ -32,6 +32,8 @@ ERROR: Final = b"ERROR"
 STATSOK: Final = b"STATSOK"
 CONFIRM: Final = b"CONFIRM"
 DLQOK: Final = b"DLQOK"
+CREDIT: Final = b"CREDIT"
+"""{n}: the session may send `n` more PUB messages (publish credit, docs/protocol.md §3.17)."""
 
 # Commands of an event-stream consumer's link, consumer -> broker (EVENT_CONSUMERS only)
 EVSYNC: Final = b"EVSYNC"

@@ -64,6 +64,7 @@ from broker.event_records import (
     Routed,
 )
 from broker.events import EventLog
+from broker.flow import FlowControl
 from broker.manifests import Permissions
 from broker.permissions import Authorizer, permissions_of
 from broker.requests import Requests
@@ -87,12 +88,28 @@ _DEDUPE_LIMIT = 131_072
 _PUBLISHED = Published.KIND
 _ROUTED = Routed.KIND
 _ATTEMPTED = DeliveryAttempted.KIND
+_DEAD = DeadLettered.KIND
 _DENIAL_ACTIONS = {
     P.PUB: "publish",
     P.SUB: "subscribe",
     P.REQ: "request",
     P.REP: "reply",
 }
+
+
+@dataclass(slots=True)
+class _DeadTally:
+    """Dead letters of one (reason, session) since the last log line."""
+
+    first_id: int
+    topic: str
+    attempts: int
+    error: str
+    count: int = 1
+    last_id: int = 0
+
+    def __post_init__(self) -> None:
+        self.last_id = self.first_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,10 +149,15 @@ class Router:
         self.stream = stream or EventLog(epoch=0)
         """The event stream (persistence, audit, tracing, the gateway consume it)."""
         self.notices: list[Notice] = []
-        """Things worth a log line (expiry, unresponsive, dead letters); the server drains it."""
+        """Things worth a log line (expiry, unresponsive, ...); the server drains it with
+        `take_notices`, which adds the dead letters, counted."""
+        self._dead_tally: dict[tuple[str, str, str], _DeadTally] = {}
+        self._dlq_dropped_told = 0
         self.stats = RouterStats()
         self.dlq = DeadLetterQueue(self.config.dlq_max)
         self.sessions = Sessions(self)
+        self.flow = FlowControl(self.config.delivery, self.sessions.by_key)
+        """Publish credit: who may send how much, and which congested receiver holds whom."""
         self.subscriptions = Subscriptions(self, self.config.route_cache)
         self.requests = Requests(self)
         self.dead_letters = DeadLetterCommands(self)
@@ -251,7 +273,7 @@ class Router:
             raise ProtocolViolation(
                 Code.BAD_FRAME_COUNT, f"PUB takes header/payload pairs, got {count} frames"
             )
-        if count > 2 * P.MAX_PUB_BATCH:
+        if count > 2 * P.MAX_PUB_BATCH:  # whole-batch refusals give no credit back (§3.17)
             raise ProtocolViolation(
                 Code.TOO_LARGE, f"PUB batch of {count // 2} exceeds {P.MAX_PUB_BATCH}"
             )
@@ -311,7 +333,7 @@ class Router:
             seen_key = (sender, header.msg_id)
             stored = seen.get(seen_key)
             if stored is None:
-                stored = self._route(header, header_raw, payload, sender, ts, touched, session.name)
+                stored = self._route(header, header_raw, payload, sender, ts, touched, session)
                 seen[seen_key] = stored
                 if len(seen) > _DEDUPE_LIMIT:
                     seen.popitem(last=False)
@@ -323,6 +345,9 @@ class Router:
                 confirmed.append(header.msg_id)
         if confirmed:
             replies.extend(confirm_messages(peer, confirmed))
+        credit = self.flow.used(session, count // 2)
+        if credit is not None:
+            replies.append(credit)
         for target in touched.values():
             replies.extend(self.pump(target, now_ns))
         return replies
@@ -335,11 +360,13 @@ class Router:
         sender: str,
         ts: int,
         touched: dict[SessionKey, Session],
-        session_name: str = "",
+        publisher: Session | None = None,
         store: bool = True,
     ) -> int:
         """Queue one accepted message for every session with a matching subscription
-        (only sessions of app `dest` for a direct send); returns its event seq."""
+        (only sessions of app `dest` for a direct send); returns its event seq. A
+        `publisher` whose message reaches a congested attached receiver has its credit
+        held (broker.flow)."""
         self.delivery_seq += 1
         self.stats.published += 1
         topic = header.topic
@@ -381,7 +408,7 @@ class Router:
                 ts,
                 (
                     sender,
-                    session_name,
+                    publisher.name if publisher is not None else "",
                     topic,
                     msg_id,
                     header.correlation_id,
@@ -395,14 +422,22 @@ class Router:
         elif store:
             stream.last_seq += 1
         to: list[list[str]] | None = [] if active else None
+        flow = self.flow
         for target, delivery in deliveries:
-            if target.mailbox.offer(delivery):
+            mailbox = target.mailbox
+            if mailbox.offer(delivery):
                 touched[target.key] = target
                 if to is not None:
                     to.append(list(target.key))
             else:
                 delivery.last_error = "the receiver's queue is full"
                 self.dead(target, delivery, "queue-full")
+            if (
+                publisher is not None
+                and (len(mailbox.queue) >= flow.high or mailbox.queued_bytes >= flow.high_bytes)
+                and target.peer is not None  # a detached receiver holds nobody back
+            ):
+                flow.hold(publisher, target)
         if to:
             stream.append_fields(_ROUTED, ts, (msg_id, sender, topic, to))
         return stored_seq
@@ -413,9 +448,9 @@ class Router:
         if peer is None:
             return []
         deliveries = session.mailbox.pull(now_ns)
+        out: list[Outbound] = self.flow.drained(session) if session.holding else []
         if not deliveries:
-            return []
-        out: list[Outbound] = []
+            return out
         chunk = self.config.delivery.window
         stream = self.stream
         for start in range(0, len(deliveries), chunk):
@@ -566,51 +601,87 @@ class Router:
         return self.pump(session, now_ns)
 
     def dead(self, session: Session, delivery: Delivery, reason: str) -> None:
-        """Move one delivery to the dead-letter queue (an event, a notice)."""
-        dropped = self.dlq.dropped
-        entry = self.dlq.add(delivery, reason, session.app_id, session.name, self._ts)
+        """Move one delivery to the dead-letter queue: its DeadLettered event (what the
+        store keeps), counted for one log line per reason and session (`take_notices`).
+
+        This is the overflow path too (`queue-full` under a flood), so it costs about
+        what a delivery does: no record object, no log line per message."""
+        dlq = self.dlq
+        entry = dlq.add(delivery, reason, session.app_id, session.name, self._ts)
         d = delivery
-        self.emit(
-            DeadLettered(
-                entry,
-                session.app_id,
-                session.name,
-                reason,
-                d.attempt,
-                d.last_error,
-                d.stored_seq if d.durable_sids else 0,
-                d.sender,
-                d.timestamp_ns,
-                d.topic,
-                d.msg_id,
-                d.sensitive,
-                d.header,
-                d.payload,
-                d.sids,
+        stream = self.stream
+        if stream.active or stream.waiting:
+            stream.append_fields(
+                _DEAD,
+                self._ts,
+                (
+                    entry,
+                    session.app_id,
+                    session.name,
+                    reason,
+                    d.attempt,
+                    d.last_error,
+                    d.stored_seq if d.durable_sids else 0,
+                    d.sender,
+                    d.timestamp_ns,
+                    d.topic,
+                    d.msg_id,
+                    d.sensitive,
+                    d.header,
+                    d.payload,
+                    d.sids,
+                ),
             )
-        )
-        if self.dlq.evicted:
-            self.emit(DlqPurged(self.dlq.evicted[:], P.BROKER_ID))
-            self.dlq.evicted.clear()
-        if self.dlq.dropped > dropped:
+        else:
+            stream.last_seq += 1
+        if dlq.evicted:
+            self.emit(DlqPurged(dlq.evicted[:], P.BROKER_ID))
+            dlq.evicted.clear()
+        key = (reason, session.app_id, session.name)
+        tally = self._dead_tally.get(key)
+        if tally is None:
+            self._dead_tally[key] = _DeadTally(entry, d.topic, d.attempt, d.last_error)
+        else:
+            tally.count += 1
+            tally.last_id = entry
+            tally.topic = d.topic
+            tally.attempts = d.attempt
+            tally.error = d.last_error
+
+    def take_notices(self) -> list[Notice]:
+        """The log lines due (the server writes them, once per pass): what `notices`
+        holds, then one `dead-letter` line per (reason, session) with the count and the
+        entry id range since the last call, then `dlq-full` when entries were dropped."""
+        tallies = self._dead_tally
+        if tallies:
+            for (reason, app, session), tally in tallies.items():
+                self.notices.append(
+                    {
+                        "event": "dead-letter",
+                        "reason": reason,
+                        "app": app,
+                        "session": session,
+                        "count": tally.count,
+                        "id": tally.first_id,
+                        "last_id": tally.last_id,
+                        "topic": tally.topic,
+                        "attempts": tally.attempts,
+                        "error": tally.error,
+                    }
+                )
+            tallies.clear()
+        if self.dlq.dropped > self._dlq_dropped_told:
             self.notices.append(
                 {
                     "event": "dlq-full",
+                    "dropped": self.dlq.dropped - self._dlq_dropped_told,
                     "dropped_total": self.dlq.dropped,
                     "hint": "purge or replay dead letters (plexus dlq)",
                 }
             )
-        self.notices.append(
-            {
-                "event": "dead-letter",
-                "id": entry,
-                "reason": reason,
-                "app": session.app_id,
-                "topic": delivery.topic,
-                "attempts": delivery.attempt,
-                "error": delivery.last_error,
-            }
-        )
+            self._dlq_dropped_told = self.dlq.dropped
+        notices, self.notices = self.notices, []
+        return notices
 
     # -- recovery (broker.recovery.apply_restore calls these) -------------------------------
 
@@ -656,7 +727,9 @@ class Router:
         ack timeouts and due retries."""
         self._ts = self.stamp()
         self.requests.expire(now_ns)
-        return self.sessions.housekeeping(now_ns)
+        out = self.sessions.housekeeping(now_ns)
+        out.extend(self.flow.sweep(now_ns))
+        return out
 
     def drop_peer(self, peer: bytes, now_ns: int) -> None:
         """The server found `peer` unreachable: detach its session (grace period starts)."""

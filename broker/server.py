@@ -220,6 +220,12 @@ class BrokerServer:
     # -- routing ----------------------------------------------------------------------------
 
     def _drain(self, sock: zmq.Socket[bytes]) -> None:
+        try:
+            self._drain_pass(sock)
+        finally:  # one pass, one set of log lines (dead letters counted, not one each)
+            self._log_notices()
+
+    def _drain_pass(self, sock: zmq.Socket[bytes]) -> None:
         core = self.core
         clock = time.perf_counter_ns
         monotonic = self._monotonic
@@ -256,8 +262,6 @@ class BrokerServer:
                     elapsed = clock() - started
                     for _ in range((len(frames) - 1) // 2):
                         record(elapsed)
-            if self.router.notices:
-                self._log_notices()
 
     def _publish_events(self, frames: list[bytes]) -> None:
         if self._events is not None:
@@ -289,13 +293,12 @@ class BrokerServer:
             self._rate_mark = (now, delivered)
 
     def _log_notices(self) -> None:
-        for item in self.router.notices:
+        for item in self.router.take_notices():
             name = item.pop("event")
             level = (
                 logging.INFO if name in ("session-expired", "broker-recovered") else logging.WARNING
             )
             event(log, name, level, **item)
-        self.router.notices.clear()
 
     def _extra_stats(self, reset: bool) -> dict[str, Any]:
         usage = resource.getrusage(resource.RUSAGE_SELF)

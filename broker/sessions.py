@@ -51,6 +51,12 @@ class Session:
     durable: set[int] = field(default_factory=set)
     serving: set[int] = field(default_factory=set)
     """Subscriptions that answer requests (each request goes to one serving subscription)."""
+    owed: int = 0
+    """PUB messages read since the last CREDIT (broker.flow)."""
+    held_by: set[SessionKey] = field(default_factory=set)
+    """Congested receivers holding this publisher's credit back (broker.flow)."""
+    holding: set[SessionKey] = field(default_factory=set)
+    """Publishers whose credit this congested receiver holds back (broker.flow)."""
 
     @property
     def app_id(self) -> str:
@@ -134,6 +140,7 @@ class Sessions:
         session.last_seen_ns = now_ns
         session.mailbox.auto_ack = not hello.acked
         self.by_peer[peer] = session
+        core.flow.welcome(session)
         welcome = Welcome(
             version=max(common),
             app=app_id,
@@ -145,6 +152,7 @@ class Sessions:
             grace_ms=config.delivery.grace_ms,
             window=config.delivery.window,
             store=config.store_endpoint,
+            credit=config.delivery.credit,
         )
         out.append((peer, welcome.frames()))
         out.extend(core.pump(session, now_ns))

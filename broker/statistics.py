@@ -96,6 +96,9 @@ def snapshot(core: Router, now_ns: int, reset: bool = False) -> dict[str, Any]:
         "sessions_expired": stats.sessions_expired,
         "unresponsive": stats.unresponsive,
         "pending_requests": len(core.requests),
+        "flow_held": len(core.flow.held),
+        "flow_holds": core.flow.holds,
+        "flow_granted": core.flow.granted,
         "seq": core.delivery_seq,
         "events": {
             "last_seq": stream.last_seq,

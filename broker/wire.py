@@ -170,6 +170,9 @@ class Welcome:
     """The persistence query socket (None: persistence is off)."""
     max_payload: int = P.MAX_PAYLOAD_BYTES
     max_batch: int = P.MAX_PUB_BATCH
+    credit: int = 0
+    """PUB messages the session may send before a CREDIT gives more (0: no flow control,
+    a broker that predates it)."""
 
     def frames(self) -> list[bytes]:
         body = {
@@ -185,6 +188,7 @@ class Welcome:
             "max_batch": self.max_batch,
             "window": self.window,
             "store": self.store,
+            "credit": self.credit,
         }
         return [P.WELCOME, pack(body)]
 
@@ -218,6 +222,7 @@ class Welcome:
             store=store if isinstance(store, str) else None,
             max_payload=_optional_int(body, "max_payload", P.MAX_PAYLOAD_BYTES, 1, 2**40),
             max_batch=_optional_int(body, "max_batch", P.MAX_PUB_BATCH, 1, 2**31),
+            credit=_optional_int(body, "credit", 0, 0, 2**31),
         )
 
 
@@ -526,6 +531,21 @@ class Confirm:
         if not isinstance(ids, list) or not all(isinstance(i, bytes) for i in ids):
             raise ProtocolViolation(Code.BAD_HEADER, "CONFIRM field 'ids' must be a list of bin")
         return cls(tuple(ids))
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    """More publish credit: the session may send `n` more PUB messages (§3.17)."""
+
+    COMMAND: ClassVar[bytes] = P.CREDIT
+    n: int
+
+    def frames(self) -> list[bytes]:
+        return [P.CREDIT, pack({"n": self.n})]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> Self:
+        return cls(required_int(_body(frames, "CREDIT"), "n", 1, 2**31))
 
 
 @dataclass(frozen=True, slots=True)
@@ -1098,6 +1118,7 @@ CONTROL_RECORDS: Final[dict[bytes, Any]] = {
         Publish,
         Deliver,
         Confirm,
+        Credit,
         Ack,
         Nack,
         Request,

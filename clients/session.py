@@ -16,7 +16,8 @@ tests drive it with a fake broker and a fake clock:
 It holds the HELLO/WELCOME handshake (and the re-HELLO after 105 NOT_WELCOMED or a new
 transport), subscriptions (kept equal at the broker to the ones the app wants, and the
 resumed ones a new WELCOME lists, held until the app claims them), publish batching
-(`CLIENT_BATCH` per PUB) and the unconfirmed window with its resend after every WELCOME,
+(`CLIENT_BATCH` per PUB, never beyond the broker's publish credit: WELCOME `credit`, then
+each CREDIT) and the unconfirmed window with its resend after every WELCOME,
 ACK/NACK settlements, requests by reply id, STATS/DLQ calls by `rid`, heartbeats,
 broker-silence detection, expiry of requests and calls, the clean close, and the routing
 of every ERROR to what it concerns. Every method must be called from one thread (or one
@@ -76,6 +77,7 @@ from broker.wire import (
     Ack,
     Bye,
     Confirm,
+    Credit,
     Dlq,
     DlqOk,
     Error,
@@ -245,6 +247,10 @@ class ClientSession:
         """Every publish not yet confirmed, in publish order (the resend after WELCOME)."""
         self._outbox: deque[_Item] = deque()
         """Publishes to send; one confirmed meanwhile is skipped."""
+        self._credit: int | None = None
+        """PUB messages the broker lets us send now (WELCOME `credit`, then each CREDIT);
+        None: no flow control (a broker that announces none). Out of credit, publishes
+        wait in the outbox, and `publish` blocks once the unconfirmed window is full."""
         # subscriptions
         self._subs: dict[int, Subscribe] = {}
         self._sent_sids: set[int] = set()
@@ -272,6 +278,11 @@ class ClientSession:
     def unconfirmed(self) -> int:
         """Publishes taken but not yet confirmed (kept to resend after a reconnect)."""
         return len(self._unconfirmed)
+
+    @property
+    def credit(self) -> int | None:
+        """PUB messages the broker's flow control lets us send now (None: unlimited)."""
+        return self._credit
 
     @property
     def window_free(self) -> int:
@@ -420,6 +431,8 @@ class ClientSession:
                 self._on_deliver(frames)
             elif command == P.CONFIRM:
                 self._on_confirm(frames)
+            elif command == P.CREDIT:
+                self._on_credit(frames)
             elif command == P.PONG:
                 self._on_pong(frames)
             elif command == P.SUBOK:
@@ -473,21 +486,30 @@ class ClientSession:
                 out.append(call.record.frames())
         while self._control:
             out.append(self._control.popleft())
-        outbox, unconfirmed = self._outbox, self._unconfirmed
-        while outbox:
-            pairs: list[tuple[bytes, bytes]] = []
-            while outbox and len(pairs) < P.CLIENT_BATCH:
-                msg_id, header, payload = outbox.popleft()
-                if msg_id in unconfirmed:
-                    pairs.append((header, payload))
-            if pairs:
-                out.append(Publish(tuple(pairs)).frames())
+        if self._outbox:
+            self._publishes(out)
         if now - self._last_ping >= self._heartbeat_s:
             self._last_ping = now
             out.append(_PING)
         if self.state is State.CLOSING and not self._closing_ping_sent:
             self._closing_ping_sent = True
             out.append(Ping(CLOSING_ECHO).frames())
+
+    def _publishes(self, out: list[list[bytes]]) -> None:
+        """PUB batches of what the outbox holds, as far as the broker's credit goes."""
+        outbox, unconfirmed, credit = self._outbox, self._unconfirmed, self._credit
+        while outbox and (credit is None or credit > 0):
+            limit = P.CLIENT_BATCH if credit is None else min(P.CLIENT_BATCH, credit)
+            pairs: list[tuple[bytes, bytes]] = []
+            while outbox and len(pairs) < limit:
+                msg_id, header, payload = outbox.popleft()
+                if msg_id in unconfirmed:
+                    pairs.append((header, payload))
+            if pairs:
+                out.append(Publish(tuple(pairs)).frames())
+                if credit is not None:
+                    credit -= len(pairs)
+        self._credit = credit
 
     def take_events(self) -> Sequence[Event]:
         """What happened since the last call, in order."""
@@ -636,6 +658,10 @@ class ClientSession:
         if ids:
             self._events.append(Confirmed(ids))
 
+    def _on_credit(self, frames: list[bytes]) -> None:
+        if self._credit is not None:
+            self._credit += Credit.decode(frames).n
+
     def _on_pong(self, frames: list[bytes]) -> None:
         if (
             self.state is State.CLOSING
@@ -663,6 +689,7 @@ class ClientSession:
         self._resumed = {sid: pattern for sid, pattern in welcome.subs if sid not in self._subs}
         self._orphans.clear()  # unacknowledged: the resumed session delivers them again
         self._outbox = deque(self._unconfirmed.values())  # all unconfirmed, in order, first
+        self._credit = welcome.credit or None  # a fresh connection's whole credit
         self._calls_due.extend(rid for rid, call in self._calls.items() if call.sent)
         self._events.append(Welcomed(welcome))
 

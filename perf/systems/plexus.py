@@ -1,7 +1,9 @@
 """Adapter `plexus`: the Plexus broker (`python -m broker`) with authenticated apps.
 
-The workers speak wire protocol v1 on raw DEALER sockets, exactly as cheaply as the
-`bare` workers do (one PUB per message, no client-side batching), so the comparison with
+The workers speak wire protocol v1 on raw DEALER sockets, as cheaply as the `bare`
+workers do (one PUB per message, no client-side batching; a publisher counts its publish
+credit and reads the broker's CREDITs only when it has run out, docs/protocol.md §3.17,
+so the broker's flow control throttles it as it does the Python client), so the comparison with
 the baseline is broker against broker: ZAP authentication, the User-Id check, header
 decoding, topic and permission checks, stamping and the DELIVER framing are what Plexus
 pays on top. Publishers connect as app `bench-pub`, subscribers as `bench-sub`, each with
@@ -58,7 +60,8 @@ def _creds_for(endpoint: str) -> CredentialStore:
 
 def _hello(
     sock: zmq.Socket[bytes], app_id: str, endpoint: str, timeout_s: float, acked: bool = False
-) -> None:
+) -> int:
+    """Connect and HELLO; returns the WELCOME's publish credit (0: no flow control)."""
     sock.setsockopt(zmq.LINGER, 0)
     sock.plain_username = app_id.encode()
     sock.plain_password = _creds_for(endpoint).mint(app_id).encode()
@@ -72,6 +75,8 @@ def _hello(
     reply = sock.recv_multipart()
     if reply[0] != P.WELCOME:
         raise RuntimeError(f"HELLO refused: {reply!r}")
+    credit = unpackb(reply[1]).get("credit", 0)
+    return credit if isinstance(credit, int) else 0
 
 
 class PlexusBroker(BrokerHandle):
@@ -171,13 +176,14 @@ class _Apps:
         self.ctx = zmq.Context()
         self.topics = [topic_for(p) for p in spec.pairs]
         self.socks: list[zmq.Socket[bytes]] = []
+        self.credit: list[int] = []
+        """Publish credit left per socket (docs/protocol.md §3.17); -1: unlimited."""
         self.poller = zmq.Poller()
-        self.out_poller = zmq.Poller()
         for _ in spec.pairs:
             sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
-            _hello(sock, app_id, spec.endpoint, READY_TIMEOUT_S, acked)
+            credit = _hello(sock, app_id, spec.endpoint, READY_TIMEOUT_S, acked)
             self.socks.append(sock)
-            self.out_poller.register(sock, zmq.POLLOUT)
+            self.credit.append(credit or -1)
             self.poller.register(sock, zmq.POLLIN)
 
     def subscribe_all(self) -> None:
@@ -192,16 +198,40 @@ class _Apps:
 
     def try_send(self, slot: int, payload: bytes) -> bool:
         sock = self.socks[slot]
+        if not self.credit[slot]:  # out of credit: take what came, else the broker holds us
+            self._take_credit(slot)
+            if not self.credit[slot]:
+                return False
         try:
             sock.send(P.PUB, SNDMORE | NOBLOCK)
         except zmq.Again:
             return False
         sock.send(encode_pub_header(new_message_id(), self.topics[slot]), SNDMORE)
         sock.send(payload)
+        if self.credit[slot] > 0:
+            self.credit[slot] -= 1
         return True
 
+    def _take_credit(self, slot: int) -> None:
+        """Read the CREDITs waiting on one publisher socket (nothing else comes there)."""
+        sock = self.socks[slot]
+        while True:
+            try:
+                frames = sock.recv_multipart(NOBLOCK)
+            except zmq.Again:
+                return
+            if frames[0] == P.CREDIT:
+                self.credit[slot] += int(unpackb(frames[1])["n"])
+
     def wait_writable(self, timeout_s: float) -> None:
-        self.out_poller.poll(int(timeout_s * 1000))
+        """Until a socket out of credit gets some, or one with credit has room."""
+        poller = zmq.Poller()
+        for sock, credit in zip(self.socks, self.credit, strict=True):
+            poller.register(sock, zmq.POLLOUT if credit else zmq.POLLIN)
+        for sock, _ in poller.poll(int(timeout_s * 1000)):
+            slot = self.socks.index(sock)
+            if not self.credit[slot]:
+                self._take_credit(slot)
 
     def poll(self, timeout_s: float, sink: Callable[[bytes], None]) -> None:
         for sock, _ in self.poller.poll(int(timeout_s * 1000)):

@@ -54,6 +54,22 @@ def fast_broker(short_tmp: Path) -> Iterator[BrokerHandle]:
     handle.close()
 
 
+@pytest.fixture
+def overflow_broker(short_tmp: Path) -> Iterator[BrokerHandle]:
+    """The fast broker without flow control (credit 0): publishers are never held, so a
+    receiver that never acknowledges overflows into the dead-letter queue."""
+    handle = BrokerHandle.prepared(
+        short_tmp,
+        {
+            "pub": '[permissions]\npublish = ["jobs.>"]\n',
+            "sub": '[permissions]\nsubscribe = ["jobs.>"]\n',
+        },
+    )
+    handle.start(**FAST, window=10, queue_max=100, credit=0)
+    yield handle
+    handle.close()
+
+
 def raw_session(broker: BrokerHandle, app: str, session: str, pattern: str) -> zmq.Socket[bytes]:
     """A subscriber that can vanish without BYE (closing the socket says nothing)."""
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
@@ -136,11 +152,13 @@ def test_session_gone_past_grace_dead_letters_its_queue(fast_broker: BrokerHandl
     assert {e["session"] for e in entries} == {"absent"}
 
 
-def test_slow_consumer_overflow_goes_to_the_dlq(fast_broker: BrokerHandle) -> None:
-    """A subscriber that never acks holds its window and queue (110), and every further
-    message becomes a queue-full dead letter, none lost or kept elsewhere. That memory then
-    stays bounded is checked on the router itself with tracemalloc
-    (tests/unit/test_router_memory.py); an RSS ceiling here measured the allocator."""
+def test_slow_consumer_overflow_goes_to_the_dlq(overflow_broker: BrokerHandle) -> None:
+    """Without flow control, a subscriber that never acks holds its window and queue (110),
+    and every further message becomes a queue-full dead letter, none lost or kept
+    elsewhere. That memory then stays bounded is checked on the router itself with
+    tracemalloc (tests/unit/test_router_memory.py); an RSS ceiling here measured the
+    allocator. With flow control the publisher is held instead (test_flow_control.py)."""
+    fast_broker = overflow_broker
     slow = fast_broker.connect("sub", session="slow")
     slow.subscribe("jobs.>", manual_ack=True)  # never acks: window 10, queue 100
     pub = fast_broker.connect("pub")
@@ -280,7 +298,8 @@ def test_a_taken_over_session_stays_with_the_newer_connection(fast_broker: Broke
     assert fast_broker.connect("$cli").broker_stats()["sessions_resumed"] == 1
 
 
-def test_big_dead_letter_listing_is_readable(fast_broker: BrokerHandle) -> None:
+def test_big_dead_letter_listing_is_readable(overflow_broker: BrokerHandle) -> None:
+    fast_broker = overflow_broker
     slow = fast_broker.connect("sub", session="slow")
     slow.subscribe("jobs.>", manual_ack=True)
     pub = fast_broker.connect("pub")

@@ -22,6 +22,7 @@ from broker.wire import (
     Ack,
     Bye,
     Confirm,
+    Credit,
     Deliver,
     Dlq,
     DlqOk,
@@ -68,7 +69,9 @@ HEARTBEAT_S = 2.0
 TIMEOUT_S = 10.0
 
 
-def welcome(resumed: bool = False, subs: tuple[tuple[int, str], ...] = ()) -> list[bytes]:
+def welcome(
+    resumed: bool = False, subs: tuple[tuple[int, str], ...] = (), credit: int = 0
+) -> list[bytes]:
     return Welcome(
         version=1,
         app="app",
@@ -80,6 +83,7 @@ def welcome(resumed: bool = False, subs: tuple[tuple[int, str], ...] = ()) -> li
         grace_ms=30_000,
         window=256,
         store=None,
+        credit=credit,
     ).frames()
 
 
@@ -195,6 +199,43 @@ def test_publishes_go_out_in_client_batches() -> None:
     batches = [r for r in link.sent() if isinstance(r, Publish)]
     assert [len(b.pairs) for b in batches] == [P.CLIENT_BATCH, P.CLIENT_BATCH, 300 - 256]
     assert published_ids(batches) == [mid(n) for n in range(300)]
+
+
+def test_publishes_stay_within_the_brokers_credit() -> None:
+    """Flow control (protocol §3.17): never more PUB messages than the credit allows; the
+    rest wait in the outbox (unconfirmed, counted by the window) until a CREDIT comes."""
+    link = Link().welcomed(credit=200)
+    assert link.session.credit == 200
+    for n in range(300):
+        link.publish(n)
+    batches = [r for r in link.sent() if isinstance(r, Publish)]
+    assert [len(b.pairs) for b in batches] == [P.CLIENT_BATCH, 200 - P.CLIENT_BATCH]
+    assert link.session.credit == 0 and link.session.unconfirmed == 300
+    assert link.session.window_free == 10_000 - 300  # publish() blocks once this is 0
+    assert published_ids(link.sent()) == []  # held back: out of credit
+    assert link.give(Credit(64).frames()) == []
+    assert published_ids(link.sent()) == [mid(n) for n in range(200, 264)]
+    link.give(Credit(1000).frames())
+    assert published_ids(link.sent()) == [mid(n) for n in range(264, 300)]
+    assert link.session.credit == 1000 - 36
+
+
+def test_a_new_welcome_brings_the_whole_credit_and_a_broker_without_one_none() -> None:
+    link = Link().welcomed(credit=10)
+    for n in range(30):
+        link.publish(n)
+    assert published_ids(link.sent()) == [mid(n) for n in range(10)]
+    link.give(error(Code.NOT_WELCOMED))
+    assert isinstance(link.sent()[0], Hello)
+    link.give(welcome(credit=20))  # resend of the unconfirmed first, within the new credit
+    assert published_ids(link.sent()) == [mid(n) for n in range(20)]
+    link.give(error(Code.NOT_WELCOMED))
+    link.sent()
+    link.give(welcome())  # an older broker: no credit, no flow control
+    assert link.session.credit is None
+    assert published_ids(link.sent()) == [mid(n) for n in range(30)]
+    link.give(Credit(5).frames())  # ignored without flow control
+    assert link.session.credit is None
 
 
 def test_one_delivery_to_two_subscriptions_is_acked_when_both_consumed() -> None:

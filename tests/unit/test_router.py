@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from io import BytesIO
 from typing import Any
 
 import msgpack
@@ -425,7 +426,7 @@ def test_fifo_within_and_across_batches(router: Router) -> None:
         messages = [
             (("market.a" if i % 3 else "news.b"), f"{batch}:{i}".encode()) for i in range(40)
         ]
-        out = pub.pub(*messages)
+        out = [item for item in pub.pub(*messages) if item[1][0] != P.CREDIT]
         assert len(out) == 1 and out[0][1][0] == P.DELIVER  # one DELIVER per peer per PUB
         for _, stamp, _, payload in deliveries(out, b"p1"):
             received.append(payload)
@@ -672,3 +673,160 @@ def test_events_name_the_stored_message_even_when_a_queue_is_full() -> None:
     released = router.confirm_stored(log.last_seq)
     assert [frames[0] for _, frames in released] == [P.CONFIRM]
     assert len(unpack_map(released[0][1][1])["ids"]) == 3
+
+
+# -- flow control: publish credit (broker.flow, protocol §3.17) -------------------------------
+
+FLOW = DeliveryConfig(window=10, credit=8, flow_high=20, flow_low=5, queue_max=40)
+
+
+class CreditedPublisher(Peer):
+    """A publisher that sends only within its credit (WELCOME `credit`, then CREDITs)."""
+
+    credit = 0
+    sent = 0
+
+    def welcomed(self) -> CreditedPublisher:
+        [(_, frames)] = self.hello()
+        self.credit = unpack_map(frames[1])["credit"]
+        return self
+
+    def take(self, out: list[Outbound]) -> list[Outbound]:
+        for to, frames in out:
+            if to == self.peer and frames[0] == P.CREDIT:
+                self.credit += unpack_map(frames[1])["n"]
+        return out
+
+    def flood(self, limit: int) -> list[Outbound]:
+        """Publish one message a PUB as long as credit lasts (at most `limit`)."""
+        out: list[Outbound] = []
+        while self.credit and self.sent < limit:
+            self.credit -= 1
+            self.sent += 1
+            out += self.take(self.pub(("market.flow", self.sent.to_bytes(4, "big"))))
+        return out
+
+
+def ack_all(sub: Peer, out: list[Outbound]) -> list[Outbound]:
+    seqs = [stamp.seq for _, stamp, _, _ in deliveries(out, sub.peer)]
+    return sub.send(P.ACK, pack({"seqs": seqs})) if seqs else []
+
+
+def test_welcome_announces_the_publish_credit() -> None:
+    router = make_router(RouterConfig(delivery=FLOW))
+    [(_, frames)] = Peer(router, b"p", "pub").hello()
+    assert unpack_map(frames[1])["credit"] == 8
+    [(_, frames)] = Peer(make_router(), b"p", "pub").hello()
+    assert unpack_map(frames[1])["credit"] == DeliveryConfig().credit
+
+
+def test_credit_comes_back_once_routed_while_receivers_keep_up() -> None:
+    router = make_router(RouterConfig(delivery=FLOW))
+    Peer(router, b"s", "sub").welcomed().subscribed(1, "market.>")
+    pub = CreditedPublisher(router, b"p", "pub").welcomed()
+    out = pub.flood(8)
+    credits = [unpack_map(f[1])["n"] for to, f in out if f[0] == P.CREDIT]
+    assert credits == [2, 2, 2, 2]  # a quarter of the credit at a time
+    assert pub.credit == 8 and router.stats.errors == {}
+
+
+def test_publisher_is_held_before_the_queue_overflows_and_released_when_it_drains() -> None:
+    """A slow receiver: its queue passes flow_high, the publisher's credit is held and it
+    stops (queue stays under queue_max, nothing dead-lettered); acknowledgements are read
+    all along, drain the queue to flow_low, and the credit comes back; every message
+    arrives once, in order."""
+    router = make_router(RouterConfig(delivery=FLOW))
+    sub = Peer(router, b"s", "sub").welcomed().subscribed(1, "market.>")
+    pub = CreditedPublisher(router, b"p", "pub").welcomed()
+    got: list[bytes] = []
+    pending = pub.flood(1000)  # the receiver acknowledges nothing yet
+    got += [payload for *_, payload in deliveries(pending, b"s")]
+    receiver = router.sessions.by_key[("sub", "s")]
+    assert pub.credit == 0 and pub.sent < 40  # stopped well before the queue bound
+    assert FLOW.flow_high <= len(receiver.mailbox.queue) <= FLOW.flow_high + FLOW.credit
+    assert router.flow.held and router.dlq.by_reason == {}
+    assert router.snapshot(T0)["flow_held"] == 1
+    # the receiver catches up, one DELIVER at a time; the publisher goes on when credited
+    rounds = 0
+    while pub.sent < 1000 or deliveries(pending, b"s"):
+        rounds += 1
+        assert rounds < 2000
+        out = pub.take(ack_all(sub, pending))
+        out += pub.flood(1000)
+        got += [payload for *_, payload in deliveries(out, b"s")]
+        pending = out
+        assert len(receiver.mailbox.queue) < FLOW.queue_max
+    assert got == [n.to_bytes(4, "big") for n in range(1, 1001)]
+    assert router.dlq.by_reason == {} and router.flow.holds > 1
+    assert router.snapshot(T0)["flow_held"] == 0
+
+
+def test_detached_receiver_holds_nobody_back() -> None:
+    router = make_router(RouterConfig(delivery=FLOW))
+    Peer(router, b"s", "sub").welcomed().subscribed(1, "market.>")
+    pub = CreditedPublisher(router, b"p", "pub").welcomed()
+    pub.flood(1000)
+    assert pub.credit == 0 and router.flow.held
+    router.drop_peer(b"s", T0)  # gone: its queue waits for a resume, nobody waits for it
+    pub.take(router.housekeeping(T0 + SECOND))
+    assert pub.credit > 0 and not router.flow.held
+    before = pub.sent
+    pub.flood(before + 30)  # a detached receiver's queue overflows into the DLQ, as before
+    assert pub.sent == before + 30
+    assert router.dlq.by_reason.get("queue-full", 0) > 0
+
+
+def test_a_publisher_is_held_at_most_hold_max() -> None:
+    from broker.flow import HOLD_MAX_NS
+
+    router = make_router(RouterConfig(delivery=FLOW, peer_timeout_ms=3_600_000))
+    Peer(router, b"s", "sub").welcomed().subscribed(1, "market.>")
+    pub = CreditedPublisher(router, b"p", "pub").welcomed()
+    pub.flood(1000)
+    assert pub.credit == 0
+    assert pub.take(router.housekeeping(T0 + SECOND)) == []  # the hold is noted
+    assert pub.credit == 0
+    pub.take(router.housekeeping(T0 + SECOND + HOLD_MAX_NS))
+    assert pub.credit > 0 and not router.flow.held
+
+
+def test_own_messages_never_hold_a_session_back() -> None:
+    router = make_router(RouterConfig(delivery=FLOW))
+    both = CreditedPublisher(router, b"b", "both").welcomed()
+    both.subscribed(1, "market.>")
+    both.flood(100)
+    assert both.sent == 100 and not router.flow.held
+
+
+def test_credit_zero_turns_flow_control_off() -> None:
+    config = DeliveryConfig(window=10, credit=0, flow_high=20, flow_low=5, queue_max=40)
+    router = make_router(RouterConfig(delivery=config))
+    Peer(router, b"s", "sub").welcomed().subscribed(1, "market.>")
+    pub = Peer(router, b"p", "pub").welcomed()
+    out: list[Outbound] = []
+    for n in range(100):
+        out += pub.pub(("market.flow", b"%d" % n))
+    assert not [f for _, f in out if f[0] == P.CREDIT] and not router.flow.held
+    assert router.dlq.by_reason == {"queue-full": 100 - 40 - 10}
+
+
+def test_overflow_is_one_log_line_per_reason_and_session() -> None:
+    """A publisher that ignores its credit overflows a slow receiver: each dead letter is
+    an event (the store needs it), the log gets one counted line, not one per message."""
+    router = make_router(RouterConfig(delivery=FLOW))
+    router.stream.register(P.PERSISTENCE_ID, 0)  # events are encoded, as with persistence
+    Peer(router, b"s", "sub").welcomed().subscribed(1, "market.>")
+    pub = Peer(router, b"p", "pub").welcomed()
+    for n in range(100):
+        pub.pub(("market.flow", b"%d" % n))
+    dead = 100 - FLOW.queue_max - FLOW.window
+    assert router.dlq.by_reason == {"queue-full": dead}
+    notices = router.take_notices()
+    [line] = [n for n in notices if n["event"] == "dead-letter"]
+    assert (line["reason"], line["app"], line["count"]) == ("queue-full", "sub", dead)
+    assert (line["id"], line["last_id"]) == (1, dead)
+    assert router.take_notices() == []
+    frames = router.stream.since(1)
+    assert frames is not None
+    kinds = [event[1] for event in msgpack.Unpacker(BytesIO(frames[2]))]
+    assert kinds.count(5) == dead  # DeadLettered, one per message

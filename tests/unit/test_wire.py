@@ -86,6 +86,7 @@ RECORDS: dict[type[Any], st.SearchStrategy[Any]] = {
         store=st.none() | text,
         max_payload=st.integers(1, 2**40),
         max_batch=st.integers(1, 2**31),
+        credit=st.integers(0, 2**31),
     ),
     W.Ping: st.builds(W.Ping, st.binary(max_size=64)),
     W.Pong: st.builds(W.Pong, st.binary(max_size=64)),
@@ -103,6 +104,7 @@ RECORDS: dict[type[Any], st.SearchStrategy[Any]] = {
     ),
     W.Deliver: st.builds(W.Deliver, st.lists(delivered, min_size=1, max_size=4).map(tuple)),
     W.Confirm: st.builds(W.Confirm, st.lists(msg_ids, max_size=5).map(tuple)),
+    W.Credit: st.builds(W.Credit, st.integers(1, 2**31)),
     W.Ack: st.builds(W.Ack, st.lists(u63, max_size=5).map(tuple)),
     W.Nack: st.builds(W.Nack, u63, st.text(max_size=512), st.booleans()),
     W.Request: st.builds(
