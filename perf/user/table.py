@@ -2,7 +2,10 @@
 
 Rows are built from the harness's medians (`perf.summary.Cell`) and the confirm runs;
 nothing here measures or prints. Ratio = Plexus ÷ peer: above 1 is better for a rate,
-worse for a latency; shares (deliv%, blocked) get no ratio.
+worse for a latency; shares (deliv%, blocked) and CPU get no ratio. "routed by the broker"
+(Plexus only: its STATS histogram count per second of window) tells a slow broker from
+clients that never sent what they accepted; "server CPU" is Plexus's supervisor, broker
+and persistence service together, or nats-server.
 """
 
 from __future__ import annotations
@@ -81,8 +84,11 @@ def flood_rows(summaries: Sequence[Summary], cell: Cell) -> list[Row]:
     metrics: list[tuple[str, str, Kind]] = [
         ("delivered msg/s", "delivered_rate", "rate"),
         ("accepted msg/s", "sent_rate", "rate"),
+        ("routed by the broker msg/s", "routed_rate", "rate"),
         ("deliv% (deliv/accepted)", "delivered_fraction", "share"),
         ("blocked (time throttled)", "blocked_fraction", "share"),
+        ("server CPU", "broker_cores", "cores"),
+        ("client processes' CPU", "workers_cores", "cores"),
         ("other load on the box", "other_cores", "cores"),
     ]
     return [
