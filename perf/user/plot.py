@@ -45,6 +45,7 @@ def write_plot(
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return "matplotlib not installed (perf/setup.sh installs it)"
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -61,9 +62,12 @@ def write_plot(
                 style = STYLES[i % len(STYLES)]
                 right.plot(xs, ys, "o" + style, color=COLOURS[label], label=f"{label} @{rate:,}/s")
     right.set(title="end-to-end p99 (ms) at offered msg/s", xlabel="apps (in 4 processes)")
+    apps = sorted({c.n_apps for c in matrix if c.latency})
     for ax in (left, right):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(apps, [str(n) for n in apps])
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _p: f"{v:g}"))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Plexus (Bus client) vs NATS (nats-py), 256 B payloads, medians", fontsize=10)

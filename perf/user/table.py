@@ -19,7 +19,7 @@ from perf.summary import Cell as Summary
 from perf.user.confirms import ConfirmRun
 from perf.user.matrix import PEER_LABEL, Cell
 
-Kind = Literal["rate", "ms", "share", "cores"]
+Kind = Literal["rate", "ms", "us", "share", "cores"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +35,7 @@ class Row:
 
     @property
     def ratio(self) -> float | None:
-        return ratio(self.plexus, self.peer) if self.kind in ("rate", "ms") else None
+        return ratio(self.plexus, self.peer) if self.kind in ("rate", "ms", "us") else None
 
 
 def ratio(plexus: float | None, peer: float | None) -> float | None:
@@ -74,8 +74,20 @@ def _label(cell: Cell, what: str, pair: tuple[Summary | None, Summary | None]) -
     return label
 
 
+def per_message_us(summary: Summary | None, cores_key: str) -> float | None:
+    """CPU µs per delivered message from two medians (cores ÷ delivered msg/s)."""
+    cores, delivered = _get(summary, cores_key), _get(summary, "delivered_rate")
+    if cores is None or not delivered:
+        return None
+    return cores * 1e6 / delivered
+
+
 def flood_rows(summaries: Sequence[Summary], cell: Cell) -> list[Row]:
-    """Delivered and accepted msg/s, deliv% and blocked of one cell's flood."""
+    """Delivered and accepted msg/s, deliv%, blocked and CPU of one cell's flood.
+
+    "routed by the broker" only for at-most-once cells: with persistence on, deliveries
+    wait for the store and the broker's routing histogram does not count them.
+    """
     plexus_system, peer_system = cell.systems
     mine = find(summaries, plexus_system, cell.layout, cell.n_apps, "flood")
     theirs = find(summaries, peer_system, cell.layout, cell.n_apps, "flood")
@@ -91,10 +103,17 @@ def flood_rows(summaries: Sequence[Summary], cell: Cell) -> list[Row]:
         ("client processes' CPU", "workers_cores", "cores"),
         ("other load on the box", "other_cores", "cores"),
     ]
-    return [
+    if cell.group != "at-most-once":
+        metrics = [m for m in metrics if m[1] != "routed_rate"]
+    rows = [
         Row(label if i == 0 else "", name, kind, _get(mine, key), _get(theirs, key), peer)
         for i, (name, key, kind) in enumerate(metrics)
     ]
+    rows.append(
+        Row("", "client CPU µs per delivered msg", "us",
+            per_message_us(mine, "workers_cores"), per_message_us(theirs, "workers_cores"), peer)
+    )  # fmt: skip
+    return rows
 
 
 def latency_rows(
@@ -176,7 +195,7 @@ def _value(value: float | None, kind: Kind) -> str:
         return "-"
     if kind == "rate":
         return f"{value:,.0f}"
-    if kind == "ms":
+    if kind in ("ms", "us"):
         return f"{value:.2f}" if value < 100 else f"{value:,.0f}"
     if kind == "cores":
         return f"{value:.2f} cores"
