@@ -26,12 +26,18 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 	$(PY) -m tests.layers          # the import floors (also tests/unit/test_layers.py in make test)
 
+# `make bench` runs every benchmark (about an hour); `make bench ARGS=--quick` only the user
+# benchmark, short, and one client run (under 3 min). ARGS go to bench_routing, USER_ARGS
+# to bench_user (e.g. USER_ARGS="--sections confirm").
+QUICK = $(findstring --quick,$(ARGS))
+
 bench: $(STAMP)
 	bash perf/setup.sh $(PY)
-	$(PY) -m perf.bench_routing $(ARGS)
-	$(PY) -m perf.bench_supervisor
-	$(PY) -m perf.bench_persistence $(if $(findstring --quick,$(ARGS)),--quick)
-	$(PY) -m perf.bench_client $(if $(findstring --quick,$(ARGS)),--repeat 1 --messages 1000 --calls 3000)
+	$(PY) -m perf.bench_user $(if $(QUICK),--quick) $(USER_ARGS)
+	$(if $(QUICK),,$(PY) -m perf.bench_routing $(ARGS))
+	$(if $(QUICK),,$(PY) -m perf.bench_supervisor)
+	$(if $(QUICK),,$(PY) -m perf.bench_persistence)
+	$(PY) -m perf.bench_client $(if $(QUICK),--repeat 1 --messages 1000 --calls 3000)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

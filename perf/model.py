@@ -150,3 +150,22 @@ def summarize_ns(samples: array[int] | list[int]) -> LatencySummary | None:
         return s[min(n - 1, max(0, math.ceil(q * n) - 1))] / 1000.0
 
     return LatencySummary(n, rank(0.50), rank(0.99), rank(0.999))
+
+
+def merge_tallies(per_source: list[list[PhaseTally]]) -> list[PhaseTally]:
+    """Phase-by-phase sums of several sources' tallies (e.g. one Recorder per client
+    thread, so no two threads ever update one counter); latency samples are joined."""
+    if not per_source:
+        return []
+    merged = [PhaseTally() for _ in per_source[0]]
+    for tallies in per_source:
+        for total, t in zip(merged, tallies, strict=True):
+            total.sent_in_window += t.sent_in_window
+            total.sent_total += t.sent_total
+            total.blocked_ns += t.blocked_ns
+            total.late += t.late
+            total.max_lag_ns = max(total.max_lag_ns, t.max_lag_ns)
+            total.received_in_window += t.received_in_window
+            total.arrived_in_window += t.arrived_in_window
+            total.latencies_ns.extend(t.latencies_ns)
+    return merged

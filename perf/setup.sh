@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Install what `python -m perf.bench_routing` needs; safe to run again and again.
+# Install what `python -m perf.bench_routing` and `perf.bench_user` need; safe to run again and again.
 #   bash perf/setup.sh [PYTHON]     (PYTHON defaults to .venv/bin/python)
 # - Debian packages nats-server and mosquitto (only if their binaries are missing;
 #   needs root or sudo). The mosquitto package enables a system service on port
 #   1883; the benchmark never uses it (it starts its own broker on a free port).
-# - pip packages nats-py and paho-mqtt into PYTHON (pyzmq comes with the project).
+# - pip packages nats-py and paho-mqtt into PYTHON (pyzmq comes with the project), and
+#   matplotlib for the user benchmark's plot (perf/user/plot.py).
 # A system whose piece is missing is reported "unavailable" by the benchmark, so a
 # failure here is a warning, not an error.
 set -u
@@ -43,6 +44,12 @@ if ! "$PY" -c "import nats, paho.mqtt" >/dev/null 2>&1; then
     echo "perf/setup.sh: installing nats-py and paho-mqtt into $PY" >&2
     "$PY" -m pip install --quiet "nats-py>=2.6,<3" "paho-mqtt>=2,<3" ||
         { echo "perf/setup.sh: pip install failed" >&2; status=1; }
+fi
+
+if ! "$PY" -c "import matplotlib" >/dev/null 2>&1; then
+    echo "perf/setup.sh: installing matplotlib into $PY" >&2
+    "$PY" -m pip install --quiet "matplotlib>=3.7,<4" ||
+        { echo "perf/setup.sh: pip install matplotlib failed (no plot)" >&2; status=1; }
 fi
 
 exit "$status"

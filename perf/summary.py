@@ -28,6 +28,7 @@ METRICS: dict[str, Extractor] = {
     "route_p50_us": lambda p: p.routing.p50_us if p.routing else None,
     "route_p99_us": lambda p: p.routing.p99_us if p.routing else None,
     "route_p999_us": lambda p: p.routing.p999_us if p.routing else None,
+    "routed_rate": lambda p: p.routing.count / p.window_s if p.routing else None,
     "broker_cpu_us_per_msg": lambda p: p.broker_cpu_us_per_msg,
     "host_busy": lambda p: p.host_busy,
     "broker_cores": lambda p: p.broker_cores,

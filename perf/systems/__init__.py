@@ -136,8 +136,12 @@ def adapter_names() -> list[str]:
 
 
 def load_adapter(name: str) -> Adapter:
-    """Import adapter module `name` and check that it has the four names above."""
-    module: ModuleType = importlib.import_module(f"{__name__}.{name}")
+    """Import adapter module `name` and check that it has the four names above.
+
+    A dotted `name` is a full module path: adapters of another benchmark (perf/user/)
+    reuse the harness without joining this package's list of routing systems.
+    """
+    module: ModuleType = importlib.import_module(name if "." in name else f"{__name__}.{name}")
     missing = [attr for attr in _REQUIRED if not hasattr(module, attr)]
     if missing:
         raise TypeError(f"adapter {name!r} lacks {', '.join(missing)}")

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from perf import procutil
@@ -24,6 +25,25 @@ NAME = "nats"
 FLOOD_BATCH = 64  # publishes per task before yielding to the other connections
 BLOCKED_NS = 200_000  # a publish that took longer than this waited for a flush
 MAX_ERRORS = 20
+
+MsgCallback = Callable[[Any], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Flavour:
+    """How workers publish and subscribe over their connections: core NATS here; the
+    user benchmark's JetStream adapter (perf/user/systems/jetstream.py) passes its own,
+    so both drive the same loops and count the same way."""
+
+    sender: Callable[[Any], Any]  # connection -> object with `async publish(subject, data)`
+    subscribe: Callable[[Any, str, MsgCallback], Awaitable[Any]]
+
+
+async def _core_subscribe(nc: Any, subject: str, cb: MsgCallback) -> Any:
+    return await nc.subscribe(subject, cb=cb)
+
+
+CORE = Flavour(lambda nc: nc, _core_subscribe)
 
 
 def unavailable_reason() -> str | None:
@@ -111,9 +131,11 @@ async def _paced(conns: list[Any], spec: WorkerSpec, phase: Phase, t: PhaseTally
         count_sent(t, now, ws, due)
 
 
-async def _publisher(spec: WorkerSpec, ctl: WorkerControl) -> None:
+async def run_publisher(spec: WorkerSpec, ctl: WorkerControl, flavour: Flavour = CORE) -> None:
+    """Connect one client per pair, follow the schedule through `flavour`'s senders."""
     errors: list[str] = []
     conns = await _connect_all(spec, errors)
+    senders = [flavour.sender(nc) for nc in conns]
     try:
         ctl.ready()
         schedule: Schedule | None = await asyncio.to_thread(ctl.wait_start, start_timeout_s(spec))
@@ -127,17 +149,18 @@ async def _publisher(spec: WorkerSpec, ctl: WorkerControl) -> None:
                 await asyncio.gather(
                     *(
                         _flood_one(nc, p, phase, spec.payload_size, t)
-                        for nc, p in zip(conns, spec.pairs, strict=True)
+                        for nc, p in zip(senders, spec.pairs, strict=True)
                     )
                 )
             else:
-                await _paced(conns, spec, phase, t)
+                await _paced(senders, spec, phase, t)
         ctl.report(WorkerReport(spec.worker_id, spec.role, tallies, errors))
     finally:
         await _close_all(conns)
 
 
-async def _subscriber(spec: WorkerSpec, ctl: WorkerControl) -> None:
+async def run_subscriber(spec: WorkerSpec, ctl: WorkerControl, flavour: Flavour = CORE) -> None:
+    """Connect and subscribe one client per pair through `flavour`, count until the end."""
     errors: list[str] = []
     conns = await _connect_all(spec, errors)
     sink: list[Callable[[bytes], None]] = [lambda _payload: None]
@@ -147,7 +170,7 @@ async def _subscriber(spec: WorkerSpec, ctl: WorkerControl) -> None:
 
     try:
         for nc, pair in zip(conns, spec.pairs, strict=True):
-            await nc.subscribe(topic_for(pair), cb=on_msg)
+            await flavour.subscribe(nc, topic_for(pair), on_msg)
         for nc in conns:
             await nc.flush(timeout=10)  # the server has the subscription now
         ctl.ready()
@@ -166,9 +189,9 @@ async def _subscriber(spec: WorkerSpec, ctl: WorkerControl) -> None:
 
 def publisher_worker(spec: WorkerSpec, ctl: WorkerControl) -> None:
     """One asyncio loop driving a connection per pair."""
-    asyncio.run(_publisher(spec, ctl))
+    asyncio.run(run_publisher(spec, ctl))
 
 
 def subscriber_worker(spec: WorkerSpec, ctl: WorkerControl) -> None:
     """One asyncio loop with a subscription callback per pair."""
-    asyncio.run(_subscriber(spec, ctl))
+    asyncio.run(run_subscriber(spec, ctl))

@@ -1,0 +1,230 @@
+"""User benchmark command line: Plexus through `Bus` against NATS through nats-py.
+
+    python -m perf.bench_user [--quick] [--repeat 3] [--apps 10,100,500] [--sections ...]
+
+Runs the harness cells of `perf.user.matrix` (floods and latencies, real platforms and
+servers, worker processes) interleaved, then the confirm section (`perf.user.confirms`),
+prints one table with ratios to stdout (`perf.user.table`), writes every figure to JSON
+and draws the PNG (`perf.user.plot`). Progress goes to stderr. See perf/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from perf.cli import environment, int_list, name_list
+from perf.harness import Layout, RunResult, plan_seconds, run_one, worker_groups
+from perf.report import write_json
+from perf.summary import aggregate
+from perf.systems import load_adapter
+from perf.user import confirms, matrix
+from perf.user.plot import write_plot
+from perf.user.table import build_rows, confirm_medians, render, row_document
+
+SCHEMA = "plexus-perf/user/1"
+PAYLOAD = 256
+TAIL_S = 0.3
+SECTIONS = ("flood", "stored", "confirm")
+DEFAULT_JSON = Path("perf/results/user.json")
+DEFAULT_PLOT = Path("perf/results/user.png")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Options; --quick changes only what was not given explicitly."""
+    ap = argparse.ArgumentParser(
+        prog="python -m perf.bench_user", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--quick", action="store_true", help="100 apps, short windows: ~2 min")
+    ap.add_argument("--repeat", type=int, help="repetitions, >= 3 for medians (5; quick 3)")
+    ap.add_argument("--apps", type=int_list, help="mux app counts (default 10,100,500; quick 100)")
+    ap.add_argument("--rates", type=int_list, default=[1000, 10000], help="offered msg/s")
+    ap.add_argument("--sections", type=name_list, default=list(SECTIONS), help=",".join(SECTIONS))
+    ap.add_argument("--stored-layouts", type=name_list, help="procs,mux (quick: mux)")
+    ap.add_argument("--duration", type=float, help="measured window, s (default 3; quick 0.5)")
+    ap.add_argument("--warmup", type=float, help="unmeasured sending first, s (1; quick 0.3)")
+    ap.add_argument("--gap", type=float, help="silence after a latency window, s (1; quick 0.3)")
+    ap.add_argument("--confirm-seconds", type=float, help="confirm-each time per rep (3; 0.5)")
+    ap.add_argument("--pipelined", type=int, help="messages per pipelined batch (20000; 3000)")
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"default {DEFAULT_JSON}")
+    ap.add_argument("--plot", type=Path, default=DEFAULT_PLOT, help=f"default {DEFAULT_PLOT}")
+    args = ap.parse_args(argv)
+    q = args.quick
+    args.repeat = args.repeat or (3 if q else 5)  # a shared box: 5 medians resist outliers
+    args.apps = args.apps or ([100] if q else [10, 100, 500])
+    args.stored_layouts = args.stored_layouts or (["mux"] if q else ["procs", "mux"])
+    args.duration = args.duration or (0.5 if q else 3.0)
+    args.warmup = args.warmup if args.warmup is not None else (0.3 if q else 1.0)
+    args.gap = args.gap if args.gap is not None else (0.3 if q else 1.0)
+    args.confirm_seconds = args.confirm_seconds or (0.5 if q else 3.0)
+    args.pipelined = args.pipelined or (3000 if q else 20_000)
+    if any(n < 2 or n % 2 for n in args.apps):
+        ap.error("--apps values must be even and >= 2 (half publish, half subscribe)")
+    for name in args.sections:
+        if name not in SECTIONS:
+            ap.error(f"unknown section {name!r} (known: {', '.join(SECTIONS)})")
+    for layout in args.stored_layouts:
+        if layout not in ("procs", "mux"):
+            ap.error(f"unknown layout {layout!r}")
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
+    return args
+
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _on_signal(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through every cleanup `finally`
+
+
+def _git_head() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return out.stdout.strip() or "?"
+
+
+def _short(system: str) -> str:
+    return load_adapter(system).NAME
+
+
+def _headline(r: RunResult) -> str:
+    if r.status != "ok":
+        return f"FAILED: {r.error}"
+    parts = [f"setup {r.setup_s:.1f} s"]
+    for p in r.phases:
+        if p.kind == "flood":
+            share = 100 * (p.delivered_fraction or 0)
+            parts.append(
+                f"flood {p.delivered_rate:,.0f}/s ({share:.0f}% of accepted,"
+                f" blocked {100 * p.blocked_fraction:.0f}%)"
+            )
+        elif p.e2e is not None:
+            parts.append(f"{p.name} p99 {p.e2e.p99_us / 1000:.2f} ms")
+    if r.worker_errors:
+        parts.append(f"errors: {r.worker_errors[0]}")
+    return ", ".join(parts)
+
+
+def _matrix(args: argparse.Namespace) -> list[matrix.Cell]:
+    mux = args.apps if "flood" in args.sections else []
+    stored: list[Layout] = []
+    if "stored" in args.sections:
+        stored = ["procs" if s == "procs" else "mux" for s in args.stored_layouts]
+    cells = matrix.cells(mux, stored)
+    return [c for c in cells if c.group == "stored" or "flood" in args.sections]
+
+
+def _unavailable(cells: list[matrix.Cell]) -> dict[str, str]:
+    reasons: dict[str, str] = {}
+    for cell in cells:
+        for system in cell.systems:
+            reason = load_adapter(system).unavailable_reason()
+            if reason is not None:
+                reasons[system] = reason
+    return reasons
+
+
+def _estimate_s(order: list[tuple[matrix.Cell, Any]], args: argparse.Namespace) -> float:
+    harness = 0.0
+    for _cell, cfg in order:
+        workers = len(worker_groups(cfg.layout, cfg.n_apps // 2))
+        harness += plan_seconds(cfg.plan, cfg.tail_ns) + 5 + 0.1 * workers
+    confirm = 0.0
+    if "confirm" in args.sections:
+        confirm = 10 + args.repeat * len(confirms.SYSTEMS) * (args.confirm_seconds + 1)
+    return harness + confirm
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run everything asked for; print the table; 0 if every run succeeded."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    cells = _matrix(args)
+    unavailable = _unavailable(cells)
+    for system, reason in unavailable.items():
+        _progress(f"skipping cells with {system}: unavailable ({reason})")
+    cells = [c for c in cells if not any(s in unavailable for s in c.systems)]
+    timing = matrix.Timing(args.duration, args.warmup, args.gap)
+    order = matrix.run_order(cells, args.repeat, args.rates, timing, PAYLOAD, TAIL_S)
+    env = environment()
+    minutes = _estimate_s(order, args) / 60
+    _progress(f"{len(order)} harness runs + confirm section, about {minutes:.0f} min")
+    started, t_start = dt.datetime.now(dt.UTC), time.monotonic()
+    runs: list[RunResult] = []
+    confirm_runs: list[confirms.ConfirmRun] = []
+    interrupted = False
+    try:
+        for i, (cell, cfg) in enumerate(order, 1):
+            label = f"[{i:>3}/{len(order)}] rep {cfg.rep + 1} {cell.group:12} {cell.label:15}"
+            label += f" {_short(cfg.system):13}"
+            t_run = time.monotonic()
+            runs.append(run_one(cfg))
+            _progress(f"{label} {_headline(runs[-1])} [{time.monotonic() - t_run:.0f} s]")
+        if "confirm" in args.sections:
+            peer_missing = load_adapter(matrix.PEER["stored"]).unavailable_reason()
+            wanted = [s for s in confirms.SYSTEMS if s != "jetstream" or peer_missing is None]
+            confirm_runs = confirms.run_section(
+                wanted, args.repeat, args.confirm_seconds, args.pipelined, PAYLOAD, _progress
+            )
+    except (KeyboardInterrupt, SystemExit):
+        interrupted = True
+        _progress("interrupted: children stopped, writing what was measured")
+    summaries = aggregate(runs)
+    rows = build_rows(summaries, cells, args.rates, confirm_runs)
+    table = render(rows)
+    plot_error = write_plot(args.plot, summaries, cells, args.rates) if summaries else "no runs"
+    failed = [r for r in runs if r.status != "ok"] + [c for c in confirm_runs if c.status != "ok"]
+    document = {
+        "schema": SCHEMA,
+        "started": started.isoformat(timespec="seconds"),
+        "elapsed_s": round(time.monotonic() - t_start, 1),
+        "interrupted": interrupted,
+        "git_head": _git_head(),
+        "environment": env,
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "workload": {
+            "payload_bytes": PAYLOAD,
+            "fan_out": 1,
+            "topic": "bench.<i>.prices",
+            "cells": cells,
+            "confirm_topic": confirms.TOPIC,
+            "lmdb_group": confirms.GROUP,
+        },
+        "unavailable": unavailable,
+        "table": [row_document(r) for r in rows],
+        "summary": summaries,
+        "confirm": {"medians": confirm_medians(confirm_runs), "runs": confirm_runs},
+        "runs": runs,
+        "plot": None if plot_error else str(args.plot),
+        "plot_error": plot_error,
+    }
+    write_json(args.json, document)
+    print(table)
+    print(f"\nJSON: {args.json}   plot: {args.plot if plot_error is None else plot_error}")
+    print(f"elapsed {time.monotonic() - t_start:.0f} s, git {document['git_head']}")
+    if failed:
+        print(f"{len(failed)} runs failed:")
+        for f in failed[:10]:
+            print(f"  {getattr(f, 'system', '?')}: {f.error}")
+    if interrupted:
+        return 130
+    return 1 if failed else 0

@@ -1,0 +1,135 @@
+"""Adapter `plexus_bus`: Plexus through its own client, `clients.bus.Bus`, persistence off.
+
+The platform is a real `plexus run --no-persistence` (perf.user.platform). Every app is one
+`Bus` (its I/O thread, its handler thread), connected as its own app id; in the `mux`
+layout a worker process holds many. Publishers call `publish_nowait`; a `WouldBlock` means
+the window of unconfirmed publishes is full, i.e. the client throttles the app, and the
+time until it takes one again is counted as blocked. Subscribers pass a handler to
+`subscribe`; the Bus acks each message when the handler returns (what an app gets by
+default). Each subscription has its own Recorder: handler threads never share a counter.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable
+
+from clients.bus import Bus, Message, WouldBlock
+from perf.model import WorkerReport, WorkerSpec, merge_tallies, topic_for
+from perf.systems import BrokerConfig, BrokerHandle, WorkerControl
+from perf.user.platform import Platform, connect, pub_app, sub_app
+from perf.workload import Recorder, publish_schedule, sleep_until, start_timeout_s
+
+NAME = "plexus_bus"
+WAIT_S = 0.0005  # a throttled publisher looks again this soon (the window is 10,000 deep)
+MAX_ERRORS = 10
+CLOSE_S = 0.5
+
+
+def unavailable_reason() -> str | None:
+    """Always available: the platform is this repository."""
+    return None
+
+
+def start_broker(config: BrokerConfig) -> BrokerHandle:
+    """`plexus run --no-persistence` with one manifest per bench app."""
+    return start_platform(config, persistence=False)
+
+
+def start_platform(config: BrokerConfig, *, persistence: bool) -> Platform:
+    return Platform(
+        config.workdir,
+        persistence=persistence,
+        n_pairs=config.n_apps // 2,
+        max_seconds=config.max_seconds,
+    )
+
+
+class _Publishers:
+    """SyncPublisher over one Bus per pair."""
+
+    def __init__(self, buses: list[Bus], topics: list[str]) -> None:
+        self._buses = buses
+        self._topics = topics
+
+    def try_send(self, slot: int, payload: bytes) -> bool:
+        try:
+            self._buses[slot].publish_nowait(self._topics[slot], payload)
+        except WouldBlock:
+            return False
+        return True
+
+    def wait_writable(self, timeout_s: float) -> None:
+        time.sleep(min(timeout_s, WAIT_S))
+
+
+def _errors_of(buses: list[Bus]) -> list[str]:
+    """What the broker reported to these apps (dead letters, refusals), deduplicated."""
+    seen: set[str] = set()
+    for bus in buses:
+        while len(seen) < MAX_ERRORS:
+            try:
+                error = bus.errors.get_nowait()
+            except queue.Empty:
+                break
+            seen.add(f"plexus: {type(error).__name__}: {error}")
+    return sorted(seen)
+
+
+def _close(buses: list[Bus]) -> None:
+    for bus in buses:
+        bus.close(CLOSE_S)
+
+
+def publisher_worker(spec: WorkerSpec, ctl: WorkerControl) -> None:
+    """One Bus per pair as app bench-pub-<pair>, then follow the schedule."""
+    buses: list[Bus] = []
+    try:
+        buses = [connect(spec.endpoint, pub_app(p)) for p in spec.pairs]
+        ctl.ready()
+        schedule = ctl.wait_start(start_timeout_s(spec))
+        if schedule is None:
+            return
+        tx = _Publishers(buses, [topic_for(p) for p in spec.pairs])
+        tallies = publish_schedule(schedule, spec.pairs, spec.n_pairs, spec.payload_size, tx)
+        ctl.report(WorkerReport(spec.worker_id, spec.role, tallies, _errors_of(buses)))
+    finally:
+        _close(buses)
+
+
+def _discard(_data: bytes) -> None:
+    return None
+
+
+def _handler(sinks: list[Callable[[bytes], None]], slot: int) -> Callable[[Message], None]:
+    def handle(message: Message) -> None:
+        sinks[slot](message.data)
+
+    return handle
+
+
+def subscriber_worker(spec: WorkerSpec, ctl: WorkerControl) -> None:
+    """One Bus per pair as app bench-sub-<pair>, subscribed with a handler; count."""
+    buses: list[Bus] = []
+    sinks: list[Callable[[bytes], None]] = [_discard] * len(spec.pairs)
+    try:
+        for slot, pair in enumerate(spec.pairs):
+            buses.append(connect(spec.endpoint, sub_app(pair)))
+            buses[-1].subscribe(topic_for(pair), _handler(sinks, slot), timeout=30.0)
+        ctl.ready()
+        schedule = ctl.wait_start(start_timeout_s(spec))
+        if schedule is None:
+            return
+        recorders = [Recorder(schedule) for _ in spec.pairs]
+        for slot, rec in enumerate(recorders):
+            sinks[slot] = rec.on_message
+        sleep_until(schedule.end_ns)
+        tallies = merge_tallies([rec.tallies for rec in recorders])
+        errors = _errors_of(buses)
+        foreign = sum(rec.foreign for rec in recorders)
+        if foreign:
+            errors.append(f"{foreign} messages without a phase tag")
+        ctl.report(WorkerReport(spec.worker_id, spec.role, tallies, errors))
+    finally:
+        _close(buses)
