@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from array import array
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 PhaseKind = Literal["latency", "flood"]
 Role = Literal["pub", "sub"]
@@ -137,6 +137,20 @@ class LatencySummary:
     p50_us: float
     p99_us: float
     p999_us: float
+
+    @classmethod
+    def from_stats(cls, stats: dict[str, Any]) -> LatencySummary | None:
+        """The broker's in-broker routing latency from a STATS answer (None: nothing
+        routed since the last reset)."""
+        latency = stats.get("route_latency")
+        if not isinstance(latency, dict) or not latency.get("count"):
+            return None
+        return cls(
+            int(latency["count"]),
+            float(latency["p50_us"]),
+            float(latency["p99_us"]),
+            float(latency["p999_us"]),
+        )
 
 
 def summarize_ns(samples: array[int] | list[int]) -> LatencySummary | None:

@@ -135,15 +135,9 @@ class PlexusBroker(BrokerHandle):
 
     def on_window(self, phase: Phase, edge: Literal["start", "end"]) -> None:
         stats = self._stats(reset=edge == "start")
-        if edge == "end":
-            latency = stats.get("route_latency")
-            if isinstance(latency, dict) and latency.get("count"):
-                self._latency[phase.name] = LatencySummary(
-                    int(latency["count"]),
-                    float(latency["p50_us"]),
-                    float(latency["p99_us"]),
-                    float(latency["p999_us"]),
-                )
+        summary = LatencySummary.from_stats(stats)
+        if edge == "end" and summary is not None:
+            self._latency[phase.name] = summary
 
     def routing_latency(self, phases: Sequence[Phase]) -> dict[str, LatencySummary]:
         return {p.name: self._latency[p.name] for p in phases if p.name in self._latency}

@@ -147,14 +147,9 @@ class Platform(BrokerHandle):
         if self._operator is None:
             return
         stats = self._operator.broker_stats(timeout=10.0, reset_latency=edge == "start")
-        latency = stats.get("route_latency")
-        if edge == "end" and isinstance(latency, dict) and latency.get("count"):
-            self._latency[phase.name] = LatencySummary(
-                int(latency["count"]),
-                float(latency["p50_us"]),
-                float(latency["p99_us"]),
-                float(latency["p999_us"]),
-            )
+        summary = LatencySummary.from_stats(stats)
+        if edge == "end" and summary is not None:
+            self._latency[phase.name] = summary
 
     def routing_latency(self, phases: Sequence[Phase]) -> dict[str, LatencySummary]:
         return {p.name: self._latency[p.name] for p in phases if p.name in self._latency}
