@@ -250,8 +250,9 @@ class BrokerCore:
         """The next event batch for the PUB socket when one is due: at once when CONFIRMs
         wait on it and the confirming consumer is idle, else when old or big enough."""
         stream = self.stream
-        due = stream.batch_due(now_ns, self.config.event_batch_ns, EVENT_BATCH_MAX)
-        if stream.confirmer_idle() or due:
+        if stream.confirmer_idle() or stream.batch_due(
+            now_ns, self.config.event_batch_ns, EVENT_BATCH_MAX
+        ):
             return stream.take_batch()
         return None
 

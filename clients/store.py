@@ -116,8 +116,10 @@ def stored_message(row: StoredRow) -> Message:
 
 
 _INT64_MAX: Final = 2**63 - 1
-_LATEST_S: Final = _INT64_MAX / 1e9 - 1e-3
-"""Broker time is int64 ns; a bound within a millisecond of its end is taken as the end."""
+LATEST_MOMENT_S: Final = _INT64_MAX / 1e9
+"""The store keeps broker time as int64 nanoseconds: nothing later than 2262-04-11."""
+_LATEST_S: Final = LATEST_MOMENT_S - 1e-3
+"""A bound within a millisecond of the end is taken as the end."""
 
 
 def to_ns(moment: float | datetime | None, upper: bool = False) -> int | None:

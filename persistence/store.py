@@ -270,14 +270,17 @@ class MessageStore:
         return None
 
     def watermark(self) -> int:
-        """The highest stream watermark a segment recorded (0: none)."""
-        found = 0
-        for first in self._firsts:
+        """The highest stream watermark a segment recorded (0: none): the newest record,
+        as groups commit in order and a newer segment only holds later groups, so only
+        the segments after the last one with a record are opened (not every file)."""
+        for first in reversed(self._firsts):
             try:
-                found = max(found, self._segment(first).watermark())
+                recorded = self._segment(first).watermark()
             except lmdb.Error:  # deleted by retention since the last listing
                 continue
-        return found
+            if recorded:
+                return recorded
+        return 0
 
     def last_seq(self) -> int:
         """Highest stored message seq (0 when empty)."""

@@ -15,22 +15,19 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import click
 
 from broker.paths import PlatformPaths
 from clients.bus import BusError, Message
+from clients.store import LATEST_MOMENT_S
 from plexus import exits
 from plexus.common import exit_code, fail, home_option, message_record, operator_bus
 from plexus.interrupts import interrupt_flag
 from security.keyring import KeyFileError, KeyRing
 
 _PROGRESS_EVERY_S = 0.2
-
-
-LATEST_MOMENT_S: Final = (2**63 - 1) / 1e9
-"""The store keeps broker time as int64 nanoseconds: nothing later than 2262-04-11."""
 
 
 def parse_moment(text: str) -> float:
@@ -89,7 +86,7 @@ def _print(message: Message, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON array of messages.")
 def history(home: Path | None, topic: str, last: int, as_json: bool) -> None:
     """The last N stored messages of TOPIC (one topic, no wildcards), oldest first."""
-    if "*" in topic.split(".") or ">" in topic.split("."):
+    if not {"*", ">"}.isdisjoint(topic.split(".")):
         fail(
             f"history takes one topic, and {topic!r} is a pattern; for every topic it "
             f"matches use `plexus replay '{topic}' --since 0` (or a later --since)",

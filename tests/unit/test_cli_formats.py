@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from clients.store import to_ns
+from clients.store import LATEST_MOMENT_S, to_ns
 from plexus.status import latency, seconds
-from plexus.store_commands import LATEST_MOMENT_S, parse_moment
+from plexus.store_commands import parse_moment
 
 
 def test_epoch_zero_is_from_the_start() -> None:
