@@ -89,10 +89,12 @@ class Delivery:
     """Packed ids of the durable subscriptions among `sids`: the store tracks the delivery
     as pending until it is acknowledged or dead-lettered (empty: not tracked)."""
     sensitive: bool = False
+    size: int = field(init=False)
+    """Bytes it holds in a queue (header and payload), computed once: the queue bound
+    is checked on offer and pull, per message."""
 
-    @property
-    def size(self) -> int:
-        return len(self.header) + len(self.payload)
+    def __post_init__(self) -> None:
+        self.size = len(self.header) + len(self.payload)
 
 
 @dataclass(slots=True)

@@ -26,6 +26,7 @@ from broker.codec import (
     encode_stamp,
     new_message_id,
     pack,
+    pub_fields,
     unpack_map,
 )
 from broker.errors import Code, ProtocolViolation
@@ -498,3 +499,57 @@ def test_a_forked_child_never_repeats_its_parents_ids() -> None:
     child = {data[i : i + 16][8:] for i in range(0, len(data), 16)}  # the random halves
     parent = {generator.new()[8:] for _ in range(64)}
     assert len(child) == 64 and not child & parent
+
+
+_HEADER_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.text(max_size=20),
+    st.binary(max_size=20),
+    st.binary(min_size=MESSAGE_ID_BYTES, max_size=MESSAGE_ID_BYTES),
+    st.lists(st.integers(-1000, 1000), max_size=3),
+)
+_HEADER_KEYS = st.sampled_from(["id", "topic", "ts", "cf", "cid", "tp", "sens", "dest", "x"])
+
+
+def _full_check(raw: bytes) -> PubHeader | tuple[Code, str]:
+    try:
+        return pub_fields(unpack_map(raw))
+    except ProtocolViolation as exc:
+        return (exc.code, exc.detail)
+
+
+def _fast_check(raw: bytes) -> PubHeader | tuple[Code, str]:
+    try:
+        return decode_pub_header(raw)
+    except ProtocolViolation as exc:
+        return (exc.code, exc.detail)
+
+
+@settings(max_examples=400)
+@given(
+    st.dictionaries(
+        st.one_of(_HEADER_KEYS, st.binary(max_size=3), st.integers(0, 3)),
+        _HEADER_VALUES,
+        max_size=6,
+    ),
+    st.binary(min_size=MESSAGE_ID_BYTES, max_size=MESSAGE_ID_BYTES),
+)
+def test_the_fast_pub_header_path_agrees_with_the_full_check(
+    header: dict[Any, Any], msg_id: bytes
+) -> None:
+    """decode_pub_header's inline check of a plain header gives exactly what the full
+    check gives: the same PubHeader, or the same error."""
+    if header.get("id") is None:
+        header["id"] = msg_id  # most examples should be plausible headers
+    raw = msgpack.packb(header, use_bin_type=True)
+    assert _fast_check(raw) == _full_check(raw)
+
+
+def test_a_plain_header_and_a_rich_one_decode_alike() -> None:
+    msg_id = b"i" * MESSAGE_ID_BYTES
+    plain = decode_pub_header(encode_pub_header(msg_id, "a.b", client_ts_ns=5, confirm=True))
+    assert plain == PubHeader(msg_id, "a.b", confirm=True)
+    rich = decode_pub_header(encode_pub_header(msg_id, "a.b", correlation_id="c", confirm=True))
+    assert rich == PubHeader(msg_id, "a.b", confirm=True, correlation_id="c")
