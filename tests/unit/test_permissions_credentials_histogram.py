@@ -339,3 +339,12 @@ def test_a_refusal_says_the_fix_once_in_its_hint(action: str, target: str, line:
     assert line in error.hint and "app's manifest" in error.hint
     text = f"{error.detail} — {error.hint}"
     assert text.lower().count("manifest") == 1
+
+
+def test_a_value_recorded_for_a_whole_batch_counts_once_per_message() -> None:
+    batch, single = LatencyHistogram(), LatencyHistogram()
+    batch.record(5_000, times=64)
+    for _ in range(64):
+        single.record(5_000)
+    assert (batch.count, batch.total_ns, batch.max_ns) == (64, 64 * 5_000, 5_000)
+    assert batch.percentile(0.99) == single.percentile(0.99)
