@@ -67,12 +67,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--pipelined", type=int, help="messages per pipelined batch (20000; 3000)")
     ap.add_argument("--paced-rate", type=int, default=10_000, help="paced confirms, msg/s")
     ap.add_argument("--paced-seconds", type=float, help="paced confirm window, s (3; quick 1)")
-    ap.add_argument("--publish-messages", type=int, help="publish calls per rep (100000; 30000)")
+    ap.add_argument("--publish-messages", type=int, help="publish calls per rep (100000; 20000)")
     ap.add_argument(
         "--routing-apps", type=int_list, help="Plexus-alone latency cells (none; quick 500)"
     )
     ap.add_argument("--profile-groups", type=name_list, help="floods to profile (both; quick 1)")
-    ap.add_argument("--profile-seconds", type=float, help="profiled flood window (4; quick 1.5)")
+    ap.add_argument("--profile-seconds", type=float, help="profiled flood window (4; quick 2)")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"default {DEFAULT_JSON}")
     ap.add_argument("--plot", type=Path, default=DEFAULT_PLOT, help=f"default {DEFAULT_PLOT}")
     ap.add_argument("--profile-out", type=Path, default=DEFAULT_PROFILE, help="profile text")
@@ -87,11 +87,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.confirm_seconds = args.confirm_seconds or (0.5 if q else 3.0)
     args.pipelined = args.pipelined or (3000 if q else 20_000)
     args.paced_seconds = args.paced_seconds or (1.0 if q else 3.0)
-    args.publish_messages = args.publish_messages or (30_000 if q else 100_000)
+    args.publish_messages = args.publish_messages or (20_000 if q else 100_000)
     if args.routing_apps is None:
         args.routing_apps = [matrix.ROUTING_APPS] if q else []
     args.profile_groups = args.profile_groups or (["at-most-once"] if q else list(GROUPS))
-    args.profile_seconds = args.profile_seconds or (1.5 if q else 4.0)
+    args.profile_seconds = args.profile_seconds or (2.0 if q else 4.0)
     for group in args.profile_groups:
         if group not in GROUPS:
             ap.error(f"unknown profile group {group!r} (known: {', '.join(GROUPS)})")
@@ -264,7 +264,7 @@ def _run_all(
     if "confirm" in args.sections:
         peer_missing = load_adapter(matrix.PEER["stored"]).unavailable_reason()
         wanted = [s for s in confirms.SYSTEMS if s != "jetstream" or peer_missing is None]
-        warmup = min(1.0, args.paced_seconds / 3)
+        warmup = min(1.0, args.paced_seconds / 4)
         plan = synced.Plan(args.paced_rate, warmup, args.paced_seconds)
         out.confirm_runs = confirms.run_section(
             wanted, args.repeat, args.confirm_seconds, args.pipelined, PAYLOAD, _progress, plan

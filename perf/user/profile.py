@@ -11,7 +11,9 @@ Samples give shares, not times: py-spy misses samples on a busy box and sees onl
 threads that run Python. So a share is turned into µs per delivered message with the
 broker's measured CPU in the same window: the interpreter threads' CPU (schedstat,
 threads not named ZMQbg/...) ÷ delivered messages. libzmq's own I/O threads are shown
-as one line beside it: py-spy cannot see inside them.
+as one line beside it: py-spy cannot see inside them. Without `--native`, time in a C
+extension (pyzmq's Cython send, msgpack) counts as the own time of the Python function
+that called it, e.g. `Socket.send` holds the libzmq send call.
 """
 
 from __future__ import annotations
@@ -84,6 +86,12 @@ def parse_raw(lines: Iterable[str], roots: Sequence[str] = ()) -> Profile:
     return Profile(total, own, cumulative)
 
 
+def is_wrapper(profile: Profile, frame: str) -> bool:
+    """A frame on every stack that never runs itself (`<module>`, `main`, the serve loop's
+    callers): 100% cumulative says nothing, so the cumulative ranking leaves it out."""
+    return profile.cumulative[frame] == profile.total and profile.own[frame] == 0
+
+
 def costs(profile: Profile, us_per_msg: float | None, top: int, by: str) -> list[FunctionCost]:
     """The `top` functions by own ("own") or cumulative ("cumulative") samples, each with
     its share turned into µs per delivered message (None when that is unknown)."""
@@ -91,7 +99,11 @@ def costs(profile: Profile, us_per_msg: float | None, top: int, by: str) -> list
         return []
     ranking = profile.own if by == "own" else profile.cumulative
     out: list[FunctionCost] = []
-    for frame, _count in ranking.most_common(top):
+    for frame, _count in ranking.most_common():
+        if len(out) == top:
+            break
+        if by != "own" and is_wrapper(profile, frame):
+            continue
         own = profile.own[frame] / profile.total
         cum = profile.cumulative[frame] / profile.total
         out.append(

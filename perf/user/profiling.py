@@ -34,7 +34,7 @@ from perf.systems import BrokerHandle
 from perf.user import profile
 from perf.user.matrix import PLEXUS, Cell, Timing
 
-RATE_HZ = 250  # samples per second: ~500 in a 2 s window, a few % of one core
+RATE_HZ = 500  # samples/s: py-spy itself then costs ~0.07 cores here (0.14 at 1,000)
 TOP = 15
 FINISH_S = 30.0
 ZMQ_THREADS = "ZMQbg"  # libzmq names its I/O and reaper threads ZMQbg/IO/0, ZMQbg/Reaper
@@ -62,10 +62,11 @@ class ProfileResult:
     error: str | None = None
     window_s: float = 0.0
     delivered_rate: float = 0.0
-    broker_cores: float | None = None  # the broker process, harness window
-    python_cores: float | None = None  # its interpreter threads, py-spy's span
-    zmq_cores: float | None = None  # its libzmq threads, same span
+    broker_cores: float | None = None  # the broker process: both below, py-spy's span
+    python_cores: float | None = None  # its interpreter threads
+    zmq_cores: float | None = None  # its libzmq threads (ZMQbg/...)
     samples: int = 0
+    pyspy_cores: float | None = None  # what the sampler itself cost, same span
     broker_us_per_msg: float | None = None
     python_us_per_msg: float | None = None
     zmq_us_per_msg: float | None = None
@@ -87,6 +88,7 @@ class PySpyHook:
         self._proc: subprocess.Popen[bytes] | None = None
         self._pid: int | None = None
         self._threads: list[tuple[int, dict[str, int]]] = []  # (t_ns, cpu_ns by name)
+        self.sampler_cpu_ns = 0  # py-spy's own CPU until the end edge
         self.error: str | None = None
 
     def on_window(self, broker: BrokerHandle, phase: Phase, edge: Literal["start", "end"]) -> None:
@@ -96,6 +98,7 @@ class PySpyHook:
             self._start(broker, phase)
         elif self._proc is not None and self._pid is not None:
             self._threads.append((time.monotonic_ns(), procutil.thread_cpu_ns(self._pid)))
+            self.sampler_cpu_ns = procutil.cpu_ns([self._proc.pid])
             self._proc.send_signal(signal.SIGINT)  # py-spy writes what it has and exits
 
     def _start(self, broker: BrokerHandle, phase: Phase) -> None:
@@ -120,6 +123,12 @@ class PySpyHook:
                 preexec_fn=lambda: die_with_parent(signal.SIGTERM),  # noqa: PLW1509
             )
 
+    def span_s(self) -> float | None:
+        """Seconds from the start edge to the end edge (None if py-spy never ran)."""
+        if len(self._threads) < 2:
+            return None
+        return max(1e-9, (self._threads[-1][0] - self._threads[0][0]) / NS_PER_S)
+
     def finish(self) -> tuple[profile.Profile | None, float | None, float | None]:
         """Wait for py-spy; (profile, interpreter cores, libzmq cores) over its span."""
         if self._proc is None:
@@ -136,10 +145,10 @@ class PySpyHook:
             self.error = self.error or f"py-spy wrote no samples: {self.output()}"
             return None, None, None
         found = profile.parse_raw(lines, [REPO])
-        if len(self._threads) < 2:
+        span_s = self.span_s()
+        if span_s is None:
             return found, None, None
-        (t0, first), (t1, last) = self._threads[0], self._threads[-1]
-        span_s = max(1e-9, (t1 - t0) / NS_PER_S)
+        first, last = self._threads[0][1], self._threads[-1][1]
         python = zmq = 0
         for name, ns in last.items():
             delta = ns - first.get(name, 0)
@@ -171,14 +180,18 @@ def run_profiled(
     run = run_one(cfg, hook)
     found, python_cores, zmq_cores = hook.finish()
     result.pyspy_output = hook.output()
+    span_s = hook.span_s()
+    if span_s is not None:
+        result.pyspy_cores = hook.sampler_cpu_ns / NS_PER_S / span_s
     if run.status != "ok" or not run.phases:
         result.status, result.error = "failed", run.error
         return result
     flood = run.phases[0]
     rate = flood.delivered_rate
     result.delivered_rate = rate
-    result.broker_cores = flood.process_cores.get("broker")
     result.python_cores, result.zmq_cores = python_cores, zmq_cores
+    if python_cores is not None and zmq_cores is not None:
+        result.broker_cores = python_cores + zmq_cores
     result.broker_us_per_msg = _per_msg(result.broker_cores, rate)
     result.python_us_per_msg = _per_msg(python_cores, rate)
     result.zmq_us_per_msg = _per_msg(zmq_cores, rate)
@@ -213,8 +226,9 @@ def render(results: Sequence[ProfileResult]) -> str:
                     f" {_value(r.broker_cores, '.2f')} cores ="
                     f" {_value(r.broker_us_per_msg, '.2f')} µs per delivered msg, of which"
                     f" interpreter threads {_value(r.python_us_per_msg, '.2f')} µs"
-                    f" (py-spy: {r.samples} samples at {RATE_HZ} Hz) and libzmq I/O threads"
-                    f" {_value(r.zmq_us_per_msg, '.2f')} µs (not visible to py-spy)",
+                    f" and libzmq I/O threads {_value(r.zmq_us_per_msg, '.2f')} µs (not"
+                    f" visible to py-spy); {r.samples} samples at {RATE_HZ} Hz, py-spy itself"
+                    f" {_value(r.pyspy_cores, '.2f')} cores",
                     "",
                     profile.render_costs("top functions by own time (tottime)", r.top_own),
                     "",
