@@ -7,7 +7,7 @@ from perf.summary import Cell as Summary
 from perf.user import aims, matrix
 from perf.user.publish import PublishRun
 from perf.user.synced import Plan, SyncedRun, summarize
-from perf.user.table import build_rows, pair, paced_rows, publish_medians, publish_rows
+from perf.user.table import build_rows, paced_rows, pair, publish_medians, publish_rows
 
 
 def _summary(cell: matrix.Cell, system: str, phase: str, **median: float) -> Summary:
