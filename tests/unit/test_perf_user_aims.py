@@ -80,7 +80,7 @@ def test_missing_figures_show_dashes_and_count_as_not_met() -> None:
 
 
 def test_confirm_and_publish_aims() -> None:
-    confirm = {
+    confirm: dict[str, dict[str, float | None]] = {
         "plexus": {"each_rate": 900.0, "pipelined_rate": 60_000.0, "paced_p99_ms": 8.0},
         "jetstream": {"each_rate": 1000.0, "paced_p99_ms": 2.0},
         "lmdb": {"each_rate": 2000.0},
@@ -117,7 +117,7 @@ def test_paced_summary_counts_late_and_unconfirmed_messages_in_the_window() -> N
 
 
 def test_paced_rows_put_plexus_beside_jetstream() -> None:
-    medians = {
+    medians: dict[str, dict[str, float | None]] = {
         "plexus": {"paced_offered": 10_000.0, "paced_p99_ms": 8.0},
         "jetstream": {"paced_offered": 10_000.0, "paced_p99_ms": 4.0},
     }
