@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,36 @@ def subscriber(endpoint: str, token: str, count: int) -> None:
     bus.close()
 
 
+@dataclass(frozen=True, slots=True)
+class PublishTimes:
+    """CLOCK_MONOTONIC seconds of one burst of `publish()` calls and its `flush()`."""
+
+    started: float  # before the first publish
+    published: float  # the last publish returned
+    confirmed: float  # flush returned: every publish confirmed by the broker
+
+    def calls_per_s(self, messages: int) -> float:
+        """Publish calls/s: what the app's thread can hand to the client."""
+        return messages / (self.published - self.started)
+
+    def confirmed_per_s(self, messages: int) -> float:
+        """Msg/s until the last confirm: what the client and the broker got through."""
+        return messages / (self.confirmed - self.started)
+
+
+def time_publishes(bus: Bus, topic: str, messages: int, payload: bytes = PAYLOAD) -> PublishTimes:
+    """`bus.publish(topic, payload)` `messages` times as fast as the client takes them
+    (it waits when its window of unconfirmed publishes is full), then `flush()`. Shared
+    with the user benchmark's publish section (perf/user/publish.py)."""
+    publish = bus.publish
+    started = time.monotonic()
+    for _ in range(messages):
+        publish(topic, payload)
+    published = time.monotonic()
+    bus.flush(120)
+    return PublishTimes(started, published, time.monotonic())
+
+
 def one_run(messages: int, calls: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="px-bc-", dir="/tmp") as name:
         root = Path(name)
@@ -131,12 +162,7 @@ def one_run(messages: int, calls: int) -> dict[str, float]:
             if child.stdout.readline().strip() != "ready":
                 raise RuntimeError("subscriber did not start")
             pub = Bus.connect(endpoint, "bench-pub", creds.mint("bench-pub"), session="bench-pub")
-            started = time.monotonic()
-            for _ in range(messages):
-                pub.publish("bench.flood", PAYLOAD)
-            published = time.monotonic()
-            pub.flush(120)
-            confirmed = time.monotonic()
+            times = time_publishes(pub, "bench.flood", messages)
             result = json.loads(child.stdout.readline())
             if result["seen"] < messages:
                 raise RuntimeError(f"subscriber saw {result['seen']} of {messages}")
@@ -159,9 +185,9 @@ def one_run(messages: int, calls: int) -> dict[str, float]:
                 child.kill()
             procutil.stop_process(broker)
     return {
-        "publish_calls_per_s": messages / (published - started),
-        "delivered_per_s": messages / (result["last"] - started),
-        "confirmed_per_s": messages / (confirmed - started),
+        "publish_calls_per_s": times.calls_per_s(messages),
+        "delivered_per_s": messages / (result["last"] - times.started),
+        "confirmed_per_s": times.confirmed_per_s(messages),
         "confirm_p50_us": _percentile(confirm_us, 0.50),
         "confirm_p99_us": _percentile(confirm_us, 0.99),
         "request_p50_us": _percentile(request_us, 0.50),

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from perf import procutil
 from perf.control import ABORTED, Message, QueueControl, worker_main
@@ -81,6 +81,7 @@ class PhaseResult:
     workers_cores: float  # CPU used by all publisher and subscriber processes, in cores
     other_cores: float  # CPU used by anything else on the machine (noise), in cores
     edge_skew_ms: float  # how late the harness sampled the CPU counters
+    process_cores: dict[str, float] = field(default_factory=dict)  # BrokerHandle.cpu_groups
 
 
 @dataclass(slots=True)
@@ -102,20 +103,33 @@ class RunError(RuntimeError):
     """The run cannot produce trustworthy figures (worker died, timed out, ...)."""
 
 
+class WindowHook(Protocol):
+    """Something the caller of `run_one` wants done at each window edge, after the CPU
+    counters were read and the broker's own `on_window` ran (e.g. attach a profiler to
+    the broker for the flood window). It runs inside the measured time: keep it cheap."""
+
+    def on_window(self, broker: BrokerHandle, phase: Phase, edge: Literal["start", "end"]) -> None:
+        """Called at the start and at the end of every phase's window."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Edge:
     t_ns: int  # when sampled (the harness may wake late on a saturated box)
     cpu_ns: int  # broker, all threads
     workers: int  # clock ticks, all worker processes
     host: tuple[int, int]  # (busy, total) clock ticks, whole machine
+    groups: dict[str, int]  # cpu_ns of each of the broker's process groups
 
     @classmethod
-    def now(cls, broker_pids: list[int], worker_pids: list[int]) -> _Edge:
+    def now(
+        cls, broker_pids: list[int], worker_pids: list[int], groups: dict[str, list[int]]
+    ) -> _Edge:
         return cls(
             time.monotonic_ns(),
             procutil.cpu_ns(broker_pids),
             procutil.process_jiffies(worker_pids),
             procutil.host_jiffies(),
+            {name: procutil.cpu_ns(pids) for name, pids in groups.items()},
         )
 
 
@@ -134,7 +148,7 @@ def plan_seconds(plan: tuple[PhasePlan, ...], tail_ns: int) -> float:
     return (sum(p.warmup_ns + p.measure_ns + p.gap_ns for p in plan) + tail_ns) / NS_PER_S
 
 
-def run_one(cfg: RunConfig) -> RunResult:
+def run_one(cfg: RunConfig, hook: WindowHook | None = None) -> RunResult:
     """Run one configuration; never raises except on KeyboardInterrupt/SystemExit."""
     result = RunResult(cfg.system, cfg.layout, cfg.n_apps, cfg.rep)
     groups = worker_groups(cfg.layout, cfg.n_apps // 2)
@@ -178,7 +192,7 @@ def run_one(cfg: RunConfig) -> RunResult:
         go.set()
         schedule = build_schedule(cfg.plan, start, cfg.tail_ns)
         worker_pids = [p.pid for p in procs if p.pid is not None]
-        edges = _observe(schedule, broker, broker.pids(), worker_pids)
+        edges = _observe(schedule, broker, broker.pids(), worker_pids, hook)
         reports = _collect(q, procs, deadline_s=15.0 + 0.05 * len(procs))
         routing = broker.routing_latency(schedule.phases)
         result.phases = [
@@ -225,17 +239,26 @@ def _await_ready(q: Queue[Message], procs: list[BaseProcess], timeout_s: float) 
 
 
 def _observe(
-    schedule: Schedule, broker: BrokerHandle, broker_pids: list[int], worker_pids: list[int]
+    schedule: Schedule,
+    broker: BrokerHandle,
+    broker_pids: list[int],
+    worker_pids: list[int],
+    hook: WindowHook | None,
 ) -> list[tuple[_Edge, _Edge]]:
     """Sleep through the schedule, sampling CPU counters at each window edge."""
     edges: list[tuple[_Edge, _Edge]] = []
+    groups = broker.cpu_groups()
     for phase in schedule.phases:
         sleep_until(phase.window_start_ns)
-        first = _Edge.now(broker_pids, worker_pids)
+        first = _Edge.now(broker_pids, worker_pids, groups)
         broker.on_window(phase, "start")
+        if hook is not None:
+            hook.on_window(broker, phase, "start")
         sleep_until(phase.window_end_ns)
-        last = _Edge.now(broker_pids, worker_pids)
+        last = _Edge.now(broker_pids, worker_pids, groups)
         broker.on_window(phase, "end")
+        if hook is not None:
+            hook.on_window(broker, phase, "end")
         edges.append((first, last))
     sleep_until(schedule.end_ns)
     return edges
@@ -326,4 +349,7 @@ def _phase_result(
         workers_cores=workers_cores,
         other_cores=max(0.0, other_cores),
         edge_skew_ms=skew_ns / 1e6,
+        process_cores={
+            name: (last.groups[name] - ns) / NS_PER_S / span_s for name, ns in first.groups.items()
+        },
     )

@@ -112,6 +112,35 @@ def cpu_ns(pids: list[int]) -> int:
     return total
 
 
+def thread_cpu_ns(pid: int) -> dict[str, int]:
+    """CPU time so far of each thread of `pid`, summed by thread name (/proc comm), so a
+    profile can set the interpreter's threads ("python") apart from libzmq's ("ZMQbg/...")."""
+    totals: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for task in os.scandir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                name = Path(task.path, "comm").read_text().strip()
+                ns = int(Path(task.path, "schedstat").read_text().split()[0])
+                totals[name] = totals.get(name, 0) + ns
+    return totals
+
+
+def module_of(pid: int) -> str | None:
+    """What `pid` runs: MODULE for `python -m MODULE`, else its program's base name;
+    None when it is gone. Lets a handle tell a platform's broker from its supervisor."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    words = [a.decode(errors="replace") for a in argv if a]
+    if not words:
+        return None
+    program = Path(words[0]).name
+    if program.startswith("python") and "-m" in words[:-1]:
+        return words[words.index("-m") + 1]
+    return program
+
+
 def process_jiffies(pids: list[int]) -> int:
     """utime + stime of whole processes (all threads), in clock ticks.
 

@@ -34,6 +34,10 @@ METRICS: dict[str, Extractor] = {
     "broker_cores": lambda p: p.broker_cores,
     "workers_cores": lambda p: p.workers_cores,
     "other_cores": lambda p: p.other_cores,
+    # the broker's processes by role where its handle names them (BrokerHandle.cpu_groups)
+    "broker_process_cores": lambda p: p.process_cores.get("broker"),
+    "persistence_cores": lambda p: p.process_cores.get("persistence"),
+    "supervisor_cores": lambda p: p.process_cores.get("plexus"),
 }
 
 

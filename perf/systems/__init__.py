@@ -79,6 +79,12 @@ class BrokerHandle(abc.ABC):
     def pids(self) -> list[int]:
         """OS processes whose CPU time is "the broker's" (read via /proc)."""
 
+    def cpu_groups(self) -> dict[str, list[int]]:
+        """The processes of `pids()` by role (e.g. "broker", "persistence", "plexus" for
+        the supervisor), each group's CPU sampled at the window edges beside the total, so
+        a table can show the broker process alone. {} (the default): no split."""
+        return {}
+
     def on_window(self, phase: Phase, edge: Literal["start", "end"]) -> None:  # noqa: B027
         """Called at each measurement window edge; e.g. snapshot broker counters.
 

@@ -36,5 +36,9 @@ class TcpServerBroker(BrokerHandle):
     def pids(self) -> list[int]:
         return procutil.child_pids(self._proc.pid)
 
+    def cpu_groups(self) -> dict[str, list[int]]:
+        """One process: the server is the broker."""
+        return {"broker": self.pids()}
+
     def stop(self) -> None:
         procutil.stop_process(self._proc)

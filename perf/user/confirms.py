@@ -11,6 +11,8 @@ What an app that must not lose a message pays per publish, three ways, in this p
 - `lmdb`, the floor: one synced write transaction per message on an environment opened
   with persistence/segments.py's flags (sync, metasync, lock); pipelined: one synced
   transaction per GROUP messages. Nothing that confirms "synced" per message can beat it.
+- paced (Plexus and JetStream): one publisher at a fixed rate (10,000 msg/s), never
+  waiting, each message timed from its publish call to its confirm (`perf.user.synced`).
 
 Every system is started once; the repetitions interleave, the order rotated each time,
 and each figure is the median over repetitions (`perf.user.table`).
@@ -34,6 +36,7 @@ import lmdb
 
 from perf.model import NS_PER_S, LatencySummary, summarize_ns
 from perf.systems import BrokerConfig
+from perf.user import synced
 from perf.user.platform import CONFIRM_APP, Platform, connect
 from perf.user.systems import jetstream
 from perf.workload import encode
@@ -58,6 +61,7 @@ class ConfirmRun:
     each_latency: LatencySummary | None = None  # publish -> confirm, per message
     pipelined_count: int = 0
     pipelined_rate: float = 0.0  # msg/s from the first publish to the last confirm
+    paced: synced.SyncedRun | None = None  # publish -> confirm at a fixed offered rate
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,6 +77,11 @@ class Target(abc.ABC):
     @abc.abstractmethod
     def pipelined(self, payloads: list[bytes]) -> None:
         """Publish every payload without waiting, then wait until all are confirmed."""
+
+    def paced(self, plan: synced.Plan, payload: bytes) -> synced.SyncedRun | None:
+        """Publish at the plan's rate, each message timed to its confirm; None where the
+        system has no such figure (the LMDB floor cannot sustain 10,000 commits/s)."""
+        return None
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -102,6 +111,10 @@ class PlexusTarget(Target):
         for payload in payloads:
             publish(TOPIC, payload)
         self._bus.flush(120.0)
+
+    def paced(self, plan: synced.Plan, payload: bytes) -> synced.SyncedRun | None:
+        start, stamps = synced.paced_bus(self._bus, plan, payload)
+        return synced.finished(self.name, 0, plan, start, stamps)
 
     def close(self) -> None:
         try:
@@ -144,6 +157,11 @@ class JetStreamTarget(Target):
         failed = [f for f in futures if f.exception() is not None]
         if failed:
             raise RuntimeError(f"{len(failed)} publishes not acknowledged: {failed[0].exception()}")
+
+    def paced(self, plan: synced.Plan, payload: bytes) -> synced.SyncedRun | None:
+        coroutine = synced.paced_jetstream(self._js, plan, payload)
+        start, stamps = self._loop.run_until_complete(coroutine)
+        return synced.finished(self.name, 0, plan, start, stamps)
 
     def close(self) -> None:
         try:  # closing a benchmark peer: a failure changes nothing, the server stops next
@@ -205,8 +223,16 @@ def _payload(seq: int, size: int) -> bytes:
     return encode(1, 0, seq, time.monotonic_ns(), size)
 
 
-def measure(target: Target, rep: int, each_s: float, pipelined_n: int, size: int) -> ConfirmRun:
-    """One repetition against a started target; failures are recorded, not raised."""
+def measure(
+    target: Target,
+    rep: int,
+    each_s: float,
+    pipelined_n: int,
+    size: int,
+    plan: synced.Plan | None = None,
+) -> ConfirmRun:
+    """One repetition against a started target (confirm each, pipelined, then paced at
+    `plan`'s rate if given); failures are recorded, not raised."""
     run = ConfirmRun(target.name, rep)
     try:
         latencies: list[int] = []
@@ -224,6 +250,10 @@ def measure(target: Target, rep: int, each_s: float, pipelined_n: int, size: int
         target.pipelined(payloads)
         run.pipelined_count = pipelined_n
         run.pipelined_rate = pipelined_n / ((now_ns() - t0) / NS_PER_S)
+        if plan is not None:
+            run.paced = target.paced(plan, bytes(size))
+            if run.paced is not None:
+                run.paced.rep = rep
     except Exception as exc:
         run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
     return run
@@ -236,6 +266,7 @@ def run_section(
     pipelined_n: int,
     size: int,
     progress: Callable[[str], None],
+    plan: synced.Plan | None = None,
 ) -> list[ConfirmRun]:
     """Start every system once, then `repeat` interleaved rounds, order rotated."""
     root = Path(tempfile.mkdtemp(prefix="px-user-confirm-"))
@@ -256,7 +287,7 @@ def run_section(
         for rep in range(repeat):
             k = rep % len(started) if started else 0
             for name in started[k:] + started[:k]:
-                run = measure(targets[name], rep, each_s, pipelined_n, size)
+                run = measure(targets[name], rep, each_s, pipelined_n, size, plan)
                 runs.append(run)
                 progress(f"confirm rep {rep + 1} {name:10} {describe(run)}")
     finally:
@@ -272,4 +303,7 @@ def describe(run: ConfirmRun) -> str:
         return f"FAILED: {run.error}"
     lat = run.each_latency
     p99 = f", p99 {lat.p99_us / 1000:.2f} ms" if lat else ""
-    return f"each {run.each_rate:,.0f}/s{p99}; pipelined {run.pipelined_rate:,.0f}/s"
+    text = f"each {run.each_rate:,.0f}/s{p99}; pipelined {run.pipelined_rate:,.0f}/s"
+    if run.paced is not None:
+        text += f"; paced {run.paced.offered_rate:,}/s: {synced.describe(run.paced)}"
+    return text

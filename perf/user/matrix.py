@@ -10,6 +10,10 @@ Two groups of cells, each Plexus against its peer:
 
 Repetition by repetition every cell runs each of its two systems back to back, the
 order rotated each repetition, so a slow drift of this shared machine hits both alike.
+
+A `solo` cell runs Plexus alone, latency phases only, for fewer repetitions: it exists to
+read the broker's own routing latency with many apps (its STATS histogram) where a whole
+peer comparison would not fit the time (`--quick` has one, with 500 apps).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ PEER = {"at-most-once": "perf.systems.nats", "stored": "perf.user.systems.jetstr
 PEER_LABEL = {"at-most-once": "nats core", "stored": "JetStream"}
 PROCS_APPS = 20  # 10 publisher + 10 subscriber processes
 STORED_MUX_APPS = 100
+HEADLINE_APPS = 100  # the mux cell every mode has: full percentiles, the aims, the profile
+ROUTING_APPS = 500  # the app count of the routing-latency aim
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,11 +46,20 @@ class Cell:
     layout: Layout
     n_apps: int
     latency: bool
+    solo: bool = False  # Plexus alone, latency phases only
+    reps: int | None = None  # at most this many repetitions (None: every one)
 
     @property
-    def systems(self) -> tuple[str, str]:
-        """(Plexus adapter, peer adapter), as module paths for the harness."""
+    def systems(self) -> tuple[str, ...]:
+        """(Plexus adapter, peer adapter), as module paths for the harness; a solo cell
+        has only the first."""
+        if self.solo:
+            return (PLEXUS[self.group],)
         return PLEXUS[self.group], PEER[self.group]
+
+    @property
+    def flood(self) -> bool:
+        return not self.solo
 
     @property
     def label(self) -> str:
@@ -63,29 +78,40 @@ class Timing:
     gap: float
 
 
-def cells(mux_apps: list[int], stored_layouts: list[Layout]) -> list[Cell]:
-    """The matrix: at-most-once procs + one mux cell per app count; the stored cells."""
+def cells(
+    mux_apps: list[int],
+    stored_layouts: list[Layout],
+    solo_apps: list[int] | None = None,
+    solo_reps: int = 1,
+) -> list[Cell]:
+    """The matrix: at-most-once procs + one mux cell per app count; the stored cells;
+    a solo mux cell per `solo_apps` count that is not already a mux cell."""
     found = [Cell("at-most-once", "procs", PROCS_APPS, latency=False)]
     found += [Cell("at-most-once", "mux", n, latency=True) for n in mux_apps]
     for layout in stored_layouts:
         n = PROCS_APPS if layout == "procs" else STORED_MUX_APPS
         found.append(Cell("stored", layout, n, latency=False))
+    for n in solo_apps or []:
+        if n not in mux_apps:
+            found.append(Cell("at-most-once", "mux", n, latency=True, solo=True, reps=solo_reps))
     return found
 
 
 def plan_for(cell: Cell, rates: list[int], timing: Timing) -> tuple[PhasePlan, ...]:
-    """Latency phases in rising rate order (if the cell has them), the flood last."""
+    """Latency phases in rising rate order (if the cell has them), the flood last (if
+    it has one)."""
     ns = NS_PER_S
     warm, window, gap = int(timing.warmup * ns), int(timing.duration * ns), int(timing.gap * ns)
     phases = [
         PhasePlan(f"latency@{r}", "latency", r, warm, window, gap)
         for r in (sorted(rates) if cell.latency else [])
     ]
-    phases.append(PhasePlan("flood", "flood", 0, warm, window, 0))
+    if cell.flood:
+        phases.append(PhasePlan("flood", "flood", 0, warm, window, 0))
     return tuple(phases)
 
 
-def rotated(pair: tuple[str, str], rep: int) -> list[str]:
+def rotated(pair: tuple[str, ...], rep: int) -> list[str]:
     """The two systems of a cell in repetition `rep`'s order."""
     k = rep % len(pair)
     return list(pair[k:] + pair[:k])
@@ -99,6 +125,8 @@ def run_order(
     tail_ns = int(tail_s * NS_PER_S)
     for rep in range(repeat):
         for cell in matrix:
+            if cell.reps is not None and rep >= cell.reps:
+                continue
             plan = plan_for(cell, rates, timing)
             for system in rotated(cell.systems, rep):
                 cfg = RunConfig(system, cell.layout, cell.n_apps, rep, plan, payload, tail_ns)

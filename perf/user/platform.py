@@ -80,7 +80,8 @@ def _descendants(pid: int) -> list[int]:
 
 
 class Platform(BrokerHandle):
-    """`plexus run` on a fresh home; its CPU is the supervisor's, broker's and services'.
+    """`plexus run` on a fresh home; its CPU is the supervisor's, broker's and services'
+    (`pids`), also split by process (`cpu_groups`).
 
     With `stats=True` an operator `Bus` (`$cli`) reads the broker's routing latency at each
     measurement window edge, so a table can tell broker time from client time.
@@ -142,6 +143,16 @@ class Platform(BrokerHandle):
 
     def pids(self) -> list[int]:
         return self._pids
+
+    def cpu_groups(self) -> dict[str, list[int]]:
+        """The platform's processes by what they run: "broker", "persistence" and "plexus"
+        (the supervisor)."""
+        groups: dict[str, list[int]] = {}
+        for pid in self._pids:
+            name = procutil.module_of(pid)
+            if name is not None:
+                groups.setdefault(name, []).append(pid)
+        return groups
 
     def on_window(self, phase: Phase, edge: Literal["start", "end"]) -> None:
         if self._operator is None:

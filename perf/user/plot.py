@@ -28,6 +28,8 @@ def series(
     for label, index in (("Plexus Bus", 0), ("nats core", 1)):
         points = []
         for cell in cells:
+            if index >= len(cell.systems):
+                continue  # a solo cell: Plexus alone
             s = find(summaries, cell.systems[index], cell.layout, cell.n_apps, phase)
             value = s.get(metric) if s is not None else None
             if value is not None and value > 0:

@@ -5,7 +5,7 @@ nothing here measures or prints. Ratio = Plexus ÷ peer: above 1 is better for a
 worse for a latency; shares (deliv%, blocked) and CPU get no ratio. "routed by the broker"
 (Plexus only: its STATS histogram count per second of window) tells a slow broker from
 clients that never sent what they accepted; "server CPU" is Plexus's supervisor, broker
-and persistence service together, or nats-server.
+and persistence service together, or nats-server; "broker CPU" the broker process alone.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Literal
 from perf.summary import Cell as Summary
 from perf.user.confirms import ConfirmRun
 from perf.user.matrix import PEER_LABEL, Cell
+from perf.user.publish import PublishRun
 
 Kind = Literal["rate", "ms", "us", "share", "cores"]
 
@@ -68,10 +69,20 @@ def _get(summary: Summary | None, metric: str) -> float | None:
 def _label(cell: Cell, what: str, pair: tuple[Summary | None, Summary | None]) -> str:
     label = f"{what}, {cell.label}"
     bad = [s for s in pair if s is not None and s.runs_ok < s.runs_total]
-    missing = any(s is None for s in pair)
+    missing = any(s is None for s in pair[: len(cell.systems)])
     if bad or missing:
         label += " (some runs failed)"
+    if cell.solo:
+        label += " (Plexus alone" + (f", {cell.reps} rep)" if cell.reps else ")")
     return label
+
+
+def pair(
+    summaries: Sequence[Summary], cell: Cell, phase: str
+) -> tuple[Summary | None, Summary | None]:
+    """(Plexus, peer) summaries of one phase of `cell`; the peer None in a solo cell."""
+    found = [find(summaries, system, cell.layout, cell.n_apps, phase) for system in cell.systems]
+    return found[0], found[1] if len(found) > 1 else None
 
 
 def per_message_us(summary: Summary | None, cores_key: str) -> float | None:
@@ -82,15 +93,22 @@ def per_message_us(summary: Summary | None, cores_key: str) -> float | None:
     return cores * 1e6 / delivered
 
 
+PER_MESSAGE = (
+    ("server CPU µs per delivered msg", "broker_cores"),
+    ("broker CPU µs per delivered msg", "broker_process_cores"),
+    ("client CPU µs per delivered msg", "workers_cores"),
+)
+"""CPU per delivered message: all of the server (Plexus: supervisor + broker + persistence),
+the broker process alone (nats-server is one process: the same figure), every client."""
+
+
 def flood_rows(summaries: Sequence[Summary], cell: Cell) -> list[Row]:
     """Delivered and accepted msg/s, deliv%, blocked and CPU of one cell's flood.
 
     "routed by the broker" only for at-most-once cells: with persistence on, deliveries
     wait for the store and the broker's routing histogram does not count them.
     """
-    plexus_system, peer_system = cell.systems
-    mine = find(summaries, plexus_system, cell.layout, cell.n_apps, "flood")
-    theirs = find(summaries, peer_system, cell.layout, cell.n_apps, "flood")
+    mine, theirs = pair(summaries, cell, "flood")
     what = "flood at-most-once" if cell.group == "at-most-once" else "flood acked+stored"
     label, peer = _label(cell, what, (mine, theirs)), PEER_LABEL[cell.group]
     metrics: list[tuple[str, str, Kind]] = [
@@ -109,27 +127,26 @@ def flood_rows(summaries: Sequence[Summary], cell: Cell) -> list[Row]:
         Row(label if i == 0 else "", name, kind, _get(mine, key), _get(theirs, key), peer)
         for i, (name, key, kind) in enumerate(metrics)
     ]
-    rows.append(
-        Row("", "client CPU µs per delivered msg", "us",
-            per_message_us(mine, "workers_cores"), per_message_us(theirs, "workers_cores"), peer)
-    )  # fmt: skip
+    for name, key in PER_MESSAGE:
+        rows.append(
+            Row("", name, "us", per_message_us(mine, key), per_message_us(theirs, key), peer)
+        )
     return rows
 
 
 def latency_rows(
     summaries: Sequence[Summary], cell: Cell, rates: Sequence[int], full: bool
 ) -> list[Row]:
-    """End-to-end percentiles (p50/p99/p999 when `full`, else p99) at each offered rate."""
-    plexus_system, peer_system = cell.systems
+    """End-to-end percentiles (p50/p99/p999 when `full`, else p99) at each offered rate,
+    and the broker's own routing p99 (Plexus's STATS; nats-server cannot tell)."""
     rows: list[Row] = []
     for rate in sorted(rates):
-        phase = f"latency@{rate}"
-        mine = find(summaries, plexus_system, cell.layout, cell.n_apps, phase)
-        theirs = find(summaries, peer_system, cell.layout, cell.n_apps, phase)
+        mine, theirs = pair(summaries, cell, f"latency@{rate}")
         label = _label(cell, f"e2e @{rate:,} msg/s", (mine, theirs))
         keys = ["p50", "p99", "p999"] if full else ["p99"]
         metrics: list[tuple[str, str, Kind]] = [(f"{k} ms", f"e2e_{k}_ms", "ms") for k in keys]
         metrics.append(("deliv%", "delivered_fraction", "share"))
+        metrics.append(("in-broker routing p99 µs", "route_p99_us", "us"))
         peer = PEER_LABEL[cell.group]
         rows += [
             Row(label if i == 0 else "", name, kind, _get(mine, key), _get(theirs, key), peer)
@@ -150,7 +167,44 @@ def confirm_medians(runs: Sequence[ConfirmRun]) -> dict[str, dict[str, float | N
             "pipelined_rate": median(r.pipelined_rate for r in ok),
             "runs_ok": len(ok),
         }
+        paced = [r.paced for r in ok if r.paced is not None and r.paced.status == "ok"]
+        if paced:
+            out[system] |= {
+                "paced_offered": median(float(r.offered_rate) for r in paced),
+                "paced_sent_rate": median(r.achieved_rate for r in paced),
+                "paced_late": median(r.late_fraction for r in paced),
+                "paced_p50_ms": median(r.latency.p50_us / 1000 for r in paced if r.latency),
+                "paced_p99_ms": median(r.latency.p99_us / 1000 for r in paced if r.latency),
+                "paced_p999_ms": median(r.latency.p999_us / 1000 for r in paced if r.latency),
+                "paced_runs_ok": len(paced),
+            }
     return out
+
+
+def publish_medians(runs: Sequence[PublishRun]) -> dict[str, dict[str, float | None]]:
+    """Per system, the medians of the publish section's successful repetitions."""
+    out: dict[str, dict[str, float | None]] = {}
+    for system in dict.fromkeys(r.system for r in runs):
+        ok = [r for r in runs if r.system == system and r.status == "ok"]
+        out[system] = {
+            "calls_rate": median(r.calls_rate for r in ok),
+            "flushed_rate": median(r.flushed_rate for r in ok),
+            "runs_ok": len(ok),
+        }
+    return out
+
+
+def publish_rows(medians: dict[str, dict[str, float | None]]) -> list[Row]:
+    """Publish calls/s of one at-most-once publisher, Bus against nats-py (publish + the
+    final flush: nats-py only buffers in publish); then both until everything was flushed
+    (the Bus: every publish confirmed, i.e. routed)."""
+    mine, theirs = medians.get("plexus", {}), medians.get("nats", {})
+    return [
+        Row("one publisher, at-most-once, no sub", "publish calls/s (nats: + flush)", "rate",
+            mine.get("calls_rate"), theirs.get("calls_rate"), "nats core"),
+        Row("", "msg/s until flushed (Bus: confirmed)", "rate",
+            mine.get("flushed_rate"), theirs.get("flushed_rate"), "nats core"),
+    ]  # fmt: skip
 
 
 def confirm_rows(medians: dict[str, dict[str, float | None]]) -> list[Row]:
@@ -170,23 +224,48 @@ def confirm_rows(medians: dict[str, dict[str, float | None]]) -> list[Row]:
     ]  # fmt: skip
 
 
+def paced_rows(medians: dict[str, dict[str, float | None]]) -> list[Row]:
+    """Publish -> confirm (Plexus: synced) per message at a fixed offered rate."""
+    mine, js = medians.get("plexus", {}), medians.get("jetstream", {})
+    offered = mine.get("paced_offered") or js.get("paced_offered")
+    if offered is None:
+        return []
+    label = f"publish -> synced @{offered:,.0f} msg/s, 1 publisher"
+    metrics: list[tuple[str, str, Kind]] = [
+        ("sent msg/s", "paced_sent_rate", "rate"),
+        ("late% (> 1 ms behind schedule)", "paced_late", "share"),
+        ("p50 ms", "paced_p50_ms", "ms"),
+        ("p99 ms", "paced_p99_ms", "ms"),
+        ("p999 ms", "paced_p999_ms", "ms"),
+    ]
+    return [
+        Row(label if i == 0 else "", name, kind, mine.get(key), js.get(key), "JetStream")
+        for i, (name, key, kind) in enumerate(metrics)
+    ]
+
+
 def build_rows(
     summaries: Sequence[Summary],
     matrix: Sequence[Cell],
     rates: Sequence[int],
     confirm_runs: Sequence[ConfirmRun],
+    publish_runs: Sequence[PublishRun] = (),
     headline_apps: int = 100,
 ) -> list[Row]:
     """The whole table: floods, then latencies (all percentiles for `headline_apps`
-    apps, p99 for the other app counts), then confirms."""
+    apps, p99 for the other app counts), then confirms, paced confirms, publish calls."""
     rows: list[Row] = []
     for cell in matrix:
-        rows += flood_rows(summaries, cell)
+        if cell.flood:
+            rows += flood_rows(summaries, cell)
     for cell in matrix:
         if cell.latency:
             rows += latency_rows(summaries, cell, rates, full=cell.n_apps == headline_apps)
     if confirm_runs:
-        rows += confirm_rows(confirm_medians(confirm_runs))
+        medians = confirm_medians(confirm_runs)
+        rows += confirm_rows(medians) + paced_rows(medians)
+    if publish_runs:
+        rows += publish_rows(publish_medians(publish_runs))
     return rows
 
 
