@@ -4,8 +4,9 @@
 # - Debian packages nats-server and mosquitto (only if their binaries are missing;
 #   needs root or sudo). The mosquitto package enables a system service on port
 #   1883; the benchmark never uses it (it starts its own broker on a free port).
-# - pip packages nats-py and paho-mqtt into PYTHON (pyzmq comes with the project), and
-#   matplotlib for the user benchmark's plot (perf/user/plot.py).
+# - pip packages nats-py and paho-mqtt into PYTHON (pyzmq comes with the project),
+#   matplotlib for the user benchmark's plot (perf/user/plot.py) and py-spy for its
+#   broker profile (perf/user/profiling.py).
 # A system whose piece is missing is reported "unavailable" by the benchmark, so a
 # failure here is a warning, not an error.
 set -u
@@ -50,6 +51,14 @@ if ! "$PY" -c "import matplotlib" >/dev/null 2>&1; then
     echo "perf/setup.sh: installing matplotlib into $PY" >&2
     "$PY" -m pip install --quiet "matplotlib>=3.7,<4" ||
         { echo "perf/setup.sh: pip install matplotlib failed (no plot)" >&2; status=1; }
+fi
+
+# py-spy samples the broker for the user benchmark's profile (perf/user/profiling.py);
+# a wheel with a static binary, put beside PYTHON.
+if [ ! -x "$(dirname "$PY")/py-spy" ] && ! command -v py-spy >/dev/null 2>&1; then
+    echo "perf/setup.sh: installing py-spy into $PY" >&2
+    "$PY" -m pip install --quiet "py-spy>=0.3,<1" ||
+        { echo "perf/setup.sh: pip install py-spy failed (no broker profile)" >&2; status=1; }
 fi
 
 exit "$status"

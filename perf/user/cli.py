@@ -66,7 +66,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--confirm-seconds", type=float, help="confirm-each time per rep (3; 0.5)")
     ap.add_argument("--pipelined", type=int, help="messages per pipelined batch (20000; 3000)")
     ap.add_argument("--paced-rate", type=int, default=10_000, help="paced confirms, msg/s")
-    ap.add_argument("--paced-seconds", type=float, help="paced confirm window, s (3; quick 1)")
+    ap.add_argument("--paced-seconds", type=float, help="paced confirm window, s (3; quick 0.5)")
     ap.add_argument("--publish-messages", type=int, help="publish calls per rep (100000; 20000)")
     ap.add_argument(
         "--routing-apps", type=int_list, help="Plexus-alone latency cells (none; quick 500)"
@@ -86,7 +86,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.gap = args.gap if args.gap is not None else (0.3 if q else 1.0)
     args.confirm_seconds = args.confirm_seconds or (0.5 if q else 3.0)
     args.pipelined = args.pipelined or (3000 if q else 20_000)
-    args.paced_seconds = args.paced_seconds or (1.0 if q else 3.0)
+    args.paced_seconds = args.paced_seconds or (0.5 if q else 3.0)
     args.publish_messages = args.publish_messages or (20_000 if q else 100_000)
     if args.routing_apps is None:
         args.routing_apps = [matrix.ROUTING_APPS] if q else []
@@ -255,26 +255,33 @@ def _run_all(
     out: Measured,
 ) -> None:
     """The harness runs in order, then the confirm, publish and profile sections."""
+    t_section = time.monotonic()
     for i, (cell, cfg) in enumerate(order, 1):
         label = f"[{i:>3}/{len(order)}] rep {cfg.rep + 1} {cell.group:12} {cell.label:15}"
         label += f" {_short(cfg.system):13}"
         t_run = time.monotonic()
         out.runs.append(run_one(cfg))
         _progress(f"{label} {_headline(out.runs[-1])} [{time.monotonic() - t_run:.0f} s]")
+    if order:
+        _progress(f"harness runs took {time.monotonic() - t_section:.0f} s")
     if "confirm" in args.sections:
+        t_section = time.monotonic()
         peer_missing = load_adapter(matrix.PEER["stored"]).unavailable_reason()
         wanted = [s for s in confirms.SYSTEMS if s != "jetstream" or peer_missing is None]
-        warmup = min(1.0, args.paced_seconds / 4)
+        warmup = min(1.0, max(0.25, args.paced_seconds / 4))
         plan = synced.Plan(args.paced_rate, warmup, args.paced_seconds)
         out.confirm_runs = confirms.run_section(
             wanted, args.repeat, args.confirm_seconds, args.pipelined, PAYLOAD, _progress, plan
         )
+        _progress(f"confirm section took {time.monotonic() - t_section:.0f} s")
     if "publish" in args.sections:
+        t_section = time.monotonic()
         peer_missing = load_adapter(matrix.PEER["at-most-once"]).unavailable_reason()
         wanted = [s for s in publish.SYSTEMS if s != "nats" or peer_missing is None]
         out.publish_runs = publish.run_section(
             wanted, args.repeat, args.publish_messages, PAYLOAD, _progress
         )
+        _progress(f"publish section took {time.monotonic() - t_section:.0f} s")
     if "profile" in args.sections:
         out.profiles = _profile(args, timing, cells, out.runs)
 

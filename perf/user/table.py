@@ -147,7 +147,7 @@ def latency_rows(
         metrics: list[tuple[str, str, Kind]] = [(f"{k} ms", f"e2e_{k}_ms", "ms") for k in keys]
         metrics.append(("deliv%", "delivered_fraction", "share"))
         metrics.append(("in-broker routing p99 µs", "route_p99_us", "us"))
-        peer = PEER_LABEL[cell.group]
+        peer = "-" if cell.solo else PEER_LABEL[cell.group]
         rows += [
             Row(label if i == 0 else "", name, kind, _get(mine, key), _get(theirs, key), peer)
             for i, (name, key, kind) in enumerate(metrics)
