@@ -1,6 +1,7 @@
 """Client benchmark: what the Python client itself costs on its hot paths.
 
     python -m perf.bench_client [--messages 50000] [--calls 2000] [--repeat 5] [--json F]
+                                [--phases flood,drain]
 
 The routing benchmark's plexus workers speak the protocol on raw sockets, so it never
 runs `clients/`. This one does: a real broker process, a publisher `Bus` in this process
@@ -13,6 +14,16 @@ and a subscriber `Bus` in a child process, and three phases per repetition:
   `flush` returned).
 - **confirm**: sequential `publish(confirm=True)`: round-trip latency p50/p99.
 - **request**: sequential `request()` to an echo responder in the child: p50/p99.
+- **drain** (the subscriber alone): a second child subscribes, with a handler
+  (`drain_handler`) or reading `sub.get()` in its main thread (`drain_get`), and holds
+  its first delivery while this process publishes N messages and `flush()`es them (a
+  broker of its own with flow control off, so nothing holds the publisher); then it
+  consumes them all, each acked by the Bus (auto-ack). Figures: delivered msg/s (from
+  "go" to the Nth message) and the subscriber process's CPU µs per message over the same
+  span (`time.process_time()`, every thread: I/O, dispatcher, reader). Only the broker
+  and that subscriber run meanwhile, so this is the subscriber side's cost and ceiling.
+  (The Bus always runs an at-least-once session: every delivery is acked, so the ACK
+  traffic and the broker's window of 256 in flight are part of the figure.)
 
 Each figure is the median of the repetitions (a fresh broker each time); the JSON keeps
 every value.
@@ -21,13 +32,16 @@ every value.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +50,7 @@ from broker.paths import PlatformPaths
 from clients.bus import Bus, Message
 from perf import procutil
 from security.credentials import CredentialStore
+from security.handoff import TOKEN_VARIABLE
 
 MANIFESTS = {
     "bench-pub": '[permissions]\npublish = ["bench.>"]\nrequest = ["bench.>"]\n',
@@ -63,20 +78,28 @@ def _broker_flags() -> list[str]:
     return ["--queue-max", "1000000", "--queue-max-bytes", str(2**30)]
 
 
-def _broker_document() -> bytes | None:
-    """Persistence off (the older broker's default), queues above the flood."""
+def _broker_document(credit: int | None = None) -> bytes | None:
+    """Persistence off (the older broker's default), queues above the flood; `credit` 0
+    turns flow control off (the drain phase queues everything before it reads)."""
     if not _reads_config_document():
         return None
     from broker.config import PlatformConfig  # absent in older trees
     from broker.delivery import DeliveryConfig
 
-    delivery = DeliveryConfig(queue_max=1_000_000, queue_max_bytes=2**30)
+    flow = {} if credit is None else {"credit": credit}
+    delivery = DeliveryConfig(queue_max=1_000_000, queue_max_bytes=2**30, **flow)
     return PlatformConfig(persistence=False, delivery=delivery).to_document()
 
 
-def subscriber(endpoint: str, token: str, count: int) -> None:
+def _child_env(token: str) -> dict[str, str]:
+    """A child's environment with its credential (a token may begin with "-", which
+    argparse would take for an option)."""
+    return {**os.environ, TOKEN_VARIABLE: token}
+
+
+def subscriber(endpoint: str, count: int) -> None:
     """Child process: count flood messages, serve echo requests, print one JSON line."""
-    bus = Bus.connect(endpoint, "bench-sub", token, session="bench-sub")
+    bus = Bus.connect(endpoint, "bench-sub", session="bench-sub")
     seen = 0
     first = last = 0.0
     done = threading.Event()
@@ -130,7 +153,41 @@ def time_publishes(bus: Bus, topic: str, messages: int, payload: bytes = PAYLOAD
     return PublishTimes(started, published, time.monotonic())
 
 
-def one_run(messages: int, calls: int) -> dict[str, float]:
+def drain_subscriber(endpoint: str, count: int, mode: str) -> None:
+    """Child process of the drain phase: hold the first delivery until the parent says
+    "go", then consume `count` messages; print one JSON line (wall and CPU seconds)."""
+    bus = Bus.connect(endpoint, "bench-sub", session=f"bench-drain-{mode}")
+    go = threading.Event()
+    done = threading.Event()
+    seen = 0
+
+    def on_message(message: Message) -> None:
+        nonlocal seen
+        if seen == 0:
+            go.wait()
+        seen += 1
+        if seen >= count:
+            done.set()
+
+    sub = bus.subscribe("bench.drain", on_message if mode == "handler" else None)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    started, cpu_started = time.monotonic(), time.process_time()
+    if mode == "handler":
+        go.set()
+        done.wait(300)
+    else:
+        while seen < count and sub.get(timeout=300) is not None:
+            seen += 1
+    ended, cpu_ended = time.monotonic(), time.process_time()
+    result = {"seen": seen, "wall_s": ended - started, "cpu_s": cpu_ended - cpu_started}
+    print(json.dumps(result), flush=True)
+    bus.close()
+
+
+@contextlib.contextmanager
+def platform(credit: int | None = None) -> Iterator[tuple[str, CredentialStore]]:
+    """A broker of its own in a temporary home: (endpoint, credential store)."""
     with tempfile.TemporaryDirectory(prefix="px-bc-", dir="/tmp") as name:
         root = Path(name)
         (root / "apps").mkdir()
@@ -142,20 +199,63 @@ def one_run(messages: int, calls: int) -> dict[str, float]:
         creds.ensure()
         argv = [sys.executable, "-m", "broker", "--home", str(root / "home")]
         argv += ["--apps", str(root / "apps"), *_broker_flags()]
-        document = _broker_document()  # the older procutil takes no document argument
+        document = _broker_document(credit)  # the older procutil takes no document argument
         extra = (document,) if document is not None else ()
         broker = procutil.spawn_bounded(argv, 600, root / "broker.log", *extra)
-        sock = Path(paths.bus_endpoint().removeprefix("ipc://"))
-        deadline = time.monotonic() + 15
-        while not sock.exists():
-            if time.monotonic() > deadline:
-                raise RuntimeError("broker did not start")
-            time.sleep(0.02)
-        endpoint = paths.bus_endpoint()
+        try:
+            sock = Path(paths.bus_endpoint().removeprefix("ipc://"))
+            deadline = time.monotonic() + 15
+            while not sock.exists():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("broker did not start")
+                time.sleep(0.02)
+            yield paths.bus_endpoint(), creds
+        finally:
+            procutil.stop_process(broker)
+
+
+def drain_run(messages: int, mode: str, child_argv: list[str] | None = None) -> dict[str, float]:
+    """One drain phase (`mode` "handler" or "get"): {delivered msg/s, CPU µs per message}.
+
+    `child_argv` replaces `python -m perf.bench_client` for the child (a profiler)."""
+    if _broker_document(0) is None:
+        raise RuntimeError("the drain phase needs a broker that reads a config document")
+    with platform(credit=0) as (endpoint, creds):
+        argv = child_argv or [sys.executable, "-m", "perf.bench_client"]
         child = subprocess.Popen(
-            [sys.executable, "-m", "perf.bench_client", "--role-sub", endpoint,
-             creds.mint("bench-sub"), str(messages)],
+            [*argv, "--role-drain", endpoint, str(messages), mode],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=_child_env(creds.mint("bench-sub")),
+        )  # fmt: skip
+        try:
+            assert child.stdout is not None and child.stdin is not None
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError("drain subscriber did not start")
+            with Bus.connect(endpoint, "bench-pub", creds.mint("bench-pub")) as pub:
+                for _ in range(messages):
+                    pub.publish("bench.drain", PAYLOAD)
+                pub.flush(120)
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            result = json.loads(child.stdout.readline())
+            child.wait(10)
+        finally:
+            if child.poll() is None:
+                child.kill()
+    if result["seen"] < messages:
+        raise RuntimeError(f"drain subscriber saw {result['seen']} of {messages}")
+    return {
+        f"drain_{mode}_delivered_per_s": messages / result["wall_s"],
+        f"drain_{mode}_cpu_us_per_msg": result["cpu_s"] * 1e6 / messages,
+    }
+
+
+def one_run(messages: int, calls: int) -> dict[str, float]:
+    with platform() as (endpoint, creds):
+        child = subprocess.Popen(
+            [sys.executable, "-m", "perf.bench_client", "--role-sub", endpoint, str(messages)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=_child_env(creds.mint("bench-sub")),
         )  # fmt: skip
         try:
             assert child.stdout is not None and child.stdin is not None
@@ -183,7 +283,6 @@ def one_run(messages: int, calls: int) -> dict[str, float]:
         finally:
             if child.poll() is None:
                 child.kill()
-            procutil.stop_process(broker)
     return {
         "publish_calls_per_s": times.calls_per_s(messages),
         "delivered_per_s": messages / (result["last"] - times.started),
@@ -201,15 +300,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--role-sub", nargs=3, metavar=("ENDPOINT", "TOKEN", "COUNT"))
+    parser.add_argument(
+        "--phases", default="flood,drain", help="flood (also confirm, request), drain, or both"
+    )
+    parser.add_argument("--role-sub", nargs=2, metavar=("ENDPOINT", "COUNT"))
+    parser.add_argument("--role-drain", nargs=3, metavar=("ENDPOINT", "COUNT", "MODE"))
     args = parser.parse_args(argv)
     if args.role_sub:
-        endpoint, token, count = args.role_sub
-        subscriber(endpoint, token, int(count))
+        endpoint, count = args.role_sub
+        subscriber(endpoint, int(count))
         return 0
+    if args.role_drain:
+        endpoint, count, mode = args.role_drain
+        drain_subscriber(endpoint, int(count), mode)
+        return 0
+    phases = set(args.phases.split(","))
     runs: list[dict[str, float]] = []
     for rep in range(args.repeat):
-        run = one_run(args.messages, args.calls)
+        run = one_run(args.messages, args.calls) if "flood" in phases else {}
+        if "drain" in phases:
+            for mode in ("handler", "get"):
+                run.update(drain_run(args.messages, mode))
         runs.append(run)
         print(
             f"rep {rep + 1}: " + ", ".join(f"{k} {v:,.0f}" for k, v in run.items()), file=sys.stderr
@@ -219,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(document, indent=2))
     for key, value in medians.items():
-        print(f"{key:24} {value:>12,.0f}")
+        print(f"{key:30} {value:>12,.1f}")
     return 0
 
 
