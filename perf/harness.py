@@ -104,9 +104,13 @@ class RunError(RuntimeError):
 
 
 class WindowHook(Protocol):
-    """Something the caller of `run_one` wants done at each window edge, after the CPU
-    counters were read and the broker's own `on_window` ran (e.g. attach a profiler to
-    the broker for the flood window). It runs inside the measured time: keep it cheap."""
+    """Something the caller of `run_one` wants done when the clock starts and at each
+    window edge, after the CPU counters were read and the broker's own `on_window` ran
+    (e.g. attach a profiler to the broker, which takes a while, before the flood's window,
+    and stop it at the window's end). It runs inside the run: keep it cheap."""
+
+    def on_start(self, broker: BrokerHandle) -> None:
+        """Called once every worker is ready and t0 is set, before the first warm-up."""
 
     def on_window(self, broker: BrokerHandle, phase: Phase, edge: Literal["start", "end"]) -> None:
         """Called at the start and at the end of every phase's window."""
@@ -190,6 +194,8 @@ def run_one(cfg: RunConfig, hook: WindowHook | None = None) -> RunResult:
         start = time.monotonic_ns() + int((0.5 + 0.005 * len(procs)) * NS_PER_S)
         t0.value = start
         go.set()
+        if hook is not None:
+            hook.on_start(broker)
         schedule = build_schedule(cfg.plan, start, cfg.tail_ns)
         worker_pids = [p.pid for p in procs if p.pid is not None]
         edges = _observe(schedule, broker, broker.pids(), worker_pids, hook)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>.*):(?P<line>\d+)\)$")
 SITE_MARKERS = ("/site-packages/", "/lib/python3")
+_DATACLASS_INIT = "__create_fn__.<locals>.__init__"  # what py-spy names a generated __init__
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,8 @@ def short_frame(frame: str, roots: Sequence[str] = ()) -> str:
     match = _FRAME.match(frame)
     if match is None:
         return frame
+    if match["function"] == _DATACLASS_INIT and match["file"] == "<string>":
+        return "__init__ of a dataclass (generated)"
     return f"{match['function']} ({_short_path(match['file'], roots)}:{match['line']})"
 
 

@@ -4,9 +4,11 @@ The figures say how much CPU the broker spends per delivered message; this says 
 what. One more harness run of a flood cell (not counted in the medians: the sampler
 costs CPU too), and during its window `py-spy record --nonblocking` samples the broker
 process (`python -m broker`, found among `plexus run`'s children by its command line),
-so the broker needs no change and is never paused. The interpreter threads' and libzmq's
-I/O threads' CPU are read from /proc at the same edges, which turns sample shares into
-µs per delivered message (`perf.user.profile`).
+so the broker needs no change and is never paused. py-spy is started when the clock
+starts, so it has attached by the end of the warm-up (the same flood, unmeasured, so its
+samples count too); the interpreter threads' and libzmq's I/O threads' CPU are read from
+/proc at the window's edges, which turns sample shares into µs per delivered message
+(`perf.user.profile`).
 
 py-spy comes from PyPI (perf/setup.sh installs it into the venv) and needs ptrace on
 the broker: root, or kernel.yama.ptrace_scope 0 for a process of the same user. Without
@@ -37,6 +39,8 @@ from perf.user.matrix import PLEXUS, Cell, Timing
 RATE_HZ = 500  # samples/s: py-spy itself then costs ~0.07 cores here (0.14 at 1,000)
 TOP = 15
 FINISH_S = 30.0
+WARMUP_S = 1.0  # at least: py-spy attaches during the warm-up, the flood already running
+FEW_SAMPLES = 200  # below: shares are rough (py-spy starved by a busy box)
 ZMQ_THREADS = "ZMQbg"  # libzmq names its I/O and reaper threads ZMQbg/IO/0, ZMQbg/Reaper
 REPO = str(Path(__file__).resolve().parents[2])
 
@@ -80,28 +84,38 @@ def _per_msg(cores: float | None, rate: float) -> float | None:
 
 
 class PySpyHook:
-    """A `perf.harness.WindowHook`: py-spy on the broker for the window of one phase."""
+    """A `perf.harness.WindowHook`: py-spy on the broker from the start of the clock (it
+    needs up to a second or two to attach on a busy box) to the end of one phase's window;
+    the CPU split is read over that window."""
 
-    def __init__(self, phase_name: str, raw: Path, log: Path, rate_hz: int = RATE_HZ) -> None:
+    def __init__(
+        self, phase_name: str, raw: Path, log: Path, bound_s: float, rate_hz: int = RATE_HZ
+    ) -> None:
         self._phase = phase_name
+        self._bound_s = bound_s
         self._raw, self._log, self._rate = raw, log, rate_hz
         self._proc: subprocess.Popen[bytes] | None = None
         self._pid: int | None = None
         self._threads: list[tuple[int, dict[str, int]]] = []  # (t_ns, cpu_ns by name)
-        self.sampler_cpu_ns = 0  # py-spy's own CPU until the end edge
+        self._sampler_at_start = 0
+        self.sampler_cpu_ns = 0  # py-spy's own CPU in the window (once it ended)
         self.error: str | None = None
 
+    def on_start(self, broker: BrokerHandle) -> None:
+        self._start(broker)
+
     def on_window(self, broker: BrokerHandle, phase: Phase, edge: Literal["start", "end"]) -> None:
-        if phase.name != self._phase:
+        if phase.name != self._phase or self._proc is None or self._pid is None:
             return
+        self._threads.append((time.monotonic_ns(), procutil.thread_cpu_ns(self._pid)))
+        sampler = procutil.cpu_ns([self._proc.pid])
         if edge == "start":
-            self._start(broker, phase)
-        elif self._proc is not None and self._pid is not None:
-            self._threads.append((time.monotonic_ns(), procutil.thread_cpu_ns(self._pid)))
-            self.sampler_cpu_ns = procutil.cpu_ns([self._proc.pid])
+            self._sampler_at_start = sampler
+        else:
+            self.sampler_cpu_ns = sampler - self._sampler_at_start
             self._proc.send_signal(signal.SIGINT)  # py-spy writes what it has and exits
 
-    def _start(self, broker: BrokerHandle, phase: Phase) -> None:
+    def _start(self, broker: BrokerHandle) -> None:
         binary = pyspy_binary()
         pids = broker.cpu_groups().get("broker", [])
         pid = pids[0] if pids else None
@@ -109,10 +123,9 @@ class PySpyHook:
             self.error = "no py-spy" if binary is None else "no broker process found"
             return
         self._pid = pid
-        self._threads.append((time.monotonic_ns(), procutil.thread_cpu_ns(pid)))
         argv = [binary, "record", "--pid", str(pid), "--rate", str(self._rate)]
         argv += ["--format", "raw", "--function", "--nonblocking", "--output", str(self._raw)]
-        argv += ["--duration", str(math.ceil(phase.window_s) + 10)]  # bound if never stopped
+        argv += ["--duration", str(math.ceil(self._bound_s))]  # if it is never stopped
         with self._log.open("wb") as out:
             self._proc = subprocess.Popen(
                 argv,
@@ -172,10 +185,11 @@ def run_profiled(
     """One flood of `cell`'s Plexus system with py-spy on the broker for its window."""
     result = ProfileResult(cell.group, cell.label, window_s=window_s)
     ns = NS_PER_S
-    plan = (PhasePlan("flood", "flood", 0, int(timing.warmup * ns), int(window_s * ns), 0),)
+    warmup_s = max(timing.warmup, WARMUP_S)
+    plan = (PhasePlan("flood", "flood", 0, int(warmup_s * ns), int(window_s * ns), 0),)
     raw, log = out_dir / f"py-spy-{cell.group}.raw", out_dir / f"py-spy-{cell.group}.log"
     raw.unlink(missing_ok=True)
-    hook = PySpyHook("flood", raw, log)
+    hook = PySpyHook("flood", raw, log, bound_s=warmup_s + window_s + 30)
     cfg = RunConfig(PLEXUS[cell.group], cell.layout, cell.n_apps, 0, plan, payload, tail_ns)
     run = run_one(cfg, hook)
     found, python_cores, zmq_cores = hook.finish()
@@ -228,7 +242,8 @@ def render(results: Sequence[ProfileResult]) -> str:
                     f" interpreter threads {_value(r.python_us_per_msg, '.2f')} µs"
                     f" and libzmq I/O threads {_value(r.zmq_us_per_msg, '.2f')} µs (not"
                     f" visible to py-spy); {r.samples} samples at {RATE_HZ} Hz, py-spy itself"
-                    f" {_value(r.pyspy_cores, '.2f')} cores",
+                    f" {_value(r.pyspy_cores, '.2f')} cores"
+                    + (" (few samples: shares are rough)" if r.samples < FEW_SAMPLES else ""),
                     "",
                     profile.render_costs("top functions by own time (tottime)", r.top_own),
                     "",

@@ -41,6 +41,8 @@ def test_short_frame_prefers_site_packages_and_stdlib_over_the_repository() -> N
         "route (broker/router.py:5)"
     )
     assert short_frame("<native>") == "<native>"
+    generated = "__create_fn__.<locals>.__init__ (<string>:2)"
+    assert short_frame(generated) == "__init__ of a dataclass (generated)"
 
 
 def test_costs_turn_shares_into_us_per_message() -> None:
