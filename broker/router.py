@@ -288,8 +288,8 @@ class Router:
         lifecycle = sender == P.SUPERVISOR_ID
         ts = self._ts
         checked = ""
-        """The topic the previous message of this batch passed every check on (a batch
-        is mostly one topic: it is checked once)."""
+        """The topic the previous message of this batch was allowed on (a batch is
+        mostly one topic: its validity and permission are checked once)."""
         for i in range(1, count, 2):
             header_raw = frames[i]
             payload = frames[i + 1]
@@ -301,23 +301,23 @@ class Router:
                 continue
             topic = header.topic
             try:
-                if topic != checked or len(payload) > P.MAX_PAYLOAD_BYTES or stream.full:
+                if topic != checked:
                     if topic not in self._valid_topics:
                         validate_topic(topic)
                         if len(self._valid_topics) >= _VALID_TOPIC_LIMIT:
                             self._valid_topics.clear()
                         self._valid_topics.add(topic)
                     session.authorizer.check_publish(topic)
-                    if len(payload) > P.MAX_PAYLOAD_BYTES:
-                        raise ProtocolViolation(
-                            Code.TOO_LARGE, f"payload of {len(payload)} bytes exceeds the limit"
-                        )
-                    if stream.full:
-                        raise StorageFailure(
-                            Code.STORAGE_UNAVAILABLE,
-                            "persistence is behind; the publish was not accepted, retry it",
-                        )
                     checked = topic
+                if len(payload) > P.MAX_PAYLOAD_BYTES:
+                    raise ProtocolViolation(
+                        Code.TOO_LARGE, f"payload of {len(payload)} bytes exceeds the limit"
+                    )
+                if stream.full:
+                    raise StorageFailure(
+                        Code.STORAGE_UNAVAILABLE,
+                        "persistence is behind; the publish was not accepted, retry it",
+                    )
             except WireError as exc:
                 exc.ref["id"] = header.msg_id
                 if isinstance(exc, PermissionViolation):
@@ -428,15 +428,9 @@ class Router:
             stream.last_seq += 1
         to: list[list[str]] | None = [] if active else None
         flow = self.flow
-        limits = self.config.delivery
-        queue_max, bytes_max = limits.queue_max, limits.queue_max_bytes
         for target, delivery in deliveries:
             mailbox = target.mailbox
-            queue = mailbox.queue
-            queued = mailbox.queued_bytes + delivery.size
-            if len(queue) < queue_max and queued <= bytes_max:  # Mailbox.offer, inlined
-                queue.append(delivery)
-                mailbox.queued_bytes = queued
+            if mailbox.offer(delivery):
                 touched[target.key] = target
                 if to is not None:
                     to.append(list(target.key))
@@ -445,7 +439,7 @@ class Router:
                 self.dead(target, delivery, "queue-full")
             if (
                 publisher is not None
-                and (len(queue) >= flow.high or mailbox.queued_bytes >= flow.high_bytes)
+                and (len(mailbox.queue) >= flow.high or mailbox.queued_bytes >= flow.high_bytes)
                 and target.peer is not None  # a detached receiver holds nobody back
             ):
                 flow.hold(publisher, target)
