@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import shutil
 import struct
 import tempfile
@@ -37,7 +36,8 @@ import lmdb
 from perf.model import NS_PER_S, LatencySummary, summarize_ns
 from perf.systems import BrokerConfig
 from perf.user import synced
-from perf.user.platform import CONFIRM_APP, Platform, connect
+from perf.user.nats_session import NatsSession
+from perf.user.platform import PlatformWithBus
 from perf.user.systems import jetstream
 from perf.workload import encode
 
@@ -94,14 +94,8 @@ class PlexusTarget(Target):
     name = "plexus"
 
     def __init__(self, workdir: Path) -> None:
-        self._platform = Platform(
-            workdir, persistence=True, n_pairs=0, max_seconds=MAX_SECONDS, stats=False
-        )
-        try:
-            self._bus = connect(self._platform.endpoint, CONFIRM_APP)
-        except BaseException:
-            self._platform.stop()
-            raise
+        self._plexus = PlatformWithBus(workdir, persistence=True, max_seconds=MAX_SECONDS)
+        self._bus = self._plexus.bus
 
     def confirm_one(self, payload: bytes) -> None:
         self._bus.publish(TOPIC, payload, confirm=True, timeout=30.0)
@@ -117,39 +111,23 @@ class PlexusTarget(Target):
         return synced.finished(self.name, 0, plan, start, stamps)
 
     def close(self) -> None:
-        try:
-            self._bus.close(1.0)
-        finally:
-            self._platform.stop()
+        self._plexus.close()
 
 
 class JetStreamTarget(Target):
-    """nats-server -js with the bench stream; nats-py on a loop this object keeps."""
+    """nats-server -js with the bench stream; nats-py on a loop of its own."""
 
     name = "jetstream"
 
     def __init__(self, workdir: Path) -> None:
-        self._server = jetstream.start_server(BrokerConfig(workdir, MAX_SECONDS, 1))
-        self._loop = asyncio.new_event_loop()
-        try:
-            self._loop.run_until_complete(jetstream.add_stream(self._server.endpoint))
-            self._nc, self._js = self._loop.run_until_complete(self._connect())
-        except BaseException:
-            self._loop.close()
-            self._server.stop()
-            raise
-
-    async def _connect(self) -> tuple[Any, Any]:
-        import nats
-
-        nc = await nats.connect(self._server.endpoint, allow_reconnect=False, connect_timeout=10)
-        return nc, nc.jetstream(publish_async_max_pending=jetstream.INFLIGHT)
+        self._nats = NatsSession(jetstream.start_broker(BrokerConfig(workdir, MAX_SECONDS, 1)))
+        self._js = self._nats.nc.jetstream(publish_async_max_pending=jetstream.INFLIGHT)
 
     def confirm_one(self, payload: bytes) -> None:
-        self._loop.run_until_complete(self._js.publish(TOPIC, payload, timeout=30.0))
+        self._nats.run(self._js.publish(TOPIC, payload, timeout=30.0))
 
     def pipelined(self, payloads: list[bytes]) -> None:
-        self._loop.run_until_complete(self._pipelined(payloads))
+        self._nats.run(self._pipelined(payloads))
 
     async def _pipelined(self, payloads: list[bytes]) -> None:
         futures = [await self._js.publish_async(TOPIC, p) for p in payloads]
@@ -159,17 +137,11 @@ class JetStreamTarget(Target):
             raise RuntimeError(f"{len(failed)} publishes not acknowledged: {failed[0].exception()}")
 
     def paced(self, plan: synced.Plan, payload: bytes) -> synced.SyncedRun | None:
-        coroutine = synced.paced_jetstream(self._js, plan, payload)
-        start, stamps = self._loop.run_until_complete(coroutine)
+        start, stamps = self._nats.run(synced.paced_jetstream(self._js, plan, payload))
         return synced.finished(self.name, 0, plan, start, stamps)
 
     def close(self) -> None:
-        try:  # closing a benchmark peer: a failure changes nothing, the server stops next
-            with contextlib.suppress(Exception):
-                self._loop.run_until_complete(asyncio.wait_for(self._nc.close(), 5.0))
-        finally:
-            self._loop.close()
-            self._server.stop()
+        self._nats.close()
 
 
 _KEY = struct.Struct(">Q")

@@ -171,3 +171,26 @@ class Platform(BrokerHandle):
                 self._operator.close(0.5)
             self._operator = None
         procutil.stop_process(self._proc, grace_s=15.0)
+
+
+class PlatformWithBus:
+    """`plexus run` and one `Bus` connected as app bench-confirm: the Plexus side of the
+    single-publisher sections (confirms, publish calls), which start it once and time
+    the bus in this process."""
+
+    def __init__(self, workdir: Path, persistence: bool, max_seconds: float) -> None:
+        self.platform = Platform(
+            workdir, persistence=persistence, n_pairs=0, max_seconds=max_seconds, stats=False
+        )
+        try:
+            self.bus = connect(self.platform.endpoint, CONFIRM_APP)
+        except BaseException:
+            self.platform.stop()
+            raise
+
+    def close(self) -> None:
+        """Close the bus, then stop the platform (stopped even when the close fails)."""
+        try:
+            self.bus.close(1.0)
+        finally:
+            self.platform.stop()

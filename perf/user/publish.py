@@ -23,20 +23,18 @@ filling a buffer. Payloads are 256 bytes; the Bus packs them with msgpack (258 b
 from __future__ import annotations
 
 import abc
-import asyncio
-import contextlib
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from perf.bench_client import time_publishes
 from perf.systems import BrokerConfig
 from perf.systems import nats as core
-from perf.user.platform import CONFIRM_APP, Platform, connect
+from perf.user.nats_session import NatsSession
+from perf.user.platform import PlatformWithBus
 
 TOPIC = "bench.publish"
 WARMUP = 2000  # publishes (and a flush) before the first measurement: connections, caches
@@ -75,63 +73,37 @@ class _Plexus(_Target):
     name = "plexus"
 
     def __init__(self, workdir: Path) -> None:
-        self._platform = Platform(
-            workdir, persistence=False, n_pairs=0, max_seconds=MAX_SECONDS, stats=False
-        )
-        try:
-            self._bus = connect(self._platform.endpoint, CONFIRM_APP)
-        except BaseException:
-            self._platform.stop()
-            raise
+        self._plexus = PlatformWithBus(workdir, persistence=False, max_seconds=MAX_SECONDS)
 
     def burst(self, payload: bytes, n: int) -> tuple[float, float]:
-        times = time_publishes(self._bus, TOPIC, n, payload)
+        times = time_publishes(self._plexus.bus, TOPIC, n, payload)
         return times.calls_per_s(n), times.confirmed_per_s(n)
 
     def close(self) -> None:
-        try:
-            self._bus.close(1.0)
-        finally:
-            self._platform.stop()
+        self._plexus.close()
 
 
 class _Nats(_Target):
     name = "nats"
 
     def __init__(self, workdir: Path) -> None:
-        self._server = core.start_broker(BrokerConfig(workdir, MAX_SECONDS, 1))
-        self._loop = asyncio.new_event_loop()
-        try:
-            self._nc = self._loop.run_until_complete(self._connect())
-        except BaseException:
-            self._loop.close()
-            self._server.stop()
-            raise
-
-    async def _connect(self) -> Any:
-        import nats
-
-        return await nats.connect(self._server.endpoint, allow_reconnect=False, connect_timeout=10)
+        self._nats = NatsSession(core.start_broker(BrokerConfig(workdir, MAX_SECONDS, 1)))
 
     def burst(self, payload: bytes, n: int) -> tuple[float, float]:
-        seconds = self._loop.run_until_complete(self._burst(payload, n))
+        seconds = self._nats.run(self._burst(payload, n))
         return n / seconds, n / seconds
 
     async def _burst(self, payload: bytes, n: int) -> float:
-        publish = self._nc.publish
+        nc = self._nats.nc
+        publish = nc.publish
         started = time.monotonic()
         for _ in range(n):
             await publish(TOPIC, payload)
-        await self._nc.flush(timeout=120)
+        await nc.flush(timeout=120)
         return time.monotonic() - started
 
     def close(self) -> None:
-        try:  # closing a benchmark peer: a failure changes nothing, the server stops next
-            with contextlib.suppress(Exception):
-                self._loop.run_until_complete(asyncio.wait_for(self._nc.close(), 5.0))
-        finally:
-            self._loop.close()
-            self._server.stop()
+        self._nats.close()
 
 
 FACTORIES: dict[str, Callable[[Path], _Target]] = {"plexus": _Plexus, "nats": _Nats}

@@ -54,6 +54,13 @@ class Plan:
         """When message k is due, message 0 at `start_ns`."""
         return start_ns + k * NS_PER_S // self.rate
 
+    def due_until(self, start_ns: int, k: int, now_ns: int) -> int:
+        """The first message from `k` on that is not yet due at `now_ns` (`count` when
+        all are): messages k up to it are to be sent now."""
+        while k < self.count and self.due_ns(start_ns, k) <= now_ns:
+            k += 1
+        return k
+
     @property
     def count(self) -> int:
         """Messages of the whole repetition (warm-up and window)."""
@@ -132,14 +139,14 @@ def paced_bus(bus: Bus, plan: Plan, payload: bytes) -> tuple[int, _Stamps]:
     start = now() + int(TICK_S * NS_PER_S)
     k = 0
     while k < plan.count:
-        t = now()
-        while k < plan.count and plan.due_ns(start, k) <= t:
-            stamps.sent[k] = now()
+        due = plan.due_until(start, k, now())
+        for j in range(k, due):
+            stamps.sent[j] = now()
             msg_id, header, data = encoded_publish(TOPIC, payload)
             future: Future[None] = Future()
-            future.add_done_callback(functools.partial(stamps.confirmed, k))
+            future.add_done_callback(functools.partial(stamps.confirmed, j))
             enqueue(msg_id, header, data, future)
-            k += 1
+        k = due
         time.sleep(TICK_S)
     _wait_done(stamps, now() + int(SETTLE_S * NS_PER_S))
     return start, stamps
@@ -153,12 +160,12 @@ async def paced_jetstream(js: Any, plan: Plan, payload: bytes) -> tuple[int, _St
     start = now() + int(TICK_S * NS_PER_S)
     k = 0
     while k < plan.count:
-        t = now()
-        while k < plan.count and plan.due_ns(start, k) <= t:
-            stamps.sent[k] = now()
+        due = plan.due_until(start, k, now())
+        for j in range(k, due):
+            stamps.sent[j] = now()
             future = await publish(TOPIC, payload)
-            future.add_done_callback(functools.partial(stamps.confirmed, k))
-            k += 1
+            future.add_done_callback(functools.partial(stamps.confirmed, j))
+        k = due
         await asyncio.sleep(TICK_S)
     deadline = now() + int(SETTLE_S * NS_PER_S)
     while 0 in stamps.done and now() < deadline:

@@ -126,3 +126,13 @@ def test_paced_rows_put_plexus_beside_jetstream() -> None:
     p99 = next(r for r in rows if r.metric == "p99 ms")
     assert p99.ratio == 2.0
     assert paced_rows({}) == []
+
+
+def test_due_until_is_the_first_message_not_yet_due() -> None:
+    plan = Plan(rate=1000, warmup_s=0.002, window_s=0.003)  # one message per ms, 5 in all
+    start = 10 * NS_PER_S
+    ms = 1_000_000
+    assert plan.due_until(start, 0, start - 1) == 0  # nothing due before the start
+    assert plan.due_until(start, 0, start) == 1  # message 0 is due at the start
+    assert plan.due_until(start, 1, start + 2 * ms) == 3  # from 1: messages 1 and 2
+    assert plan.due_until(start, 3, start + 60 * ms) == plan.count  # never past the end
