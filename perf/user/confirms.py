@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import shutil
 import struct
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ from perf.systems import BrokerConfig
 from perf.user import synced
 from perf.user.nats_session import NatsSession
 from perf.user.platform import PlatformWithBus
+from perf.user.rounds import interleaved
 from perf.user.systems import jetstream
 from perf.workload import encode
 
@@ -241,32 +240,22 @@ def run_section(
     plan: synced.Plan | None = None,
 ) -> list[ConfirmRun]:
     """Start every system once, then `repeat` interleaved rounds, order rotated."""
-    root = Path(tempfile.mkdtemp(prefix="px-user-confirm-"))
-    targets: dict[str, Target] = {}
-    runs: list[ConfirmRun] = []
-    try:
-        for name in systems:
-            workdir = root / name
-            workdir.mkdir()
-            try:
-                targets[name] = FACTORIES[name](workdir)
-                for i in range(WARMUP):
-                    targets[name].confirm_one(_payload(i, size))
-            except Exception as exc:
-                progress(f"confirm: {name} did not start: {type(exc).__name__}: {exc}")
-                runs += [ConfirmRun(name, r, "failed", f"start: {exc}") for r in range(repeat)]
-        started = [s for s in systems if s in targets]
-        for rep in range(repeat):
-            k = rep % len(started) if started else 0
-            for name in started[k:] + started[:k]:
-                run = measure(targets[name], rep, each_s, pipelined_n, size, plan)
-                runs.append(run)
-                progress(f"confirm rep {rep + 1} {name:10} {describe(run)}")
-    finally:
-        for target in targets.values():
-            target.close()
-        shutil.rmtree(root, ignore_errors=True)
-    return runs
+
+    def warm_up(target: Target) -> None:
+        for i in range(WARMUP):
+            target.confirm_one(_payload(i, size))
+
+    return interleaved(
+        "confirm",
+        systems,
+        FACTORIES,
+        warm_up=warm_up,
+        measure=lambda target, rep: measure(target, rep, each_s, pipelined_n, size, plan),
+        failed=lambda name, rep, error: ConfirmRun(name, rep, "failed", error),
+        describe=describe,
+        repeat=repeat,
+        progress=progress,
+    )
 
 
 def describe(run: ConfirmRun) -> str:

@@ -23,8 +23,6 @@ filling a buffer. Payloads are 256 bytes; the Bus packs them with msgpack (258 b
 from __future__ import annotations
 
 import abc
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from perf.systems import BrokerConfig
 from perf.systems import nats as core
 from perf.user.nats_session import NatsSession
 from perf.user.platform import PlatformWithBus
+from perf.user.rounds import interleaved
 
 TOPIC = "bench.publish"
 WARMUP = 2000  # publishes (and a flush) before the first measurement: connections, caches
@@ -123,31 +122,21 @@ def run_section(
     systems: list[str], repeat: int, n: int, size: int, progress: Callable[[str], None]
 ) -> list[PublishRun]:
     """Start every system once, warm it up, then `repeat` interleaved rounds."""
-    root = Path(tempfile.mkdtemp(prefix="px-user-publish-"))
-    targets: dict[str, _Target] = {}
-    runs: list[PublishRun] = []
-    try:
-        for name in systems:
-            workdir = root / name
-            workdir.mkdir()
-            try:
-                targets[name] = FACTORIES[name](workdir)
-                targets[name].burst(bytes(size), WARMUP)
-            except Exception as exc:
-                progress(f"publish: {name} did not start: {type(exc).__name__}: {exc}")
-                runs += [PublishRun(name, r, "failed", f"start: {exc}") for r in range(repeat)]
-        started = [s for s in systems if s in targets]
-        for rep in range(repeat):
-            k = rep % len(started) if started else 0
-            for name in started[k:] + started[:k]:
-                run = measure(targets[name], rep, n, size)
-                runs.append(run)
-                progress(f"publish rep {rep + 1} {name:7} {describe(run)}")
-    finally:
-        for target in targets.values():
-            target.close()
-        shutil.rmtree(root, ignore_errors=True)
-    return runs
+
+    def warm_up(target: _Target) -> None:
+        target.burst(bytes(size), WARMUP)
+
+    return interleaved(
+        "publish",
+        systems,
+        FACTORIES,
+        warm_up=warm_up,
+        measure=lambda target, rep: measure(target, rep, n, size),
+        failed=lambda name, rep, error: PublishRun(name, rep, "failed", error),
+        describe=describe,
+        repeat=repeat,
+        progress=progress,
+    )
 
 
 def describe(run: PublishRun) -> str:
