@@ -191,8 +191,8 @@ def test_slow_consumer_memory_is_bounded_by_the_queue_and_dlq_limits() -> None:
 
 
 def test_growth_per_round_sees_trends_not_steps() -> None:
-    """The trend statistic itself: the noise and the jumps of a plateau stay near zero, a
-    steady climb shows at its full rate even when noisy."""
+    """The trend statistic itself: the noise, the jumps and the transient peaks of a plateau
+    stay near zero, a steady climb shows at its full rate even when noisy."""
     mib = 2**20
     plateau = [0, 480, 532, 532, 228, 468, 520, 1372, 472, 540]  # measured broker RSS, KiB
     assert abs(growth_per_round(plateau)) < 100
@@ -200,5 +200,10 @@ def test_growth_per_round_sees_trends_not_steps() -> None:
     assert growth_per_round(steps) == 0  # two allocator jumps, flat in between
     leak = [r * mib + (mib // 2 if r % 3 == 0 else 0) for r in range(10)]
     assert 0.9 * mib <= growth_per_round(leak) <= 1.1 * mib
+    kib = 1024
+    peaks = [28_070, 28_040, 27_870, 31_040, 28_350, 29_610, 33_180, 28_050, 27_990]
+    assert growth_per_round([r * kib for r in peaks]) <= 0  # transient peaks, measured
+    climbing_peaks = [r * mib + (3 * mib if r % 2 else 0) for r in range(10)]
+    assert growth_per_round(climbing_peaks) >= 0.9 * mib  # a leak under the peaks still shows
     with pytest.raises(ValueError, match="two samples"):
         growth_per_round([1])
