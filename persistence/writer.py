@@ -85,6 +85,19 @@ class StoreWriter:
         self.sealed += 1
         return self._sealer.seal(msg_id, topic, payload)
 
+    def seals(self, events: Sequence[R.Event]) -> bool:
+        """Whether storing `events` seals a payload (flagged sensitive by its publisher, or
+        on a configured topic): such a group reaches the disk only sealed, in LMDB, and is
+        never journaled (persistence.journal holds events as the broker sent them)."""
+        interest = self._sensitive.has_interest
+        for event in events:
+            record = event.record
+            if (type(record) is R.Published or type(record) is R.DeadLettered) and (
+                record.sensitive or interest(record.topic)
+            ):
+                return True
+        return False
+
     def commit(self, events: Sequence[R.Event]) -> int:
         """Store `events` (contiguous, after the watermark) durably; returns the watermark."""
         fresh = [event for event in events if event.seq > self.watermark]

@@ -10,8 +10,10 @@ real broker's side of the link.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +30,11 @@ from broker.manifests import Permissions
 from broker.paths import PlatformPaths
 from broker.recovery import RecoveryReport, apply_restore
 from broker.router import Router
+from persistence.restore import RestoreReader
 from persistence.service import PersistenceConfig, PersistenceService
 from security.credentials import CredentialStore
 from security.zap import answer_zap, bind_zap
-from tests.conftest import write_manifest
+from tests.conftest import wait_for, write_manifest
 
 TIMEOUT_MS = 5_000
 TS = 1_700_000_000_000_000_000
@@ -148,31 +151,131 @@ class Running:
     paths: PlatformPaths
     broker: FakeBroker
     service: PersistenceService
+    stop: threading.Event
+    thread: threading.Thread
+    context: zmq.Context[Any]
+    crashed: bool = False
+
+    def crash(self) -> None:
+        """What kill -9 leaves: the loop gone, nothing applied, nothing closed cleanly."""
+        self.stop.set()
+        self.thread.join(10)
+        service = self.service
+        if service.journal is not None:
+            service.journal.close(clean=False)
+        service.messages.close()
+        service.state.close()
+        self.crashed = True
 
 
-@pytest.fixture
-def running(short_tmp: Path) -> Iterator[Running]:
-    paths = PlatformPaths(short_tmp)
+@contextlib.contextmanager
+def _running(root: Path, monotonic: Callable[[], int] = time.monotonic_ns) -> Iterator[Running]:
+    paths = PlatformPaths(root)
     paths.prepare()
-    apps = short_tmp / "apps"
+    apps = root / "apps"
     apps.mkdir()
     write_manifest(apps, "reader", '[permissions]\nsubscribe = ["t.>"]\n')
     broker = FakeBroker(paths)
     context: zmq.Context[Any] = zmq.Context()
     token = broker.credentials.mint(P.PERSISTENCE_ID)
-    service = PersistenceService(PersistenceConfig(paths, apps), token, context)
+    service = PersistenceService(
+        PersistenceConfig(paths, apps), token, context, monotonic=monotonic
+    )
     service.bind()
     stop = threading.Event()
     thread = threading.Thread(target=service.run, args=(stop.is_set,), daemon=True)
     thread.start()
+    running = Running(paths, broker, service, stop, thread, context)
     try:
-        yield Running(paths, broker, service)
+        yield running
     finally:
         stop.set()
         thread.join(10)
-        service.close()
-        context.term()
+        if not running.crashed:
+            service.close()
+        context.destroy(linger=0)
         broker.close()
+
+
+@pytest.fixture
+def running(short_tmp: Path) -> Iterator[Running]:
+    with _running(short_tmp) as running:
+        yield running
+
+
+@pytest.fixture
+def frozen(short_tmp: Path) -> Iterator[Running]:
+    """The service's monotonic clock stands still: journaled events go to LMDB only when
+    something reads the store (or 128 wait), never because time passed."""
+    with _running(short_tmp, monotonic=lambda: 0) as running:
+        yield running
+
+
+def _synced(broker: FakeBroker) -> None:
+    broker.welcome()
+    broker.restore(next_seq=1)
+    while len(broker.authenticated) < 2:  # the link, then the SUB socket on the events
+        broker.authenticate(TIMEOUT_MS)
+
+
+def _history(paths: PlatformPaths, topic: str) -> list[int]:
+    """Seqs HISTORY answers for `topic` (as app reader)."""
+    context: zmq.Context[Any] = zmq.Context()
+    query: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+    query.linger = 0
+    query.plain_username = b"reader"
+    query.plain_password = CredentialStore(paths.creds_dir).mint("reader").encode()
+    query.connect(paths.store_endpoint())
+    try:
+        query.send_multipart(wire.History(topic, 10).frames())
+        assert query.poll(TIMEOUT_MS)
+        return [row[0] for row in wire.Result.decode(query.recv_multipart()).messages]
+    finally:
+        query.close()
+        context.term()
+
+
+def test_a_small_group_is_acknowledged_from_the_journal_and_read_from_lmdb(
+    frozen: Running,
+) -> None:
+    _synced(frozen.broker)
+    frozen.broker.publish(1, [_published(1), _published(2)])
+    frozen.broker.acked_up_to(2)  # confirmed: stored and synced...
+    service = frozen.service
+    assert (service.journaled, service.writer.stored) == (2, 0)  # ...in the journal alone
+    assert _history(frozen.paths, "t.a") == [1, 2]  # a query sees what was confirmed
+    assert service.writer.stored == 2
+
+
+def test_groups_with_sealed_payloads_never_touch_the_journal(frozen: Running) -> None:
+    _synced(frozen.broker)
+    frozen.broker.publish(1, [_published(1)])
+    frozen.broker.acked_up_to(1)
+    frozen.broker.publish(2, [_published(2, sensitive=True)])
+    frozen.broker.acked_up_to(2)
+    service = frozen.service
+    assert service.journaled == 1  # the plain one; the sensitive one went to LMDB sealed,
+    assert (service.writer.stored, service.writer.sealed) == (2, 1)  # with the one before
+
+
+def test_a_crash_before_the_apply_loses_nothing(short_tmp: Path) -> None:
+    with _running(short_tmp, monotonic=lambda: 0) as run:
+        _synced(run.broker)
+        run.broker.publish(1, [R.Subscribed("reader", "s1", 1, "t.>", True, False)])
+        run.broker.publish(2, [_published(2, durable_for="reader"), _published(3)])
+        run.broker.acked_up_to(3)
+        assert (run.service.journaled, run.service.writer.stored) == (3, 0)
+        run.crash()  # kill -9: nothing applied, nothing closed
+        again = PersistenceService(PersistenceConfig(run.paths), "token", monotonic=lambda: 0)
+        try:  # the journal's events are applied before the service serves anything
+            assert again.watermark == again.writer.watermark == 3
+            assert again.writer.stored == 2
+            pages = list(RestoreReader(again.messages, again.state, again.keys).pages())
+            assert pages[-1].watermark == 3
+            assert sum(len(p.sessions) for p in pages) == 1  # the durable subscription
+            assert sum(len(p.deliveries) for p in pages) == 1  # and its pending delivery
+        finally:
+            again.close()
 
 
 def test_first_sync_an_empty_restore_then_events_stored_and_acked(running: Running) -> None:
@@ -256,4 +359,5 @@ def test_a_gap_is_fetched_and_a_restarted_broker_gets_the_durable_state(
     broker.publish(6, [_published(6)])
     broker.acked_up_to(6)
     assert running.service.restores == 2
-    assert running.service.writer.stored == 5
+    assert running.service.watermark == 6
+    wait_for(lambda: running.service.writer.stored == 5)  # journaled, then applied to LMDB
