@@ -30,7 +30,7 @@ def test_would_block_is_a_bus_error_exported_by_the_bus() -> None:
 
 
 def test_threaded_window_full_raises_would_block_and_publish_waits_for_room() -> None:
-    io = Connection(SETTINGS, {}, lambda sub, message: None, lambda error: None)
+    io = Connection(SETTINGS, {}, lambda batch: None, lambda error: None)
     first, second, third = (encoded_publish("market.x", n) for n in range(3))
     io.enqueue_publish(*first)
     io.enqueue_publish(*second, block=False)

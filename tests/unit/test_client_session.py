@@ -63,7 +63,15 @@ from clients.events import (
     Welcomed,
 )
 from clients.message import Message
-from clients.session import FINAL, TRANSITIONS, ClientSession, Input, SessionConfig, State
+from clients.session import (
+    ACK_DELAY_S,
+    FINAL,
+    TRANSITIONS,
+    ClientSession,
+    Input,
+    SessionConfig,
+    State,
+)
 
 HEARTBEAT_S = 2.0
 TIMEOUT_S = 10.0
@@ -125,6 +133,13 @@ class Link:
     def sent(self) -> list[Any]:
         """What the session sends now, as wire records."""
         return [CONTROL_RECORDS[f[0]].decode(f) for f in self.session.outgoing(self.now)]
+
+    def settled(self) -> list[Any]:
+        """What the session sends by the end of the ACK delay (an ACK waits up to
+        `ACK_DELAY_S` for company: the first `outgoing` starts its clock)."""
+        out = self.sent()
+        self.now += ACK_DELAY_S
+        return out + self.sent()
 
     def give(self, frames: list[bytes]) -> list[Any]:
         """The broker sends `frames`; the events they caused."""
@@ -189,7 +204,7 @@ def test_publish_confirm_deliver_ack() -> None:
     assert link.sent() == []  # not settled yet: nothing to send
     message.ack()
     message.ack()  # once only
-    assert link.sent() == [Ack((77,))]
+    assert link.settled() == [Ack((77,))]
 
 
 def test_publishes_go_out_in_client_batches() -> None:
@@ -246,7 +261,7 @@ def test_one_delivery_to_two_subscriptions_is_acked_when_both_consumed() -> None
     first.ack()
     assert link.sent() == []
     second.ack()
-    assert link.sent() == [Ack((5,))]
+    assert link.settled() == [Ack((5,))]
     a, b = link.give(deliver(((wide, narrow), 6, header(mid(2)))))
     a.nack("boom")  # one failure is enough: nacked at once, the other copy changes nothing
     b.ack()
@@ -262,7 +277,7 @@ def test_delivery_for_no_wanted_sid_is_acked_and_dropped() -> None:
     link.session.unsubscribe(sid)
     assert link.sent() == [Unsubscribe(sid)]
     assert link.give(deliver(((sid,), 9, header(mid(1))))) == []
-    assert link.sent() == [Ack((9,))]
+    assert link.settled() == [Ack((9,))]
 
 
 def test_acks_are_split_under_the_limit() -> None:
@@ -318,7 +333,7 @@ def test_resumed_subscription_is_held_until_claimed_then_delivered_first() -> No
     assert link.give(SubscribeOk(5, "orders.*").frames()) == [Subscribed(5)]
     for message in held:
         message.ack()
-    assert link.sent() == [Ack((40, 41))]
+    assert link.settled() == [Ack((40, 41))]
     assert link.session.subscribe("orders.*") != 5  # a second one gets a fresh sid
 
 
@@ -454,9 +469,9 @@ def test_replies_find_their_request_by_reply_id() -> None:
     [a] = link.give(reply_to("reply-a", 12))
     assert (a.token, b.token) == ("token-a", "token-b")
     assert isinstance(a, Replied) and a.message.envelope.in_reply_to == "reply-a"
-    assert link.sent() == [Ack((11, 12))]  # replies are acknowledged at once
+    assert link.settled() == [Ack((11, 12))]  # replies: acknowledged by the core itself
     assert link.give(reply_to("reply-a", 13)) == []  # a late duplicate: dropped
-    assert link.sent() == [Ack((13,))]
+    assert link.settled() == [Ack((13,))]
 
 
 def test_request_expires_at_its_deadline_and_a_late_reply_is_dropped() -> None:
