@@ -30,7 +30,7 @@ from broker.errors import Code, PermissionViolation, ProtocolViolation, StorageF
 from broker.event_records import AuthFailed, ConsumerSkipped, Denied
 from broker.events import EventLog
 from broker.router import Outbound, Router, confirm_messages
-from broker.wire import EvAck, EvData, EvFetch, EvRestore, EvSync, EvSyncOk
+from broker.wire import EvAck, EvData, EvFetch, EvRestore, EvSync, EvSyncOk, unpack_batch
 
 HOLD_LIMIT: Final = 100_000
 """Most app messages held while the broker waits for persistence to start."""
@@ -114,10 +114,16 @@ class BrokerCore:
     def unreachable(self, peer: bytes, frames: list[bytes], gone: bool, now_ns: int) -> None:
         """The socket could not take `frames` for `peer`: count what is lost; `gone` (the
         peer has no connection): detach its session, so its messages queue meanwhile."""
-        lost = (len(frames) - 1) // 4 if frames[0] == P.DELIVER else 0
+        lost = 0
+        if frames[0] == P.DELIVER:  # packed (version 2): one frame holds the whole batch
+            lost = (len(unpack_batch(frames, 4) if len(frames) == 2 else frames) - 1) // 4
         self.router.undeliverable(peer, lost)
         if gone:
             self.router.drop_peer(peer, now_ns)
+
+    def refuse(self, peer: bytes, exc: WireError) -> list[Outbound]:
+        """`peer`'s message could not even be read (a malformed packed batch): an ERROR."""
+        return [self.router.error(peer, exc)]
 
     def internal_error(self, peer: bytes) -> list[Outbound]:
         """A bug cost one message (the server logged it); the peer is told, nothing else."""

@@ -5,8 +5,13 @@ The protocol is documented in docs/protocol.md; a change here is a change there.
 
 from typing import Final
 
-PROTOCOL_VERSIONS: Final = (1,)
-"""Versions this implementation speaks, oldest first. HELLO negotiates the highest common one."""
+PROTOCOL_VERSIONS: Final = (1, 2)
+"""Versions this implementation speaks, oldest first. HELLO negotiates the highest common one.
+Version 2 packs a batch into one frame: the broker sends a DELIVER as [DELIVER, packed]
+(every frame is a pyzmq call on each side, so four per message cost more than the routing
+itself); a PUB may be sent packed whatever the version (docs/protocol.md §3.5, §3.6)."""
+PACKED_VERSION: Final = 2
+"""The first version whose DELIVERs are packed."""
 
 # Commands, client -> broker
 HELLO: Final = b"HELLO"

@@ -72,7 +72,19 @@ from broker.sessions import Session, SessionKey, Sessions
 from broker.statistics import ExtraStats, RouterStats, snapshot, stats_command
 from broker.subscriptions import Subscriptions
 from broker.topics import validate_topic
-from broker.wire import Ack, Confirm, Error, Hello, Nack, Ping, Pong, Subscribe, request_id
+from broker.wire import (
+    PACKED_BATCH_BYTES,
+    Ack,
+    Confirm,
+    Error,
+    Hello,
+    Nack,
+    Ping,
+    Pong,
+    Subscribe,
+    pack_batch,
+    request_id,
+)
 
 __all__ = ["Outbound", "Router", "RouterConfig", "RouterStats", "Session", "SessionKey"]
 
@@ -457,11 +469,20 @@ class Router:
         if not deliveries:
             return out
         chunk = self.config.delivery.window
+        packed = session.version >= P.PACKED_VERSION
         stream = self.stream
-        for start in range(0, len(deliveries), chunk):
+        start, end = 0, len(deliveries)
+        while start < end:
             frames = [P.DELIVER]
             items: list[list[Any]] | None = [] if stream.active else None
-            for d in deliveries[start : start + chunk]:
+            stop = min(start + chunk, end)
+            size = 0
+            for index in range(start, stop):
+                d = deliveries[index]
+                size += d.size
+                if packed and size > PACKED_BATCH_BYTES and index > start:
+                    stop = index  # the rest goes in the next DELIVER
+                    break
                 frames += (
                     d.sids,
                     encode_stamp(d.seq, d.sender, d.timestamp_ns, d.attempt),
@@ -474,7 +495,8 @@ class Router:
                     items.append([d.msg_id, d.attempt, d.seq])
             if items:
                 stream.append_fields(_ATTEMPTED, self._ts, (session.app_id, session.name, items))
-            out.append((peer, frames))
+            out.append((peer, [P.DELIVER, pack_batch(frames[1:])] if packed else frames))
+            start = stop
         self.stats.delivered += len(deliveries)
         return out
 

@@ -29,13 +29,14 @@ import zmq
 from broker import protocol as P
 from broker.catalog import ManifestCatalog
 from broker.core import BrokerCore, CoreConfig
+from broker.errors import WireError
 from broker.events import EventLog, StreamLimits
 from broker.histogram import LatencyHistogram
 from broker.logs import event
 from broker.paths import PlatformPaths
 from broker.recovery import RecoveryReport, apply_restore
 from broker.router import Router, RouterConfig
-from broker.wire import EvRestore
+from broker.wire import EvRestore, unpack_batch
 from security.credentials import CredentialStore
 from security.zap import answer, bind_zap
 
@@ -250,6 +251,12 @@ class BrokerServer:
             if overflow:
                 self._send(sock, core.overflow(peer))
                 continue
+            if len(frames) == 2 and frames[0] == P.PUB:  # packed: one frame, the whole batch
+                try:
+                    frames = unpack_batch(frames, 2)
+                except WireError as exc:
+                    self._send(sock, core.refuse(peer, exc))
+                    continue
             try:
                 outbound = core.inbound(peer, app_id, frames, monotonic())
             except Exception:  # a bug must cost one message, never the broker

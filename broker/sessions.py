@@ -137,6 +137,7 @@ class Sessions:
                 self._requeue_in_flight(session, now_ns)
             core.emit(SessionChanged(app_id, hello.session, "resumed", hello.client))
         session.peer = peer
+        session.version = max(common)  # a resume may come from a newer (or older) client
         session.last_seen_ns = now_ns
         session.mailbox.auto_ack = not hello.acked
         self.by_peer[peer] = session

@@ -12,6 +12,8 @@ Layouts (docs/protocol.md §3, §14, §15):
 
     [HELLO, body]  [WELCOME, body]  [SUB, body]  [SUBOK, body]  [UNSUB, body]
     [UNSUBOK, body]  [PUB, (header, payload)+]  [DELIVER, (sids, stamp, header, payload)+]
+    packed (version 2): [PUB, packed]  [DELIVER, packed]  (packed: one msgpack array of
+    the same frames, flat, as binary strings)
     [CONFIRM, body]  [ACK, body]  [NACK, body]  [REQ, header, payload]
     [REP, header, payload]  [PING, echo]  [PONG, echo]  [BYE]  [STATS, body]
     [STATSOK, body]  [DLQ, body]  [DLQOK, body]  [ERROR, body]
@@ -24,8 +26,11 @@ Layouts (docs/protocol.md §3, §14, §15):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal, Self
+
+import msgpack
 
 from broker import protocol as P
 from broker.codec import (
@@ -115,6 +120,45 @@ def _int_list(body: dict[str, Any], key: str, what: str) -> tuple[int, ...]:
     if not isinstance(values, list) or not all(type(v) is int for v in values):
         raise ProtocolViolation(Code.BAD_HEADER, f"{what} field {key!r} must be a list of ints")
     return tuple(values)
+
+
+# -- packed batches (version 2) --------------------------------------------------------------
+
+PACKED_BATCH_BYTES: Final = P.MAX_PAYLOAD_BYTES
+"""Most header and payload bytes one packed PUB or DELIVER gathers; the next message starts
+another. A message alone is always sent, so a packed frame stays below MAX_FRAME_BYTES."""
+
+_batch_packer = msgpack.Packer(use_bin_type=True)
+"""Reused for packed batches (a flat list of bytes, no user callbacks)."""
+
+
+def pack_batch(items: Sequence[bytes]) -> bytes:
+    """One frame holding `items` (a batch's frames after the command), as a msgpack array."""
+    return _batch_packer.pack(items)  # type: ignore[no-any-return]
+
+
+def unpack_batch(frames: list[bytes], group: int) -> list[bytes]:
+    """[command, *items] of a packed [command, packed] message: `packed` must be a msgpack
+    array of byte strings whose length is a positive multiple of `group` (2 for PUB, 4 for
+    DELIVER); anything else is a MALFORMED_FRAME, never another exception."""
+    command = frames[0].decode("ascii", "replace")
+    try:
+        items = msgpack.unpackb(frames[1], raw=True, use_list=True)
+    except Exception as exc:  # msgpack raises several kinds (and ValueError when too deep)
+        raise ProtocolViolation(
+            Code.MALFORMED_FRAME, f"packed {command} is not msgpack: {type(exc).__name__}"
+        ) from None
+    if type(items) is not list or not items or len(items) % group:
+        raise ProtocolViolation(
+            Code.MALFORMED_FRAME,
+            f"packed {command} must be an array of {group}-frame groups of binary strings",
+        )
+    for item in items:
+        if type(item) is not bytes:
+            raise ProtocolViolation(
+                Code.MALFORMED_FRAME, f"packed {command} holds a {type(item).__name__}, not bytes"
+            )
+    return [frames[0], *items]
 
 
 # -- session ---------------------------------------------------------------------------------
@@ -421,11 +465,13 @@ class Publish:
     COMMAND: ClassVar[bytes] = P.PUB
     pairs: tuple[tuple[bytes, bytes], ...]
 
-    def frames(self) -> list[bytes]:
+    def frames(self, packed: bool = False) -> list[bytes]:
+        """[PUB, header, payload, ...], or with `packed` [PUB, packed] (one frame, version 2;
+        the caller keeps the batch within PACKED_BATCH_BYTES)."""
         frames = [P.PUB]
         for header, payload in self.pairs:
             frames += (header, payload)
-        return frames
+        return [P.PUB, pack_batch(frames[1:])] if packed else frames
 
     @staticmethod
     def check(frames: list[bytes]) -> int:
@@ -444,6 +490,9 @@ class Publish:
 
     @classmethod
     def decode(cls, frames: list[bytes]) -> Self:
+        """Either layout: two frames per message, or packed."""
+        if len(frames) == 2:
+            frames = unpack_batch(frames, 2)
         count = cls.check(frames)
         return cls(tuple((frames[1 + 2 * i], frames[2 + 2 * i]) for i in range(count)))
 
@@ -494,6 +543,9 @@ class Deliver:
 
     @classmethod
     def decode(cls, frames: list[bytes]) -> Self:
+        """Either layout: four frames per message, or packed (version 2)."""
+        if len(frames) == 2:
+            frames = unpack_batch(frames, 4)
         count = len(frames) - 1
         if count <= 0 or count % 4:
             raise ProtocolViolation(Code.BAD_FRAME_COUNT, "DELIVER takes groups of 4 frames")

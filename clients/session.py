@@ -76,6 +76,7 @@ from broker.codec import decode_sids, encode_sids
 from broker.errors import Code, ProtocolViolation, WireError
 from broker.wire import (
     CLOSING_ECHO,
+    PACKED_BATCH_BYTES,
     Ack,
     Bye,
     Confirm,
@@ -96,6 +97,7 @@ from broker.wire import (
     SubscribeOk,
     Unsubscribe,
     Welcome,
+    unpack_batch,
 )
 from clients.errors import (
     BrokerUnavailable,
@@ -137,6 +139,8 @@ _PING: Final = Ping().frames()
 _BYE: Final = Bye().frames()
 _CALL_ANSWERS: Final = {P.STATSOK: P.STATS, P.DLQOK: P.DLQ}
 _CALL_ERRORS: Final = frozenset({int(Code.COMMAND_DENIED), int(Code.UNKNOWN_DLQ_ENTRY)})
+_UNBOUNDED: Final = 2**62
+"""The byte bound of an unpacked PUB (version 1 has none; its messages are frames)."""
 """Refusals of a STATS/DLQ an older broker sends without the call's `rid` in `ref`."""
 
 
@@ -538,17 +542,26 @@ class ClientSession:
             self._nacks = []
 
     def _publishes(self, out: list[list[bytes]]) -> None:
-        """PUB batches of what the outbox holds, as far as the broker's credit goes."""
+        """PUB batches of what the outbox holds, as far as the broker's credit goes; packed
+        into one frame each (at most PACKED_BATCH_BYTES, a lone message always) when the
+        broker speaks version 2."""
         outbox, unconfirmed, credit = self._outbox, self._unconfirmed, self._credit
+        packed = self.welcome is not None and self.welcome.version >= P.PACKED_VERSION
+        byte_limit = PACKED_BATCH_BYTES if packed else _UNBOUNDED
         while outbox and (credit is None or credit > 0):
             limit = P.CLIENT_BATCH if credit is None else min(P.CLIENT_BATCH, credit)
             pairs: list[tuple[bytes, bytes]] = []
+            size = 0
             while outbox and len(pairs) < limit:
-                msg_id, header, payload = outbox.popleft()
+                msg_id, header, payload = outbox[0]
                 if msg_id in unconfirmed:
+                    size += len(header) + len(payload)
+                    if size > byte_limit and pairs:
+                        break
                     pairs.append((header, payload))
+                outbox.popleft()
             if pairs:
-                out.append(Publish(tuple(pairs)).frames())
+                out.append(Publish(tuple(pairs)).frames(packed))
                 if credit is not None:
                     credit -= len(pairs)
         self._credit = credit
@@ -667,6 +680,8 @@ class ClientSession:
         """Each [sids, stamp, header, payload] group straight from the frames (no
         `Deliver` record per message: this is the hot path of every delivery and reply).
         A sids frame is decoded once per distinct value in the DELIVER (usually one)."""
+        if len(frames) == 2:  # packed (version 2): the whole batch in one frame
+            frames = unpack_batch(frames, 4)
         count = len(frames) - 1
         if count <= 0 or count % 4:
             raise ProtocolViolation(Code.BAD_FRAME_COUNT, "DELIVER takes groups of 4 frames")

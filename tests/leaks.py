@@ -7,9 +7,11 @@ rounds after a warm-up, never at one absolute ceiling:
 
 - `traced_rounds` samples, with tracemalloc, what the Python heap retains after each round
   of a pure core (unit tests: exact, no allocator in the way);
-- `growth_per_round` is the median of the round-to-round increments of any such series,
-  RSS included: a leak adds to (nearly) every round, so the median is its rate; a few
-  allocator jumps, fewer than half of the rounds, leave it near zero.
+- `growth_per_round` is the median of the round-to-round increments of the series' lower
+  envelope (each sample replaced by the least sample from it on), RSS included: a leak
+  raises the floor in (nearly) every round, so the median is its rate; a few allocator
+  jumps, fewer than half of the rounds, leave it near zero, and a transient peak (memory
+  the allocator gives back a round later) is not part of the floor at all.
 """
 
 from __future__ import annotations
@@ -22,10 +24,18 @@ from itertools import pairwise
 
 
 def growth_per_round(samples: Sequence[float]) -> float:
-    """Median of the increments between consecutive `samples` (one sample per round)."""
+    """Median of the increments of the lower envelope of `samples` (one sample per round)."""
     if len(samples) < 2:
         raise ValueError("a trend needs at least two samples")
-    return statistics.median(b - a for a, b in pairwise(samples))
+    return statistics.median(b - a for a, b in pairwise(lower_envelope(samples)))
+
+
+def lower_envelope(samples: Sequence[float]) -> list[float]:
+    """Each sample replaced by the least of it and every later one: what stayed retained."""
+    floor = list(samples)
+    for i in range(len(floor) - 2, -1, -1):
+        floor[i] = min(floor[i], floor[i + 1])
+    return floor
 
 
 def traced_rounds(drive: Callable[[int], object], rounds: int, warmup: int = 2) -> list[int]:

@@ -1,7 +1,8 @@
 """Adapter `plexus`: the Plexus broker (`python -m broker`) with authenticated apps.
 
-The workers speak wire protocol v1 on raw DEALER sockets, as cheaply as the `bare`
-workers do (one PUB per message, no client-side batching; a publisher counts its publish
+The workers speak the wire protocol on raw DEALER sockets, as cheaply as the `bare`
+workers do (one unpacked PUB per message, no client-side batching; subscribers offer
+version 2 and so get packed DELIVERs; a publisher counts its publish
 credit and reads the broker's CREDITs only when it has run out, docs/protocol.md §3.17,
 so the broker's flow control throttles it as it does the Python client), so the comparison with
 the baseline is broker against broker: ZAP authentication, the User-Id check, header
@@ -33,6 +34,7 @@ from broker import protocol as P
 from broker.codec import encode_pub_header, new_message_id, pack
 from broker.config import PlatformConfig
 from broker.paths import PlatformPaths
+from broker.wire import unpack_batch
 from perf import procutil
 from perf.model import LatencySummary, Phase, WorkerReport, WorkerSpec, topic_for
 from perf.systems import BrokerConfig, BrokerHandle, WorkerControl
@@ -68,7 +70,7 @@ def _hello(
     sock.connect(endpoint)
     session = f"perf-{os.getpid()}-{id(sock)}"
     sock.send_multipart(
-        [P.HELLO, pack({"v": [1], "client": "perf", "session": session, "ack": acked})]
+        [P.HELLO, pack({"v": [1, 2], "client": "perf", "session": session, "ack": acked})]
     )
     if not sock.poll(int(timeout_s * 1000)):
         raise RuntimeError(f"no WELCOME from {endpoint} for {app_id}")
@@ -236,6 +238,8 @@ class _Apps:
                     break
                 if frames[0] != P.DELIVER:
                     continue
+                if len(frames) == 2:  # packed (version 2): one frame holds the batch
+                    frames = unpack_batch(frames, 4)
                 for i in range(4, len(frames), 4):
                     sink(frames[i])
                 if self.acked:  # one ACK per DELIVER, as the Python client batches them

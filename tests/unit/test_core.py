@@ -12,7 +12,8 @@ import pytest
 
 from broker import event_records as R
 from broker import protocol as P
-from broker.codec import decode_stamp, encode_pub_header, pack, unpack_map
+from broker import wire
+from broker.codec import encode_pub_header, pack, unpack_map
 from broker.core import BrokerCore, CoreConfig
 from broker.delivery import Delivery, DeliveryConfig
 from broker.dlq import DeadLetter
@@ -116,10 +117,10 @@ def of_type(events: Iterable[R.Event], cls: type[Any]) -> list[Any]:
 
 def delivered_seqs(out: list[Outbound], peer: bytes) -> list[int]:
     return [
-        decode_stamp(frames[i]).seq
+        item.stamp.seq
         for to, frames in out
         if to == peer and frames[0] == P.DELIVER
-        for i in range(2, len(frames), 4)
+        for item in wire.Deliver.decode(frames).items  # either layout, packed or not
     ]
 
 
@@ -361,7 +362,7 @@ def test_fetch_of_a_dropped_range_says_where_to_resume() -> None:
     b.send(b"w", "$cli", Subscribe(1, P.EVENTS_ALERT_TOPIC).frames())
     out = b.tick()
     [(_, frames)] = [o for o in out if o[0] == b"w"]
-    notice = msgpack.unpackb(frames[4])
+    notice = msgpack.unpackb(wire.Deliver.decode(frames).items[0].payload)
     assert notice["consumer"] == "$audit" and notice["first"] == 1
     b.hello(b"a", "$audit")
     [(_, frames)] = b.send(b"a", "$audit", EvFetch(1).frames())
@@ -489,6 +490,9 @@ def test_overflow_and_unreachable_peers() -> None:
     b.core.unreachable(b"s", [P.DELIVER, b"", b"", b"", b""], gone=True, now_ns=b.mono)
     assert b.router.session_of(b"s") is None
     assert b.router.stats.undeliverable == 2
+    packed = [P.DELIVER, wire.pack_batch([b"sids", b"stamp", b"header", b"payload"] * 3)]
+    b.core.unreachable(b"s", packed, gone=False, now_ns=b.mono)
+    assert b.router.stats.undeliverable == 5  # a packed DELIVER counts every message in it
 
 
 # -- sessions ending: a clean close discards, an expiry dead-letters ------------------------

@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker import protocol as P
+from broker import wire
 from broker.codec import (
     decode_envelope,
     decode_sids,
-    decode_stamp,
     encode_pub_header,
     pack,
     unpack_map,
@@ -135,11 +135,8 @@ def deliveries(out: list[Outbound], peer: bytes) -> list[tuple[list[int], Any, b
     for to, frames in out:
         if to != peer or frames[0] != P.DELIVER:
             continue
-        body = frames[1:]
-        assert len(body) % 4 == 0 and body, "DELIVER is [DELIVER, (sids, stamp, header, payload)+]"
-        for i in range(0, len(body), 4):
-            sids, stamp, header, payload = body[i : i + 4]
-            found.append((decode_sids(sids), decode_stamp(stamp), header, payload))
+        for item in wire.Deliver.decode(frames).items:  # either layout, packed or not
+            found.append((list(item.sids), item.stamp, item.header, item.payload))
     return found
 
 
@@ -156,17 +153,17 @@ def test_hello_welcome(router: Router) -> None:
     assert peer == b"p1"
     assert frames[0] == P.WELCOME and len(frames) == 2
     welcome = unpack_map(frames[1])
-    assert welcome["v"] == 1
+    assert welcome["v"] == 2  # the highest both speak
     assert welcome["app"] == "sub"
     assert welcome["heartbeat_ms"] == P.DEFAULT_HEARTBEAT_MS
     assert welcome["timeout_ms"] == P.DEFAULT_PEER_TIMEOUT_MS
     assert welcome["max_payload"] == P.MAX_PAYLOAD_BYTES
     assert welcome["max_batch"] == P.MAX_PUB_BATCH
     session = router.session_of(b"p1")
-    assert session is not None and session.app_id == "sub" and session.version == 1
+    assert session is not None and session.app_id == "sub" and session.version == 2
 
 
-@pytest.mark.parametrize("versions", [(2,), (0, 2, 3), ()])
+@pytest.mark.parametrize("versions", [(3,), (0, 3, 7), ()])
 def test_hello_unsupported_version(router: Router, versions: tuple[int, ...]) -> None:
     p = Peer(router, b"p1", "sub")
     error = error_of(p.hello(versions), b"p1")
