@@ -147,13 +147,13 @@ class Connection(threading.Thread):
         self._commands: deque[Command] = deque()
         self._unsent: deque[list[bytes]] = deque()
         self._in_window = 0
+        """Publishes queued or unconfirmed: the window `enqueue_publish` keeps bounded."""
         self._ack_batch = self.session.ack_batch
         """The session's, copied for app threads (updated at each WELCOME)."""
         self._settle_poll: float | None = None
         """The I/O thread's interval for looking at the settlements; None: not polling."""
         self._backed_off = True
         """The I/O thread may not look at the settlements soon: `settle` must wake it."""
-        """Publishes queued or unconfirmed: the window `enqueue_publish` keeps bounded."""
         self._space = threading.Condition()
         self._wakeup = Wakeup()
         self._stopping = False
