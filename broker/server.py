@@ -44,7 +44,6 @@ log = logging.getLogger("plexus.broker")
 
 _SNDMORE = 2
 _NOBLOCK = 1
-_RCVMORE = 13
 _DRAIN_LIMIT = 512
 _TIMER_TICK_NS = 50_000_000
 """How often delivery timers (retries, ack timeouts, grace periods) are looked at."""
@@ -237,15 +236,15 @@ class BrokerServer:
             except zmq.Again:
                 return
             started = clock()
-            first = sock.recv(copy=False)
-            user_id = first.get("User-Id")
+            part = sock.recv(copy=False)
+            user_id = part.get("User-Id")
             app_id = user_id if isinstance(user_id, str) else ""
-            frames = [first.bytes]
+            frames = [part.bytes]
             overflow = False
-            while sock.getsockopt(_RCVMORE):
-                part = sock.recv()
+            while part.more:  # a Frame attribute: getsockopt(RCVMORE) builds an Enum each call
+                part = sock.recv(copy=False)
                 if len(frames) < P.MAX_FRAMES:
-                    frames.append(part)
+                    frames.append(part.bytes)
                 else:
                     overflow = True
             if overflow:

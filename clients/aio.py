@@ -40,7 +40,14 @@ from zmq.utils.monitor import parse_monitor_message
 from broker.wire import Dlq, DlqOp, Stats
 from clients.aio_store import AsyncStoreClient
 from clients.aio_subscription import AsyncHandler, AsyncSubscription
-from clients.connection import ConnectSettings, auth_refused, open_dealer, send_in_order
+from clients.connection import (
+    ConnectSettings,
+    auth_refused,
+    hand_over,
+    open_dealer,
+    receive_available,
+    send_in_order,
+)
 from clients.driving import (
     connect_settings,
     no_answer,
@@ -83,10 +90,6 @@ __all__ = ["AsyncBus", "AsyncSubscription"]
 
 log = logging.getLogger("plexus.client")
 
-_NOBLOCK = 1
-_SNDMORE = 2
-_RCVMORE = 13
-_DRAIN_LIMIT = 256
 _RETRY_SEND_S = 0.005
 _PUMP_ROUNDS = 8
 _MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -144,9 +147,10 @@ class AsyncBus:
         """A plain (non-asyncio) handle of the same DEALER, for sends and drains that
         never wait."""
         self._tasks: list[asyncio.Task[None]] = []
-        self._dispatch_queue: asyncio.Queue[tuple[AsyncSubscription, Message] | None] = (
+        self._dispatch_queue: asyncio.Queue[list[tuple[AsyncSubscription, Message]] | None] = (
             asyncio.Queue()
         )
+        """Batches of deliveries for the handlers, one per `_handle_events` (None: stop)."""
         self._dispatcher: asyncio.Task[None] | None = None
         self._store_client: AsyncStoreClient | None = None
         self._closed = False
@@ -503,24 +507,10 @@ class AsyncBus:
         try:
             while True:
                 await dealer.poll()  # POLLIN
-                self._drain(raw)
+                receive_available(raw, self._session, time.monotonic())
                 self._pump()
         except (asyncio.CancelledError, zmq.ZMQError):
             return
-
-    def _drain(self, raw: zmq.Socket[bytes]) -> None:
-        """Hand what the socket holds to the session (bounded per call)."""
-        receive = self._session.receive
-        now = time.monotonic()
-        for _ in range(_DRAIN_LIMIT):
-            try:
-                first = raw.recv(_NOBLOCK)
-            except zmq.Again:
-                return
-            frames = [first]
-            while raw.getsockopt(_RCVMORE):
-                frames.append(raw.recv())
-            receive(frames, now)
 
     async def _watch(self, dealer: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
         """The monitor task of one socket: a failed credential, a new handshake."""
@@ -560,7 +550,7 @@ class AsyncBus:
             # message that arrived meanwhile: the reader would never wake for it. Look.
             if not int(raw.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 break
-            self._drain(raw)
+            receive_available(raw, session, time.monotonic())
         else:
             self._kick()  # still more to read: later in this loop turn, after others
         if session.finished:
@@ -586,9 +576,10 @@ class AsyncBus:
     def _handle_events(self) -> bool:  # noqa: PLR0912 - one branch per event kind
         """Act on the session's events; True when the transport must be replaced."""
         replace = False
+        messages: list[Message] = []
         for event in self._session.take_events():
             if type(event) is Message:
-                self._hand_over(event)
+                messages.append(event)
             elif isinstance(event, Confirmed):
                 futures = self._confirm_futures
                 for msg_id in event.ids if futures else ():
@@ -623,16 +614,9 @@ class AsyncBus:
                 replace = True
             elif isinstance(event, Failed):
                 self._failed(event.error)
+        if messages:
+            hand_over(messages, self._subs, self._dispatch_queue.put_nowait)
         return replace
-
-    def _hand_over(self, message: Message) -> None:
-        sub = self._subs.get(message.subscription_id)
-        if sub is None or not sub.active:
-            message.ack()
-        elif sub.handler is not None:
-            self._dispatch_queue.put_nowait((sub, message))
-        elif not sub.offer(message):
-            log.warning("subscription %s overflowed its local queue", sub.pattern)
 
     def _report(self, error: BusError) -> None:
         log.warning("broker reported: %s", error)
@@ -647,30 +631,31 @@ class AsyncBus:
         self._changed.fire()
 
     async def _run_handlers(self) -> None:
-        """The dispatcher task: each handler call in delivery order, ack or nack after."""
+        """The dispatcher task: each handler call in delivery order, one message at a
+        time, ack or nack after (a handler that raises leaves the rest of its batch be)."""
         while True:
-            item = await self._dispatch_queue.get()
-            if item is None:
+            batch = await self._dispatch_queue.get()
+            if batch is None:
                 return
-            sub, message = item
-            if not sub.active or sub.handler is None:
-                continue
-            try:
-                result = sub.handler(message)
-                if inspect.isawaitable(result):
-                    result = await result
-            except Exception as exc:
-                log.exception("handler for %s raised on message %s", sub.pattern, message.id)
-                if sub.serve:  # the failure is the answer
-                    self._answer(message, None, f"{type(exc).__name__}: {exc}")
+            for sub, message in batch:
+                if not sub.active or sub.handler is None:
+                    continue
+                try:
+                    result = sub.handler(message)
+                    if inspect.isawaitable(result):
+                        result = await result
+                except Exception as exc:
+                    log.exception("handler for %s raised on message %s", sub.pattern, message.id)
+                    if sub.serve:  # the failure is the answer
+                        self._answer(message, None, f"{type(exc).__name__}: {exc}")
+                        message.ack()
+                    else:
+                        message.nack(f"{type(exc).__name__}: {exc}")
+                    continue
+                if sub.serve:
+                    self._answer(message, result, None)
+                if not sub.manual_ack:
                     message.ack()
-                else:
-                    message.nack(f"{type(exc).__name__}: {exc}")
-                continue
-            if sub.serve:
-                self._answer(message, result, None)
-            if not sub.manual_ack:
-                message.ack()
 
     def _answer(self, request: Message, result: Any, error: str | None) -> None:
         if self._closed or self.failure is not None:

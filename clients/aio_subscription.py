@@ -9,7 +9,7 @@ so the broker retries it later. Everything here runs on the bus's event loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,12 +75,21 @@ class AsyncSubscription:
 
     def offer(self, message: Message) -> bool:
         """Queue a delivery (the bus); False when the local queue is full."""
-        if self._queue.qsize() >= self.limit:
-            self.overflowed += 1
-            message.nack("the subscriber's local queue is full")
-            return False
-        self._queue.put_nowait(message)
-        return True
+        return self.offer_all((message,)) == 0
+
+    def offer_all(self, messages: Iterable[Message]) -> int:
+        """Queue a batch of deliveries in order (the bus); each one beyond `limit` is
+        counted in `overflowed` and nacked. Returns how many overflowed."""
+        queue, limit = self._queue, self.limit
+        overflowed = 0
+        for message in messages:
+            if queue.qsize() >= limit:
+                overflowed += 1
+                message.nack("the subscriber's local queue is full")
+            else:
+                queue.put_nowait(message)
+        self.overflowed += overflowed
+        return overflowed
 
     def end(self) -> None:
         """No more messages will come: wake every reader once the queue is read."""

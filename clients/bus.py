@@ -91,9 +91,10 @@ class Bus:
         self.app_id = settings.app_id
         self._subs: dict[int, Subscription] = {}
         self._lock = threading.Lock()
-        self._dispatch_queue: queue.SimpleQueue[tuple[Subscription, Message] | None] = (
+        self._dispatch_queue: queue.SimpleQueue[list[tuple[Subscription, Message]] | None] = (
             queue.SimpleQueue()
         )
+        """Batches of deliveries for the handlers, one per I/O loop turn (None: stop)."""
         self._dispatcher: threading.Thread | None = None
         self._closed = False
         self.errors: queue.SimpleQueue[BusError] = queue.SimpleQueue()
@@ -400,8 +401,9 @@ class Bus:
         except FutureTimeout:
             raise no_answer(what, timeout) from None
 
-    def _dispatch(self, sub: Subscription, message: Message) -> None:
-        self._dispatch_queue.put((sub, message))
+    def _dispatch(self, batch: list[tuple[Subscription, Message]]) -> None:
+        """I/O thread: one turn's handler deliveries, one put (one wake-up at most)."""
+        self._dispatch_queue.put(batch)
 
     def _ensure_dispatcher(self) -> None:
         with self._lock:
@@ -412,27 +414,31 @@ class Bus:
                 self._dispatcher.start()
 
     def _run_handlers(self) -> None:
+        """The dispatcher thread: each handler call in delivery order, one message at a
+        time, acked when it returns, nacked when it raises (the rest of its batch goes on)."""
         while True:
-            item = self._dispatch_queue.get()
-            if item is None:
+            batch = self._dispatch_queue.get()
+            if batch is None:
                 return
-            sub, message = item
-            if not sub.active or sub.handler is None:
-                continue
-            try:
-                result = sub.handler(message)
-            except Exception as exc:
-                log.exception("handler for %s raised on message %s", sub.pattern, message.id)
-                if sub.serve:  # the failure is the answer; retrying a request is the caller's call
-                    self._answer(message, None, f"{type(exc).__name__}: {exc}")
-                    message.ack()
-                else:
-                    message.nack(f"{type(exc).__name__}: {exc}")
-                continue
-            if sub.serve:
-                self._answer(message, result, None)
-            if not sub.manual_ack:
+            for sub, message in batch:
+                if sub.active and sub.handler is not None:
+                    self._run_handler(sub, sub.handler, message)
+
+    def _run_handler(self, sub: Subscription, handler: Handler, message: Message) -> None:
+        try:
+            result = handler(message)
+        except Exception as exc:
+            log.exception("handler for %s raised on message %s", sub.pattern, message.id)
+            if sub.serve:  # the failure is the answer; retrying a request is the caller's call
+                self._answer(message, None, f"{type(exc).__name__}: {exc}")
                 message.ack()
+            else:
+                message.nack(f"{type(exc).__name__}: {exc}")
+            return
+        if sub.serve:
+            self._answer(message, result, None)
+        if not sub.manual_ack:
+            message.ack()
 
     def _report_error(self, error: BusError) -> None:
         log.warning("broker reported: %s", error)

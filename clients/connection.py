@@ -8,6 +8,18 @@ what `outgoing()` returns and turns events into futures resolved, messages hande
 subscriptions, and errors reported. Backpressure is a counter under a condition: taken
 by `enqueue_publish` (which waits, or raises `WouldBlock` with `block=False`), given back
 by Confirmed and PublishRefused events.
+
+Deliveries cross threads in batches: what one loop turn received goes to the handler
+dispatcher as one batch (one queue put) and to each `get()` subscription as one
+`offer_all` (one notify). Settlements come back without a wake-up per message: an ACK
+only wakes the I/O thread when the session's `ack_batch` of them are queued, or when the
+I/O thread has backed off (below); a NACK always does. While deliveries are being
+settled the I/O thread looks at the settlements every `_SETTLE_POLL_S` on its own, and
+the session sends the ACKs it has within `ACK_DELAY_S`; a turn with nothing to do
+doubles that interval up to `_SETTLE_POLL_MAX_S`, after which it stops polling. Any wait
+longer than `_SETTLE_POLL_S` counts as backed off: the flag goes up before the last look
+at the settlements, and `settle` appends before it reads the flag, so an ACK is always
+either seen by that look or wakes the thread.
 """
 
 from __future__ import annotations
@@ -16,10 +28,10 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -52,13 +64,18 @@ log = logging.getLogger("plexus.client")
 
 _SNDMORE = 2
 _NOBLOCK = 1
-_RCVMORE = 13
 _EVENTS = 15
 _POLLIN = 1
 _DRAIN_LIMIT = 256
+_RETRY_SEND_S = 0.01
+_SETTLE_POLL_S = 0.004
+"""How often the I/O thread looks at the settlements while deliveries are being settled."""
+_SETTLE_POLL_MAX_S = 0.5
 _MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 
 Command = Callable[[ClientSession], None]
+Dispatch = Callable[[list[tuple[Subscription, Message]]], None]
+"""Hands one loop turn's handler deliveries, in order, to the handler dispatcher."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +118,7 @@ class Connection(threading.Thread):
         self,
         settings: ConnectSettings,
         subscriptions: dict[int, Subscription],
-        dispatch: Callable[[Subscription, Message], None],
+        dispatch: Dispatch,
         on_error: Callable[[BusError], None],
         context: zmq.Context[Any] | None = None,
     ) -> None:
@@ -131,6 +148,12 @@ class Connection(threading.Thread):
         self._unsent: deque[list[bytes]] = deque()
         self._in_window = 0
         """Publishes queued or unconfirmed: the window `enqueue_publish` keeps bounded."""
+        self._ack_batch = self.session.ack_batch
+        """The session's, copied for app threads (updated at each WELCOME)."""
+        self._settle_poll: float | None = None
+        """The I/O thread's interval for looking at the settlements; None: not polling."""
+        self._backed_off = True
+        """The I/O thread may not look at the settlements soon: `settle` must wake it."""
         self._space = threading.Condition()
         self._wakeup = Wakeup()
         self._stopping = False
@@ -199,9 +222,13 @@ class Connection(threading.Thread):
         return True
 
     def settle(self, seq: int, error: str | None, requeue: bool = True) -> None:
-        """Queue an ACK (error None) or NACK for delivery `seq` (any thread)."""
-        self._settlements.append((seq, error, requeue))
-        if threading.get_ident() != self._ident:
+        """Queue an ACK (error None) or NACK for delivery `seq` (any thread). Only a NACK,
+        a full ACK batch or a backed-off I/O thread costs a wake-up (module docstring)."""
+        settlements = self._settlements
+        settlements.append((seq, error, requeue))  # before reading the flag: see _wait_s
+        if (
+            error is not None or self._backed_off or len(settlements) >= self._ack_batch
+        ) and threading.get_ident() != self._ident:
             self._wakeup.wake()
 
     def command(self, command: Command) -> None:
@@ -306,29 +333,61 @@ class Connection(threading.Thread):
         poller = self._poller()
         wakeup_fd = self._wakeup.fd
         while True:
-            wait = session.next_deadline() - time.monotonic()
-            if self._unsent:
-                wait = min(wait, 0.01)  # the socket was full: try again soon
-            for sock, _ in poller.poll(max(0, min(int(wait * 1000) + 1, 60_000))):
+            wait = self._wait_s()
+            timeout = 0 if wait <= 0 else min(int(wait * 1000) + 1, 60_000)
+            ready = poller.poll(timeout)
+            for sock, _ in ready:
                 if sock is self._dealer:
                     self._receive()
                 elif sock == wakeup_fd:
                     self._wakeup.drain()  # before looking at the queues: see clients.wakeup
                 else:
                     self._on_monitor()
+            settled = bool(self._settlements)
             self._take_inputs()
             self._send_outgoing()
-            replace = self._handle_events()
+            replace, handed = self._handle_events()
             if self._settlements:  # acks made while handing over (this thread: no wake)
+                settled = True
                 session.settle_all(self._settlements)
                 self._send_outgoing()
-            if replace or self._handle_events():  # the transport must be replaced
+            if not replace:
+                replace, more = self._handle_events()
+                handed = handed or more
+            self._pace_settle_poll(handed or settled, bool(ready))
+            if replace:  # the transport must be replaced
                 self._close_socket()
                 self._open_socket()
                 poller = self._poller()
                 session.connection_made(time.monotonic())
             if session.finished:
                 return
+
+    def _wait_s(self) -> float:
+        """How long the next poll may wait: the session's deadline, a retry of a full
+        socket, the settlement poll. A wait past `_SETTLE_POLL_S` raises the backed-off
+        flag first, then looks at the settlements once more (see the module docstring)."""
+        wait = self.session.next_deadline() - time.monotonic()
+        if self._unsent:
+            wait = min(wait, _RETRY_SEND_S)  # the socket was full: try again soon
+        if self._settle_poll is not None:
+            wait = min(wait, self._settle_poll)
+        backed_off = wait > _SETTLE_POLL_S
+        self._backed_off = backed_off
+        if backed_off and self._settlements:
+            return 0.0
+        return wait
+
+    def _pace_settle_poll(self, active: bool, woken: bool) -> None:
+        """Poll the settlements often while deliveries come and go, less and less when
+        nothing happens, and not at all after a long quiet spell."""
+        if active:
+            self._settle_poll = _SETTLE_POLL_S
+        elif not woken and self._settle_poll is not None:
+            if self._settle_poll >= _SETTLE_POLL_MAX_S:
+                self._settle_poll = None
+            else:
+                self._settle_poll = min(self._settle_poll * 2, _SETTLE_POLL_MAX_S)
 
     def _send_outgoing(self) -> None:
         self._unsent.extend(self.session.outgoing(time.monotonic()))
@@ -363,47 +422,29 @@ class Connection(threading.Thread):
                     self.session.connection_made(time.monotonic())
 
     def _receive(self) -> None:
-        """Drain inbound messages into the session (bounded per loop turn)."""
-        dealer = self._dealer
-        assert dealer is not None
-        receive = self.session.receive
-        now = time.monotonic()
-        for _ in range(_DRAIN_LIMIT):
-            try:
-                first = dealer.recv(_NOBLOCK)
-            except zmq.Again:
-                break
-            frames = [first]
-            while dealer.getsockopt(_RCVMORE):
-                frames.append(dealer.recv())
-            receive(frames, now)
-            if not cast("int", dealer.getsockopt(_EVENTS)) & _POLLIN:
-                break  # cheaper than the zmq.Again a last recv would raise
+        assert self._dealer is not None
+        receive_available(self._dealer, self.session, time.monotonic())
 
     # -- events -----------------------------------------------------------------------------
 
-    def _handle_events(self) -> bool:
-        """Act on what the session reports; True when the transport must be replaced."""
+    def _handle_events(self) -> tuple[bool, bool]:
+        """Act on what the session reports: (the transport must be replaced, deliveries
+        were handed over). The deliveries go out after the others, as one batch
+        (`hand_over`)."""
         replace = False
+        messages: list[Message] = []
         for event in self.session.take_events():
             if type(event) is Message:
-                self._hand_over(event)
+                messages.append(event)
             elif type(event) is Confirmed:
                 self._confirmed(event.ids)
             elif isinstance(event, ReconnectNeeded):
                 replace = True
             else:
                 self._other(event)
-        return replace
-
-    def _hand_over(self, message: Message) -> None:
-        sub = self._subs.get(message.subscription_id)
-        if sub is None or not sub.active:
-            message.ack()  # unsubscribed meanwhile: this copy is consumed
-        elif sub.handler is not None:
-            self._dispatch(sub, message)
-        elif not sub.offer(message):
-            log.warning("subscription %s overflowed its local queue", sub.pattern)
+        if messages:
+            hand_over(messages, self._subs, self._dispatch)
+        return replace, bool(messages)
 
     def _confirmed(self, ids: tuple[bytes, ...]) -> None:
         with self._space:
@@ -440,6 +481,7 @@ class Connection(threading.Thread):
                 sub.active = False
             _reject(self.sub_futures.pop(event.sid, None), event.error)
         elif isinstance(event, Welcomed):
+            self._ack_batch = self.session.ack_batch
             self.welcomed.set()
         elif isinstance(event, ErrorReported):
             self._on_error(event.error)
@@ -475,6 +517,72 @@ def _reject(token: object, error: BaseException) -> None:
 def read_credential_fd(fd: int) -> str:
     """Read the whole credential the supervisor wrote into an inherited pipe, then close it."""
     return read_handoff(fd).decode("utf-8").strip()
+
+
+class Receiver(Protocol):
+    """What `hand_over` needs of a subscription (`Subscription`, `AsyncSubscription`)."""
+
+    @property
+    def pattern(self) -> str: ...
+    @property
+    def active(self) -> bool: ...
+    @property
+    def handler(self) -> object: ...
+    def offer_all(self, messages: list[Message]) -> int: ...
+
+
+SubT = TypeVar("SubT", bound=Receiver)
+
+
+def hand_over(
+    messages: list[Message],
+    subs: Mapping[int, SubT],
+    dispatch: Callable[[list[tuple[SubT, Message]]], None],
+) -> None:
+    """Hand one turn's deliveries over (both drivers): those for handlers to `dispatch`
+    as one batch, in order; those for `get()` to each subscription's queue as one batch
+    (`offer_all`: overflow is counted, nacked and logged); a copy for a subscription
+    that has ended is consumed (acked)."""
+    batch: list[tuple[SubT, Message]] = []
+    queued: dict[SubT, list[Message]] = {}
+    for message in messages:
+        sub = subs.get(message.subscription_id)
+        if sub is None or not sub.active:
+            message.ack()  # unsubscribed meanwhile: this copy is consumed
+        elif sub.handler is not None:
+            batch.append((sub, message))
+        elif sub in queued:
+            queued[sub].append(message)
+        else:
+            queued[sub] = [message]
+    if batch:
+        dispatch(batch)
+    for sub, mine in queued.items():
+        overflowed = sub.offer_all(mine)
+        if overflowed:
+            log.warning(
+                "subscription %s overflowed its local queue: %d nacked", sub.pattern, overflowed
+            )
+
+
+def receive_available(sock: zmq.Socket[Any], session: ClientSession, now: float) -> None:
+    """Hand the messages `sock` holds to `session` without waiting, at most `_DRAIN_LIMIT`
+    per call (both drivers)."""
+    receive = session.receive
+    for _ in range(_DRAIN_LIMIT):
+        try:
+            frame = sock.recv(_NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        # a Frame's `more` reads the flag off the message itself: a getsockopt(RCVMORE)
+        # per frame cost more than the copy-free receive does (4 frames per delivery)
+        frames = [frame.bytes]
+        while frame.more:
+            frame = sock.recv(0, copy=False)
+            frames.append(frame.bytes)
+        receive(frames, now)
+        if not cast("int", sock.getsockopt(_EVENTS)) & _POLLIN:
+            return  # cheaper than the zmq.Again a last recv would raise
 
 
 def send_in_order(sock: zmq.Socket[Any], unsent: deque[list[bytes]]) -> None:

@@ -18,11 +18,13 @@ transport), subscriptions (kept equal at the broker to the ones the app wants, a
 resumed ones a new WELCOME lists, held until the app claims them), publish batching
 (`CLIENT_BATCH` per PUB, never beyond the broker's publish credit: WELCOME `credit`, then
 each CREDIT) and the unconfirmed window with its resend after every WELCOME,
-ACK/NACK settlements, requests by reply id, STATS/DLQ calls by `rid`, heartbeats,
-broker-silence detection, expiry of requests and calls, the clean close, and the routing
-of every ERROR to what it concerns. Every method must be called from one thread (or one
-event loop) at a time: the driver's. The only exception is `settle`, passed in: the core
-gives it to each delivery's `Receipt`, which app threads call.
+ACK/NACK settlements (ACKs coalesced: a frame once a quarter of the broker's window is
+pending, else after `ACK_DELAY_S`; NACKs at once), requests by reply id, STATS/DLQ
+calls by `rid`, heartbeats, broker-silence detection, expiry of requests and calls, the
+clean close, and the routing of every ERROR to what it concerns. Every method must be
+called from one thread (or one event loop) at a time: the driver's. The only exception is
+`settle`, passed in: the core gives it to each delivery's `Receipt`, which app threads
+call.
 
 States and transitions (`TRANSITIONS`; CLOSED and FAILED absorb every input):
 
@@ -70,7 +72,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from broker import protocol as P
-from broker.codec import decode_sids, decode_stamp, encode_sids
+from broker.codec import decode_sids, encode_sids
 from broker.errors import Code, ProtocolViolation, WireError
 from broker.wire import (
     CLOSING_ECHO,
@@ -119,7 +121,7 @@ from clients.events import (
     SubscribeFailed,
     Welcomed,
 )
-from clients.message import Message, Receipt, envelope_of
+from clients.message import Message, Receipt, delivered_envelope
 
 log = logging.getLogger("plexus.client")
 
@@ -127,6 +129,12 @@ Settle = Callable[[int, str | None, bool], None]
 """(seq, None, _) acknowledges delivery seq; (seq, error, requeue) nacks (or rejects)."""
 
 _REPLY_SIDS_RAW: Final = encode_sids((P.REPLY_SID,))
+_DEFAULT_WINDOW: Final = 256
+"""The broker's default in-flight window, until a WELCOME announces the real one."""
+ACK_DELAY_S: Final = 0.005
+"""The longest an ACK waits for others to share its frame (from the first `outgoing()` that
+sees it)."""
+_NEVER: Final = float("inf")
 _PING: Final = Ping().frames()
 _BYE: Final = Bye().frames()
 _CALL_ANSWERS: Final = {P.STATSOK: P.STATS, P.DLQOK: P.DLQ}
@@ -203,6 +211,11 @@ class SessionConfig:
     window: int = 10_000
     """Most unconfirmed publishes; drivers make `publish` wait (or raise WouldBlock)."""
     client: str = "plexus-py/0.1"
+    ack_batch: int | None = None
+    """ACKs that go out at once; fewer wait up to `ack_delay_s` for company. None: a
+    quarter of the broker's window (WELCOME `window` // 4, at least 1; 64 by default), so
+    pending ACKs never hold back more than a quarter of what the broker may send."""
+    ack_delay_s: float = ACK_DELAY_S
 
 
 _Item = tuple[bytes, bytes, bytes]
@@ -265,6 +278,12 @@ class ClientSession:
         self._sids = itertools.count(1)
         # settlements, requests, replies, calls
         self._acks: list[int] = []
+        """ACKs to send: at once from `ack_batch` on, else once `_ack_due` has passed
+        (and before any NACK, and all of them when closing)."""
+        self._ack_batch = config.ack_batch or _DEFAULT_WINDOW // 4
+        self._ack_due = _NEVER
+        """When the pending ACKs go out at the latest (_NEVER: none pending, or none seen
+        by `outgoing` yet, which starts the clock)."""
         self._nacks: list[Nack] = []
         self._control: deque[list[bytes]] = deque()
         self._requests: dict[str, _Request] = {}
@@ -287,6 +306,11 @@ class ClientSession:
     def credit(self) -> int | None:
         """PUB messages the broker's flow control lets us send now (None: unlimited)."""
         return self._credit
+
+    @property
+    def ack_batch(self) -> int:
+        """How many pending ACKs go out at once (drivers wake their sender at this many)."""
+        return self._ack_batch
 
     @property
     def window_free(self) -> int:
@@ -337,7 +361,9 @@ class ClientSession:
         self._awaiting_ok.discard(sid)
 
     def settle(self, seq: int, error: str | None = None, requeue: bool = True) -> None:
-        """ACK (error None) or NACK delivery `seq` with the next send."""
+        """ACK (error None) or NACK delivery `seq`: a NACK goes with the next send (after
+        the ACKs pending before it), ACKs are coalesced (`SessionConfig.ack_batch`,
+        `ack_delay_s`; `next_deadline` says when the last of them is due)."""
         if error is None:
             self._acks.append(seq)
         else:
@@ -477,12 +503,8 @@ class ClientSession:
         batches, the heartbeat, and last the closing PING."""
         if self._subs_changed:
             self._sync_subscriptions(out)
-        if self._acks:
-            out.extend(ack.frames() for ack in Ack.split(self._acks))
-            self._acks = []
-        if self._nacks:
-            out.extend(nack.frames() for nack in self._nacks)
-            self._nacks = []
+        if self._acks or self._nacks:
+            self._send_settlements(out, now)
         while self._calls_due:
             call = self._calls.get(self._calls_due.popleft())
             if call is not None:
@@ -498,6 +520,26 @@ class ClientSession:
         if self.state is State.CLOSING and not self._closing_ping_sent:
             self._closing_ping_sent = True
             out.append(Ping(CLOSING_ECHO).frames())
+
+    def _send_settlements(self, out: list[list[bytes]], now: float) -> None:
+        """ACKs coalesced (a frame for `ack_batch` of them, or whatever is pending after
+        `ack_delay_s`, before a NACK, when closing), NACKs at once."""
+        acks = self._acks
+        if acks:
+            if (
+                len(acks) >= self._ack_batch
+                or now >= self._ack_due
+                or self._nacks
+                or self.state is State.CLOSING
+            ):
+                out.extend(ack.frames() for ack in Ack.split(acks))
+                self._acks = []
+                self._ack_due = _NEVER
+            elif self._ack_due == _NEVER:
+                self._ack_due = now + self.config.ack_delay_s
+        if self._nacks:
+            out.extend(nack.frames() for nack in self._nacks)
+            self._nacks = []
 
     def _publishes(self, out: list[list[bytes]]) -> None:
         """PUB batches of what the outbox holds, as far as the broker's credit goes; packed
@@ -541,6 +583,8 @@ class ClientSession:
             deadline = min(deadline, self._last_ping + self._heartbeat_s)
         if self.state is State.CLOSING:
             deadline = min(deadline, self._close_deadline)
+        if self._acks and self.state is not State.CONNECTING:
+            deadline = min(deadline, self._ack_due if self._ack_due != _NEVER else 0.0)
         if self._timers:
             deadline = min(deadline, self._timers[0][0])
         return deadline
@@ -634,30 +678,41 @@ class ClientSession:
 
     def _on_deliver(self, frames: list[bytes]) -> None:
         """Each [sids, stamp, header, payload] group straight from the frames (no
-        `Deliver` record per message: this is the hot path of every delivery and reply)."""
+        `Deliver` record per message: this is the hot path of every delivery and reply).
+        A sids frame is decoded once per distinct value in the DELIVER (usually one)."""
         if len(frames) == 2:  # packed (version 2): the whole batch in one frame
             frames = unpack_batch(frames, 4)
         count = len(frames) - 1
         if count <= 0 or count % 4:
             raise ProtocolViolation(Code.BAD_FRAME_COUNT, "DELIVER takes groups of 4 frames")
-        subs, resumed, events, settle = self._subs, self._resumed, self._events, self._settle
+        events, settle, acks = self._events, self._settle, self._acks
+        targets: dict[bytes, tuple[list[int], list[int]]] = {}
         for i in range(1, count, 4):
             sids_raw = frames[i]
-            envelope = envelope_of(decode_stamp(frames[i + 1]), frames[i + 2], frames[i + 3])
+            envelope = delivered_envelope(frames[i + 1], frames[i + 2], frames[i + 3])
             if sids_raw == _REPLY_SIDS_RAW:
                 self._on_reply(Message(envelope, P.REPLY_SID))
                 continue
-            sids = decode_sids(sids_raw)
-            live = [sid for sid in sids if sid in subs]
-            held = [sid for sid in sids if sid in resumed] if resumed else []
+            target = targets.get(sids_raw)
+            if target is None:
+                target = targets[sids_raw] = self._targets(decode_sids(sids_raw))
+            live, held = target
             if not live and not held:  # unsubscribed meanwhile: nothing will consume it
-                self._acks.append(envelope.seq)
+                acks.append(envelope.seq)
                 continue
             receipt = Receipt(envelope.seq, len(live) + len(held), settle)
             for sid in held:
                 self._orphans.setdefault(sid, []).append(Message(envelope, sid, receipt))
             for sid in live:
                 events.append(Message(envelope, sid, receipt))
+
+    def _targets(self, sids: list[int]) -> tuple[list[int], list[int]]:
+        """The sids a delivery is for that the app wants (live) and that a resumed session
+        holds until the app claims them (held)."""
+        subs, resumed = self._subs, self._resumed
+        live = [sid for sid in sids if sid in subs]
+        held = [sid for sid in sids if sid in resumed] if resumed else []
+        return live, held
 
     def _on_reply(self, message: Message) -> None:
         """A reply to one of our requests: acknowledged at once, handed to its token."""
@@ -705,6 +760,7 @@ class ClientSession:
         self._orphans.clear()  # unacknowledged: the resumed session delivers them again
         self._outbox = deque(self._unconfirmed.values())  # all unconfirmed, in order, first
         self._credit = welcome.credit or None  # a fresh connection's whole credit
+        self._ack_batch = self.config.ack_batch or max(1, welcome.window // 4)
         self._calls_due.extend(rid for rid, call in self._calls.items() if call.sent)
         self._events.append(Welcomed(welcome))
 

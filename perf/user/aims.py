@@ -96,9 +96,9 @@ def worst_flood(summaries: Sequence[Summary], cells: Sequence[Cell], group: str)
             worst = (r, cell.label)
     value = worst[0] if worst else None
     figure = (
-        "flood delivered, at-most-once, Bus vs nats core"
+        "flood delivered, at-most-once, Plexus client vs nats core"
         if group == "at-most-once"
-        else "flood delivered, acked + persisted, Bus vs JetStream"
+        else "flood delivered, acked + persisted, Plexus client vs JetStream"
     )
     shown = "-" if worst is None else f"{worst[0]:.2f}x (worst: {worst[1]})"
     return Aim(figure, value, shown, "≥ 1.0x", _check(value, lambda v: v >= 1.0))

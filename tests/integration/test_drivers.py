@@ -287,3 +287,75 @@ def test_concurrent_calls_each_get_their_own_answer(connect: Connect, broker: Br
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(run, jobs, timeout=30))
     assert results == [True] * len(jobs)
+
+
+# -- deliveries in batches, ACKs coalesced -------------------------------------------------
+
+
+def backlog(connect: Connect, count: int) -> None:
+    """`count` messages queued at the broker for the durable session `batch` of app "sub"
+    while it is away: the next connect("sub", session="batch") that subscribes again gets
+    them in DELIVERs as full as the window allows, handed over in batches."""
+    away = connect("sub", session="batch")
+    away.subscribe("market.batch", durable=True)
+    away.close()
+    pub = connect("pub")
+    for i in range(count):
+        pub.publish_nowait("market.batch", i)
+    pub.flush(10)
+
+
+def acked_by_the_broker(connect: Connect, count: int) -> None:
+    """Every one of `count` deliveries acknowledged at the broker, with the session still
+    open: the last, partial batch of ACKs went out on its own (nothing waits for a close)."""
+    operator = connect("$cli")
+    wait_for(lambda: operator.broker_stats()["acked"] >= count, 10)
+    stats = operator.broker_stats()
+    assert stats["acked"] == count and stats["dlq_size"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_backlog_reaches_the_handler_in_order_and_a_raising_handler_spares_the_rest(
+    connect: Connect,
+) -> None:
+    """More than a window of messages, so the broker only sends on as the coalesced ACKs
+    come back; a handler that raises (one message in ten, first attempt) gets that message
+    nacked and retried, and every other message of its batch is still handled, in order,
+    one call at a time."""
+    count = 600
+    backlog(connect, count)
+    seen: list[tuple[int, int]] = []
+    running: list[int] = []
+    done = threading.Event()
+
+    def handler(message: Message) -> None:
+        running.append(1)
+        assert len(running) == 1, "two handler calls at once"
+        seen.append((message.data, message.attempt))
+        running.pop()
+        if len(seen) == count + count // 10:
+            done.set()
+        if message.data % 10 == 3 and message.attempt == 1:
+            raise ValueError("not yet")
+
+    back = connect("sub", session="batch")
+    back.subscribe("market.batch", handler, durable=True)
+    assert done.wait(30), f"{len(seen)} handler calls"
+    assert [data for data, attempt in seen if attempt == 1] == list(range(count))
+    assert [data for data, attempt in seen if attempt == 2] == list(range(3, count, 10))
+    acked_by_the_broker(connect, count)
+
+
+@pytest.mark.timeout(60)
+def test_a_backlog_read_with_get_comes_in_order_and_every_ack_reaches_the_broker(
+    connect: Connect,
+) -> None:
+    count = 600
+    backlog(connect, count)
+    back = connect("sub", session="batch")
+    sub = back.subscribe("market.batch", durable=True)
+    got = [sub.get(timeout=5) for _ in range(count)]
+    assert [m.data for m in got if m is not None] == list(range(count))
+    assert all(m is not None and m.attempt == 1 for m in got)
+    acked_by_the_broker(connect, count)
+    assert sub.get(timeout=0.05) is None  # nothing redelivered

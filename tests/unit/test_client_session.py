@@ -7,6 +7,7 @@ when a test moves it, so nothing sleeps.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -63,7 +64,15 @@ from clients.events import (
     Welcomed,
 )
 from clients.message import Message
-from clients.session import FINAL, TRANSITIONS, ClientSession, Input, SessionConfig, State
+from clients.session import (
+    ACK_DELAY_S,
+    FINAL,
+    TRANSITIONS,
+    ClientSession,
+    Input,
+    SessionConfig,
+    State,
+)
 
 HEARTBEAT_S = 2.0
 TIMEOUT_S = 10.0
@@ -125,6 +134,13 @@ class Link:
     def sent(self) -> list[Any]:
         """What the session sends now, as wire records."""
         return [CONTROL_RECORDS[f[0]].decode(f) for f in self.session.outgoing(self.now)]
+
+    def settled(self) -> list[Any]:
+        """What the session sends by the end of the ACK delay (an ACK waits up to
+        `ACK_DELAY_S` for company: the first `outgoing` starts its clock)."""
+        out = self.sent()
+        self.now += ACK_DELAY_S
+        return out + self.sent()
 
     def give(self, frames: list[bytes]) -> list[Any]:
         """The broker sends `frames`; the events they caused."""
@@ -189,7 +205,7 @@ def test_publish_confirm_deliver_ack() -> None:
     assert link.sent() == []  # not settled yet: nothing to send
     message.ack()
     message.ack()  # once only
-    assert link.sent() == [Ack((77,))]
+    assert link.settled() == [Ack((77,))]
 
 
 def test_publishes_go_out_in_client_batches() -> None:
@@ -246,7 +262,7 @@ def test_one_delivery_to_two_subscriptions_is_acked_when_both_consumed() -> None
     first.ack()
     assert link.sent() == []
     second.ack()
-    assert link.sent() == [Ack((5,))]
+    assert link.settled() == [Ack((5,))]
     a, b = link.give(deliver(((wide, narrow), 6, header(mid(2)))))
     a.nack("boom")  # one failure is enough: nacked at once, the other copy changes nothing
     b.ack()
@@ -262,17 +278,184 @@ def test_delivery_for_no_wanted_sid_is_acked_and_dropped() -> None:
     link.session.unsubscribe(sid)
     assert link.sent() == [Unsubscribe(sid)]
     assert link.give(deliver(((sid,), 9, header(mid(1))))) == []
-    assert link.sent() == [Ack((9,))]
+    assert link.settled() == [Ack((9,))]
 
 
 def test_acks_are_split_under_the_limit() -> None:
+    """Seqs ≥ 2³² take 9 bytes (real ones start at the broker's start time in µs): an ACK
+    frame holds at most 909 of them within 8 KiB (protocol §3.8); the client puts 512."""
     link = Link().welcomed()
     sid = link.subscribed("a.>")
-    messages = link.give(deliver(*[((sid,), seq, header(mid(seq))) for seq in range(1, 701)]))
-    for message in messages:
+    base = 1_800_000_000_000_000
+    items = [((sid,), base + n, header(mid(n))) for n in range(1, 1001)]
+    for message in link.give(deliver(*items)):
         message.ack()
-    acks = link.sent()
-    assert [len(a.seqs) for a in acks] == [P.MAX_ACK_BATCH, 700 - P.MAX_ACK_BATCH]
+    frames = link.session.outgoing(link.now)
+    acks = [Ack.decode(f) for f in frames]
+    assert [len(a.seqs) for a in acks] == [P.MAX_ACK_BATCH, 1000 - P.MAX_ACK_BATCH]
+    assert P.MAX_ACK_BATCH <= 909 and all(len(f[1]) <= P.MAX_HEADER_BYTES for f in frames)
+    assert [s for a in acks for s in a.seqs] == [base + n for n in range(1, 1001)]
+
+
+# -- ACK coalescing ----------------------------------------------------------------------------
+
+
+def delivered(link: Link, sid: int, seqs: range) -> list[Message]:
+    return link.give(deliver(*[((sid,), seq, header(mid(seq))) for seq in seqs]))
+
+
+def test_acks_wait_for_company_until_the_ack_delay() -> None:
+    """Fewer ACKs than a batch go out one ACK_DELAY_S after the first `outgoing` that saw
+    them; `next_deadline` says when, so a driver sleeps exactly until then."""
+    link = Link().welcomed()
+    sid = link.subscribed("a.>")
+    for message in delivered(link, sid, range(1, 4)):
+        message.ack()
+    assert link.session.next_deadline() <= link.now  # not seen by outgoing yet: look now
+    seen = link.now
+    assert link.sent() == []
+    assert link.session.next_deadline() == seen + ACK_DELAY_S
+    link.now += ACK_DELAY_S / 2
+    [fourth] = delivered(link, sid, range(4, 5))
+    fourth.ack()
+    assert link.sent() == []  # the clock runs from the first of them
+    assert link.session.next_deadline() == seen + ACK_DELAY_S
+    link.now = seen + ACK_DELAY_S
+    assert link.sent() == [Ack((1, 2, 3, 4))]
+    assert link.session.next_deadline() == seen + HEARTBEAT_S  # nothing pending: the PING
+
+
+@pytest.mark.parametrize(("window", "batch"), [(256, 64), (8, 2), (3, 1), (1, 1)])
+def test_a_quarter_of_the_brokers_window_goes_at_once(window: int, batch: int) -> None:
+    link = Link()
+    link.sent()
+    frames = welcome()
+    record = Welcome.decode(frames)
+    link.give(dataclasses.replace(record, window=window).frames())
+    assert link.session.ack_batch == batch
+    sid = link.subscribed("a.>")
+    messages = delivered(link, sid, range(1, 2 * batch + 1))
+    for message in messages[: batch - 1]:
+        message.ack()
+    assert link.sent() == []
+    messages[batch - 1].ack()
+    assert link.sent() == [Ack(tuple(range(1, batch + 1)))]  # no waiting, no clock
+    for message in messages[batch:]:
+        message.ack()
+    assert link.sent() == [Ack(tuple(range(batch + 1, 2 * batch + 1)))]
+
+
+def test_the_ack_batch_can_be_configured_and_defaults_before_a_welcome() -> None:
+    assert Link().session.ack_batch == 64  # the broker's default window of 256, / 4
+    assert Link(ack_batch=5).welcomed().session.ack_batch == 5  # whatever WELCOME says
+
+
+def test_a_nack_goes_at_once_after_the_acks_pending_before_it() -> None:
+    link = Link().welcomed()
+    sid = link.subscribed("a.>")
+    first, second, third, fourth = delivered(link, sid, range(1, 5))
+    first.ack()
+    second.ack()
+    assert link.sent() == []
+    third.nack("boom")
+    fourth.reject("never")
+    assert link.sent() == [Ack((1, 2)), Nack(3, "boom", True), Nack(4, "never", False)]
+
+
+def test_closing_sends_every_pending_ack_before_the_closing_ping() -> None:
+    link = Link().welcomed()
+    sid = link.subscribed("a.>")
+    for message in delivered(link, sid, range(1, 3)):
+        message.ack()
+    assert link.sent() == []
+    link.session.close(link.now, 2.0)
+    assert link.sent() == [Ack((1, 2)), Ping(CLOSING_ECHO)]
+    [late] = delivered(link, sid, range(3, 4))  # acked while the close waits for its PONG
+    late.ack()
+    assert link.sent() == [Ack((3,))]
+
+
+def test_acks_wait_out_a_reconnect_without_a_busy_deadline() -> None:
+    """ACKs pending while the session is CONNECTING are not due (nothing can be sent):
+    `next_deadline` must not ask the driver to spin; they go after the WELCOME."""
+    link = Link().welcomed()
+    sid = link.subscribed("a.>")
+    [message] = delivered(link, sid, range(7, 8))
+    message.ack()
+    link.sent()
+    link.session.connection_made(link.now)
+    link.now += 1.0
+    assert link.sent() == [Hello(client="plexus-py/0.1")]
+    assert link.session.next_deadline() > link.now
+    link.give(welcome(resumed=True))
+    sent = link.sent()
+    assert Ack((7,)) in sent and isinstance(sent[0], Subscribe)
+
+
+SETTLE_OPS = st.one_of(
+    st.tuples(st.just("deliver"), st.integers(1, 80)),
+    st.tuples(st.just("ack"), st.integers(1, 80)),
+    st.tuples(st.just("nack"), st.just(1)),
+    st.tuples(st.just("wait"), st.integers(0, 8)),
+    st.tuples(st.just("send"), st.just(0)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(SETTLE_OPS, max_size=40))
+def test_every_settlement_goes_out_once_in_order_and_never_late(
+    ops: list[tuple[str, int]],
+) -> None:
+    """Any mix of deliveries, ACKs, NACKs, time and sends: each settled seq goes out once,
+    ACKs in the order they were made, no ACK frame is larger than the protocol allows,
+    never more than a batch stays pending after a send, and an ACK seen by a send at t
+    has gone out by the first send at t + ACK_DELAY_S (which `next_deadline` announces)."""
+    link = Link().welcomed()
+    sid = link.subscribed("a.>")
+    batch = link.session.ack_batch
+    unsettled: list[Message] = []
+    acked: list[int] = []
+    nacked: list[int] = []
+    sent_acks: list[int] = []
+    sent_nacks: list[int] = []
+    seen_at: dict[int, float] = {}  # pending ack -> when a send first saw it
+    next_seq = 1
+
+    def send() -> None:
+        for record in link.sent():
+            if isinstance(record, Ack):
+                assert len(record.seqs) <= P.MAX_ACK_BATCH
+                sent_acks.extend(record.seqs)
+            elif isinstance(record, Nack):
+                sent_nacks.append(record.seq)
+        pending = [seq for seq in acked if seq not in sent_acks]
+        assert len(pending) < batch
+        for seq in pending:
+            seen_at.setdefault(seq, link.now)
+            assert link.now < seen_at[seq] + ACK_DELAY_S, "an ACK was held past its delay"
+            assert link.session.next_deadline() <= seen_at[seq] + ACK_DELAY_S
+
+    for kind, arg in ops:
+        if kind == "deliver":
+            unsettled += delivered(link, sid, range(next_seq, next_seq + arg))
+            next_seq += arg
+        elif kind == "ack":
+            for message in unsettled[:arg]:
+                message.ack()
+                acked.append(message.envelope.seq)
+            del unsettled[:arg]
+        elif kind == "nack" and unsettled:
+            message = unsettled.pop(0)
+            message.nack("no")
+            nacked.append(message.envelope.seq)
+        elif kind == "wait":
+            link.now += arg / 1000
+        else:
+            send()
+    send()  # starts the clock of what is pending ...
+    link.now += ACK_DELAY_S
+    send()  # ... which is then due
+    assert sent_acks == acked and sent_nacks == nacked
 
 
 def test_malformed_frames_from_the_broker_are_ignored() -> None:
@@ -318,7 +501,7 @@ def test_resumed_subscription_is_held_until_claimed_then_delivered_first() -> No
     assert link.give(SubscribeOk(5, "orders.*").frames()) == [Subscribed(5)]
     for message in held:
         message.ack()
-    assert link.sent() == [Ack((40, 41))]
+    assert link.settled() == [Ack((40, 41))]
     assert link.session.subscribe("orders.*") != 5  # a second one gets a fresh sid
 
 
@@ -454,9 +637,9 @@ def test_replies_find_their_request_by_reply_id() -> None:
     [a] = link.give(reply_to("reply-a", 12))
     assert (a.token, b.token) == ("token-a", "token-b")
     assert isinstance(a, Replied) and a.message.envelope.in_reply_to == "reply-a"
-    assert link.sent() == [Ack((11, 12))]  # replies are acknowledged at once
+    assert link.settled() == [Ack((11, 12))]  # replies: acknowledged by the core itself
     assert link.give(reply_to("reply-a", 13)) == []  # a late duplicate: dropped
-    assert link.sent() == [Ack((13,))]
+    assert link.settled() == [Ack((13,))]
 
 
 def test_request_expires_at_its_deadline_and_a_late_reply_is_dropped() -> None:

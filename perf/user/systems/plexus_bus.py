@@ -1,12 +1,15 @@
-"""Adapter `plexus_bus`: Plexus through its own client, `clients.bus.Bus`, persistence off.
+"""Adapter `plexus_bus`: Plexus through its own clients, persistence off.
 
-The platform is a real `plexus run --no-persistence` (perf.user.platform). Every app is one
-`Bus` (its I/O thread, its handler thread), connected as its own app id; in the `mux`
-layout a worker process holds many. Publishers call `publish_nowait`; a `WouldBlock` means
-the window of unconfirmed publishes is full, i.e. the client throttles the app, and the
-time until it takes one again is counted as blocked. Subscribers pass a handler to
-`subscribe`; the Bus acks each message when the handler returns (what an app gets by
-default). Each subscription has its own Recorder: handler threads never share a counter.
+The platform is a real `plexus run --no-persistence` (perf.user.platform). Every app is
+connected as its own app id. A worker process with one app (the `procs` layout: one app
+per process, what a desktop app is) runs it as a threaded `clients.bus.Bus` (its I/O
+thread, its handler thread). A worker process with several apps (the `mux` layout) runs
+them as one `clients.aio.AsyncBus` each, all on one asyncio loop, as a user hosting many
+apps in one process would and as nats-py's workers do (plexus_aio_workers.py). Publishers
+call `publish_nowait`; a `WouldBlock` means the window of unconfirmed publishes is full,
+i.e. the client throttles the app, and the time until it takes one again is counted as
+blocked. Subscribers pass a handler to `subscribe`; the client acks each message when the
+handler returns (what an app gets by default). Each subscription has its own Recorder.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from clients.bus import Bus, Message, WouldBlock
 from perf.model import WorkerReport, WorkerSpec, merge_tallies, topic_for
 from perf.systems import BrokerConfig, BrokerHandle, WorkerControl
 from perf.user.platform import Platform, connect, pub_app, sub_app
+from perf.user.systems import plexus_aio_workers
 from perf.workload import Recorder, publish_schedule, sleep_until, start_timeout_s
 
 NAME = "plexus_bus"
@@ -82,7 +86,29 @@ def _close(buses: list[Bus]) -> None:
         bus.close(CLOSE_S)
 
 
+def uses_asyncio(spec: WorkerSpec) -> bool:
+    """Whether this worker runs its apps as AsyncBus objects on one loop: when it holds
+    more than one app (the `mux` layout; a `procs` worker is one app)."""
+    return len(spec.pairs) > 1
+
+
 def publisher_worker(spec: WorkerSpec, ctl: WorkerControl) -> None:
+    """The publishers of `spec.pairs`: AsyncBus on one loop when several, else one Bus."""
+    if uses_asyncio(spec):
+        plexus_aio_workers.publisher_worker(spec, ctl)
+    else:
+        _threaded_publisher(spec, ctl)
+
+
+def subscriber_worker(spec: WorkerSpec, ctl: WorkerControl) -> None:
+    """The subscribers of `spec.pairs`: AsyncBus on one loop when several, else one Bus."""
+    if uses_asyncio(spec):
+        plexus_aio_workers.subscriber_worker(spec, ctl)
+    else:
+        _threaded_subscriber(spec, ctl)
+
+
+def _threaded_publisher(spec: WorkerSpec, ctl: WorkerControl) -> None:
     """One Bus per pair as app bench-pub-<pair>, then follow the schedule."""
     buses: list[Bus] = []
     try:
@@ -109,7 +135,7 @@ def _handler(sinks: list[Callable[[bytes], None]], slot: int) -> Callable[[Messa
     return handle
 
 
-def subscriber_worker(spec: WorkerSpec, ctl: WorkerControl) -> None:
+def _threaded_subscriber(spec: WorkerSpec, ctl: WorkerControl) -> None:
     """One Bus per pair as app bench-sub-<pair>, subscribed with a handler; count."""
     buses: list[Bus] = []
     sinks: list[Callable[[bytes], None]] = [_discard] * len(spec.pairs)

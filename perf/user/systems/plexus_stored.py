@@ -1,8 +1,9 @@
 """Adapter `plexus_stored`: `plexus_bus` on a platform with persistence on (the default).
 
 Every message is stored by the persistence service (group commits, synced) and every
-delivery is acknowledged by the subscriber's Bus after its handler returns: the
-acknowledged-and-persisted flood, set against NATS JetStream (`jetstream`).
+delivery is acknowledged by the subscriber's client (a Bus in `procs`, an AsyncBus on the
+worker's loop in `mux`) after its handler returns: the acknowledged-and-persisted flood,
+set against NATS JetStream (`jetstream`).
 """
 
 from __future__ import annotations
