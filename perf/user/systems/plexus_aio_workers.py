@@ -201,11 +201,15 @@ async def run_publisher(spec: WorkerSpec, ctl: WorkerControl) -> None:
         await _close_all(buses)
 
 
-def _discard(_data: bytes) -> None:
+def discard(_data: bytes) -> None:
+    """A subscriber's sink before its Recorder is in place (shared with plexus_bus)."""
     return None
 
 
-def _handler(sinks: list[Callable[[bytes], None]], slot: int) -> Callable[[Message], None]:
+def handler_for(sinks: list[Callable[[bytes], None]], slot: int) -> Callable[[Message], None]:
+    """The subscription handler of `slot`: hands the payload to that slot's current sink
+    (swapped for a Recorder per phase); shared with plexus_bus's threaded workers."""
+
     def handle(message: Message) -> None:
         sinks[slot](message.data)
 
@@ -215,10 +219,10 @@ def _handler(sinks: list[Callable[[bytes], None]], slot: int) -> Callable[[Messa
 async def run_subscriber(spec: WorkerSpec, ctl: WorkerControl) -> None:
     """One AsyncBus per pair as app bench-sub-<pair>, subscribed with a handler; count."""
     buses = await _connect_all(spec.endpoint, [sub_app(p) for p in spec.pairs])
-    sinks: list[Callable[[bytes], None]] = [_discard] * len(spec.pairs)
+    sinks: list[Callable[[bytes], None]] = [discard] * len(spec.pairs)
     try:
         for slot, (bus, pair) in enumerate(zip(buses, spec.pairs, strict=True)):
-            await bus.subscribe(topic_for(pair), _handler(sinks, slot), timeout=CONNECT_S)
+            await bus.subscribe(topic_for(pair), handler_for(sinks, slot), timeout=CONNECT_S)
         ctl.ready()
         schedule: Schedule | None = await asyncio.to_thread(ctl.wait_start, start_timeout_s(spec))
         if schedule is None:

@@ -18,7 +18,7 @@ import queue
 import time
 from collections.abc import Callable
 
-from clients.bus import Bus, Message, WouldBlock
+from clients.bus import Bus, WouldBlock
 from perf.model import WorkerReport, WorkerSpec, merge_tallies, topic_for
 from perf.systems import BrokerConfig, BrokerHandle, WorkerControl
 from perf.user.platform import Platform, connect, pub_app, sub_app
@@ -124,25 +124,16 @@ def _threaded_publisher(spec: WorkerSpec, ctl: WorkerControl) -> None:
         _close(buses)
 
 
-def _discard(_data: bytes) -> None:
-    return None
-
-
-def _handler(sinks: list[Callable[[bytes], None]], slot: int) -> Callable[[Message], None]:
-    def handle(message: Message) -> None:
-        sinks[slot](message.data)
-
-    return handle
-
-
 def _threaded_subscriber(spec: WorkerSpec, ctl: WorkerControl) -> None:
     """One Bus per pair as app bench-sub-<pair>, subscribed with a handler; count."""
     buses: list[Bus] = []
-    sinks: list[Callable[[bytes], None]] = [_discard] * len(spec.pairs)
+    sinks: list[Callable[[bytes], None]] = [plexus_aio_workers.discard] * len(spec.pairs)
     try:
         for slot, pair in enumerate(spec.pairs):
             buses.append(connect(spec.endpoint, sub_app(pair)))
-            buses[-1].subscribe(topic_for(pair), _handler(sinks, slot), timeout=30.0)
+            buses[-1].subscribe(
+                topic_for(pair), plexus_aio_workers.handler_for(sinks, slot), timeout=30.0
+            )
         ctl.ready()
         schedule = ctl.wait_start(start_timeout_s(spec))
         if schedule is None:
