@@ -37,6 +37,13 @@ settings.register_profile("plexus", deadline=None)
 settings.load_profile("plexus")
 
 
+PROCESS_START_S = 60.0
+"""How long a started service or platform may take to be ready (its socket bound, `plexus
+status` answering). Usually well under a second; a wait, so a generous bound costs nothing
+when things go well. 10-20 s was too little on a 2-core CI box while a benchmark spawned
+500 worker processes (seen: four fixtures timed out at start, every test itself fine)."""
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Poll `predicate` until it returns something truthy; fail the test after `timeout`."""
     deadline = time.monotonic() + timeout
@@ -125,7 +132,7 @@ class BrokerHandle:
     def start(self, **settings: Any) -> None:
         """The broker, with `platform_config(**settings)` (persistence off unless asked)."""
         self.process = spawn_service("broker", self.home, self.apps, platform_config(**settings))
-        wait_for(lambda: Path(self.endpoint.removeprefix("ipc://")).exists())
+        wait_for(lambda: Path(self.endpoint.removeprefix("ipc://")).exists(), PROCESS_START_S)
 
     def start_persistence(self, **settings: Any) -> None:
         """The persistence service of this home (start the broker with persistence=True)."""
@@ -138,7 +145,7 @@ class BrokerHandle:
             env={**os.environ, "PLEXUS_TOKEN": token},
         )
         store = self.paths.store_endpoint().removeprefix("ipc://")
-        wait_for(lambda: Path(store).exists())
+        wait_for(lambda: Path(store).exists(), PROCESS_START_S)
 
     def kill_persistence(self) -> None:
         assert self.persistence is not None
@@ -226,7 +233,7 @@ def running_platform(home: Path, apps: Path, *args: str) -> Iterator[subprocess.
         text=True,
     )
     try:
-        wait_for(lambda: plexus_cli("status", "--home", str(home)).returncode == 0, 30)
+        wait_for(lambda: plexus_cli("status", "--home", str(home)).returncode == 0, PROCESS_START_S)
         yield process
     finally:
         stop_process(process, 15)

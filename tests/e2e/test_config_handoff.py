@@ -12,7 +12,7 @@ from typing import Any
 
 from broker.paths import SEGMENTS_DIR, PlatformPaths
 from persistence.segments import list_segment_files
-from tests.conftest import REPO, operator_on, plexus_cli, stop_process, wait_for
+from tests.conftest import PROCESS_START_S, REPO, operator_on, plexus_cli, stop_process, wait_for
 
 CONFIG = """
 [broker]
@@ -45,7 +45,7 @@ def test_a_config_value_reaches_the_broker_and_persistence(short_tmp: Path) -> N
             stderr=out,
         )
     try:
-        wait_for(lambda: plexus_cli("status", "--home", str(home)).returncode == 0, 30)
+        wait_for(lambda: plexus_cli("status", "--home", str(home)).returncode == 0, PROCESS_START_S)
         with operator_on(home) as bus:
             welcome = bus._io.session.welcome  # what the broker tells every client
             assert welcome is not None

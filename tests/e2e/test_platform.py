@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from clients.bus import Bus
-from tests.conftest import REPO, plexus_cli, stop_process, wait_for, write_manifest
+from tests.conftest import PROCESS_START_S, REPO, plexus_cli, stop_process, wait_for, write_manifest
 
 COUNT = 2000
 
@@ -103,7 +103,9 @@ def platform() -> Iterator[Platform]:
         )
         platform = Platform(home, apps, out, process)
         try:
-            wait_for(lambda: plexus_cli("status", "--home", str(home)).returncode == 0, 20)
+            wait_for(
+                lambda: plexus_cli("status", "--home", str(home)).returncode == 0, PROCESS_START_S
+            )
             yield platform
         finally:
             stop_process(process, 15)

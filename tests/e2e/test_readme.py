@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, plexus_cli, stop_process, wait_for
+from tests.conftest import PROCESS_START_S, REPO, plexus_cli, stop_process, wait_for
 
 _BLOCK = re.compile(r"<!-- runnable(?P<note>[^>]*)-->\n```(?P<lang>\w+)\n(?P<body>.*?)\n```", re.S)
 
@@ -68,7 +68,9 @@ def platform_home() -> Iterator[Path]:
             start_new_session=True,
         )
         try:
-            wait_for(lambda: plexus_cli("status", "--home", str(home)).returncode == 0, 30)
+            wait_for(
+                lambda: plexus_cli("status", "--home", str(home)).returncode == 0, PROCESS_START_S
+            )
             yield home
         finally:
             process.send_signal(signal.SIGTERM)

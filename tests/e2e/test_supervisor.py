@@ -21,7 +21,15 @@ import pytest
 
 from broker.paths import PlatformPaths
 from clients.bus import Bus
-from tests.conftest import REPO, operator_on, plexus_cli, stop_process, wait_for, write_manifest
+from tests.conftest import (
+    PROCESS_START_S,
+    REPO,
+    operator_on,
+    plexus_cli,
+    stop_process,
+    wait_for,
+    write_manifest,
+)
 
 CONFIG = """
 [broker]
@@ -107,7 +115,10 @@ def platform() -> Iterator[Running]:
         )
         running = Running(root / "home", process, root / "platform.log")
         try:
-            wait_for(lambda: plexus_cli("status", "--home", str(running.home)).returncode == 0, 20)
+            wait_for(
+                lambda: plexus_cli("status", "--home", str(running.home)).returncode == 0,
+                PROCESS_START_S,
+            )
             yield running
         finally:
             stop_process(process, 15)
