@@ -44,6 +44,17 @@ when things go well. 10-20 s was too little on a 2-core CI box while a benchmark
 500 worker processes (seen: four fixtures timed out at start, every test itself fine)."""
 
 
+def await_start(process: subprocess.Popen[Any], ready: Callable[[], bool]) -> None:
+    """Wait until a just-spawned service is `ready`; if it never is, stop it before the
+    test fails (a fixture that raises never reaches its teardown, so the process would
+    outlive the test run: seen as an orphan broker after a CI run)."""
+    try:
+        wait_for(ready, PROCESS_START_S)
+    except BaseException:
+        stop_process(process)
+        raise
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Poll `predicate` until it returns something truthy; fail the test after `timeout`."""
     deadline = time.monotonic() + timeout
@@ -132,7 +143,8 @@ class BrokerHandle:
     def start(self, **settings: Any) -> None:
         """The broker, with `platform_config(**settings)` (persistence off unless asked)."""
         self.process = spawn_service("broker", self.home, self.apps, platform_config(**settings))
-        wait_for(lambda: Path(self.endpoint.removeprefix("ipc://")).exists(), PROCESS_START_S)
+        endpoint = Path(self.endpoint.removeprefix("ipc://"))
+        await_start(self.process, endpoint.exists)
 
     def start_persistence(self, **settings: Any) -> None:
         """The persistence service of this home (start the broker with persistence=True)."""
@@ -144,8 +156,8 @@ class BrokerHandle:
             platform_config(**settings),
             env={**os.environ, "PLEXUS_TOKEN": token},
         )
-        store = self.paths.store_endpoint().removeprefix("ipc://")
-        wait_for(lambda: Path(store).exists(), PROCESS_START_S)
+        store = Path(self.paths.store_endpoint().removeprefix("ipc://"))
+        await_start(self.persistence, store.exists)
 
     def kill_persistence(self) -> None:
         assert self.persistence is not None
