@@ -2,7 +2,10 @@
 
 The settings come as one document on the descriptor `PLEXUS_CONFIG_FD` names (the
 supervisor writes it, `broker.config`); run by hand without it, the broker uses the
-platform's defaults. Only where it lives (`--home`, `--apps`) is a flag.
+platform's defaults. Its CurveZMQ key comes on `PLEXUS_SERVER_KEY_FD` and its grants on
+the channel `PLEXUS_GRANTS_FD` names (`security.grant_channel`): without them nobody could
+be authenticated, so the broker refuses to start. Only where it lives (`--home`,
+`--apps`) is a flag.
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ from broker.logs import configure, event
 from broker.paths import PlatformPaths
 from broker.router import RouterConfig
 from broker.server import BrokerConfig, BrokerServer
+from security.credentials import ServerKeys, server_keys_from_environment
+from security.grant_channel import GrantChannelError, GrantReceiver
+from security.handoff import HandoffError
 
 
 def broker_config(
-    platform: PlatformConfig, paths: PlatformPaths, apps_dir: Path | None
+    platform: PlatformConfig, paths: PlatformPaths, apps_dir: Path | None, keys: ServerKeys
 ) -> BrokerConfig:
     """The broker's settings, all taken from the platform config."""
     return BrokerConfig(
@@ -36,6 +42,7 @@ def broker_config(
         persistence=platform.persistence,
         recovery_timeout_s=platform.recovery_timeout_s,
         event_batch_ms=platform.event_batch_ms,
+        keys=keys,
     )
 
 
@@ -47,12 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     log = configure("broker")
     try:
         platform = config_from_environment()
-    except ConfigError as exc:
-        event(log, "broker-config-refused", error=str(exc))
+        keys = server_keys_from_environment()
+        grants = GrantReceiver.from_environment()
+        if grants is None:
+            raise GrantChannelError("no grant channel: PLEXUS_GRANTS_FD is not set")
+    except (ConfigError, HandoffError, GrantChannelError) as exc:
+        hint = "the broker is started by the supervisor: run `plexus run`"
+        event(log, "broker-config-refused", error=str(exc), hint=hint)
         return 2
     paths = PlatformPaths.resolve(args.home)
     paths.prepare()
-    config = broker_config(platform, paths, args.apps)
+    config = broker_config(platform, paths, args.apps, keys)
     event(log, "broker-config", **platform.to_tables()["broker"], persistence=config.persistence)
     stop: list[int] = []
 
@@ -61,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server = BrokerServer(config)
+    server = BrokerServer(config, grants=grants)
     try:
         server.bind()
     except Exception as exc:

@@ -29,8 +29,10 @@ It sits on the broker's floor because both the broker and the services read it.
     segment_max_mb = 256       # roll to a new LMDB segment at this size ...
     segment_period_s = 3600    # ... or this age
     sensitive_topics = []      # patterns whose payloads are stored encrypted (AES-256-GCM)
+    [security]
+    external_ttl_s = 28800     # a credential from `plexus env` expires after this (8 hours)
 
-The document is the same four sections as a msgpack map, plus `"version": 1`; it must
+The document is the same sections as a msgpack map, plus `"version": 1`; it must
 name every key, so a child never fills a gap with a default of its own.
 """
 
@@ -81,6 +83,7 @@ class PlatformConfig:
     sensitive_topics: tuple[str, ...] = ()
     recovery_timeout_s: float = 10.0
     event_batch_ms: float = 2.0
+    external_ttl_s: float = 8 * 3600.0
 
     def to_tables(self) -> dict[str, dict[str, Any]]:
         """The config as its sections (the shape of the TOML file and of the document)."""
@@ -141,6 +144,9 @@ SCHEMA: dict[str, dict[str, _Rule]] = {
         "segment_max_mb": (int, (1, 1 << 20)),
         "segment_period_s": (float, (0.1, 365 * 86_400.0)),
         "sensitive_topics": (tuple, None),
+    },
+    "security": {
+        "external_ttl_s": (float, (1.0, 366 * 86_400.0)),
     },
     "delivery": {
         "grace_ms": (int, (0, 7 * 86_400_000)),

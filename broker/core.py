@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from broker import protocol as P
-from broker.errors import Code, PermissionViolation, ProtocolViolation, StorageFailure, WireError
+from broker.errors import (
+    AuthFailure,
+    Code,
+    PermissionViolation,
+    ProtocolViolation,
+    StorageFailure,
+    WireError,
+)
 from broker.event_records import AuthFailed, ConsumerSkipped, Denied
 from broker.events import EventLog
 from broker.router import Outbound, Router, confirm_messages
@@ -129,10 +136,25 @@ class BrokerCore:
         """A bug cost one message (the server logged it); the peer is told, nothing else."""
         return [self.router.error(peer, WireError(Code.INTERNAL, "the broker failed on this"))]
 
-    def auth_failed(self, app_id: str, address: str, mechanism: str, reason: str) -> None:
-        """The ZAP handler refused a connection."""
+    def auth_failed(self, refused: AuthFailed) -> None:
+        """The ZAP handler refused a connection (a security event)."""
         self.router.refresh_stamp()
-        self.router.emit(AuthFailed(app_id, address, mechanism, reason))
+        self.router.emit(refused)
+
+    def revoked(self, peer: bytes, app_id: str, why: str, now_ns: int) -> list[Outbound]:
+        """`peer`'s credential was taken back: its session ends now, it is told why."""
+        exc = AuthFailure(Code.CREDENTIAL_REVOKED, why)
+        session = self.router.session_of(peer)
+        if session is not None:
+            self.router.sessions.end(session, now_ns, "closed", why)
+        return [self.router.error(peer, exc)]
+
+    def unauthenticated(self, peer: bytes) -> list[Outbound]:
+        """A message on a connection whose credential is no longer granted."""
+        exc = AuthFailure(
+            Code.CREDENTIAL_REVOKED, "this connection's credential was revoked or expired"
+        )
+        return [self.router.error(peer, exc)]
 
     # -- recovery ---------------------------------------------------------------------------
 

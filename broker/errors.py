@@ -40,6 +40,8 @@ class Code(IntEnum):
     IDENTITY_UNKNOWN = 201
     MANIFEST_MISSING = 202
     SESSION_TAKEN_OVER = 203
+    CREDENTIAL_REVOKED = 204
+    IDENTITY_MISMATCH = 205
 
     PUBLISH_DENIED = 300
     SUBSCRIBE_DENIED = 301
@@ -130,6 +132,15 @@ ERRORS: dict[Code, ErrorSpec] = {
         ErrorSpec(
             Code.SESSION_TAKEN_OVER,
             "Another connection resumed this session; give each connection its own name.",
+        ),
+        ErrorSpec(
+            Code.CREDENTIAL_REVOKED,
+            "The credential was revoked or expired; get a new one (`plexus env APP_ID`, "
+            "or let the supervisor launch the app).",
+        ),
+        ErrorSpec(
+            Code.IDENTITY_MISMATCH,
+            "HELLO named another app than the credential's; connect as the app it was issued to.",
         ),
         ErrorSpec(
             Code.PUBLISH_DENIED, "Add a matching pattern to [permissions].publish in the manifest."

@@ -197,13 +197,20 @@ class SessionChanged:
 
 @dataclass(frozen=True, slots=True)
 class AuthFailed:
-    """A connection the broker's ZAP handler refused (bad, revoked or foreign credential)."""
+    """A connection the broker's ZAP handler refused, or a live connection whose
+    credential was revoked or whose HELLO claimed another identity: `code` the refusal
+    (unknown-key, foreign-process, expired, wrong-user, not-admitted-here, revoked,
+    identity-mismatch), `claimed` the identity the credential or HELLO named, `pid` the
+    connecting process as the kernel gave it (0: not known, e.g. TCP)."""
 
     KIND: ClassVar[int] = 13
     app: str
     address: str
     mechanism: str
     reason: str
+    code: str
+    claimed: str
+    pid: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,10 +68,6 @@ class PlatformPaths:
         return Path(tempfile.gettempdir()) / f"plexus-{os.getuid()}-{digest}"
 
     @property
-    def creds_dir(self) -> Path:
-        return self.run_dir / "creds"
-
-    @property
     def state_file(self) -> Path:
         """Written by the running supervisor: pid, endpoint, apps dir (see `write_state`)."""
         return self.run_dir / "platform.json"

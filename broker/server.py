@@ -8,6 +8,12 @@ each frame of an authenticated connection, read on every inbound message. The ev
 socket is authenticated too (its own ZAP domain): only the platform's stream consumers
 may subscribe there.
 
+Identity: every socket is a CurveZMQ server with the broker's key (handed over by the
+supervisor, pinned by every client). The User-Id is a grant id; the `GrantRegistry` the
+supervisor fills over the grant channel (`security.grant_channel`) maps it to the app id
+on every message, so a revoked or expired credential's connection is refused at once and
+its sessions end.
+
 The server keeps only sockets, polling and clocks: every decision (recovery, holding,
 the consumers' link, overflow, unreachable peers) is the core's. Timers run on the
 monotonic clock; the wall clock only stamps messages and events.
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,16 +35,21 @@ import zmq
 from broker import protocol as P
 from broker.catalog import ManifestCatalog
 from broker.core import BrokerCore, CoreConfig
-from broker.errors import WireError
+from broker.errors import AuthFailure, Code, WireError
+from broker.event_records import AuthFailed
 from broker.events import EventLog, StreamLimits
 from broker.histogram import LatencyHistogram
 from broker.logs import event
 from broker.paths import PlatformPaths
 from broker.recovery import RecoveryReport, apply_restore
 from broker.router import Router, RouterConfig
-from broker.wire import EvRestore, unpack_batch
-from security.credentials import CredentialStore
-from security.zap import answer, bind_zap
+from broker.usage import process_usage
+from broker.wire import EvRestore, Hello, unpack_batch
+from security.credentials import ServerKeys
+from security.grant_channel import GrantReceiver
+from security.grants import Grant, GrantRegistry
+from security.peers import LiveProcessTree
+from security.zap import ZapAnswer, answer, bind_zap
 
 log = logging.getLogger("plexus.broker")
 
@@ -68,6 +79,8 @@ class BrokerConfig:
     """Event-stream consumers expected from the start (nothing is dropped before their
     first EVSYNC); `$persistence` is one whenever persistence is on."""
     stream: StreamLimits = field(default_factory=StreamLimits)
+    keys: ServerKeys | None = None
+    """The broker's CurveZMQ key pair (None: a fresh one, only for tests of the core)."""
 
 
 class RecoveryRestorer:
@@ -92,11 +105,19 @@ class BrokerServer:
         context: zmq.Context[Any] | None = None,
         monotonic: Callable[[], int] = time.monotonic_ns,
         wall_clock: Callable[[], int] = time.time_ns,
+        grants: GrantReceiver | None = None,
     ) -> None:
         self.config = config
         self._context = context or zmq.Context.instance()
         self._monotonic = monotonic
-        self._credentials = CredentialStore(config.paths.creds_dir)
+        self._wall_clock = wall_clock
+        self.keys = config.keys or ServerKeys.generate()
+        self.registry = GrantRegistry(os.getuid(), LiveProcessTree())
+        self._grants = grants
+        self._peer_grant: dict[bytes, str] = {}
+        """The grant each connection said HELLO with (its sessions end when it is revoked)."""
+        self._grant_pids: dict[str, int] = {}
+        """The pid the kernel named when each grant last connected (for security events)."""
         self._catalog = ManifestCatalog(config.apps_dir, monotonic)
         self.route_latency = LatencyHistogram()
         consumers = tuple(dict.fromkeys(config.consumers))
@@ -142,10 +163,11 @@ class BrokerServer:
 
     def bind(self) -> str:
         """Open the ZAP handler, the ROUTER and the events PUB; returns the bus endpoint."""
+        self._read_grants()
         self._zap = bind_zap(self._context)
         sock = self._context.socket(zmq.ROUTER)
         sock.linger = 0
-        sock.plain_server = True
+        self.keys.serve(sock)
         sock.zap_domain = P.ZAP_DOMAIN.encode()
         sock.router_mandatory = 1
         sock.sndhwm = self.config.hwm
@@ -158,7 +180,7 @@ class BrokerServer:
         events = self._context.socket(zmq.PUB)
         events.linger = 0
         events.sndhwm = 100_000
-        events.plain_server = True
+        self.keys.serve(events)
         events.zap_domain = P.EVENTS_ZAP_DOMAIN.encode()
         events.bind(self.config.paths.events_endpoint())
         self._events = events
@@ -172,6 +194,9 @@ class BrokerServer:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(zap, zmq.POLLIN)
+        grants = self._grants
+        if grants is not None:
+            poller.register(grants.fileno(), zmq.POLLIN)
         monotonic = self._monotonic
         tick_ns = _TIMER_TICK_NS
         next_tick = monotonic() + tick_ns
@@ -181,6 +206,10 @@ class BrokerServer:
         while not should_stop():
             timeout = batch_poll_ms if stream.pending else self.config.poll_ms
             ready = dict(poller.poll(timeout))
+            if grants is not None and not grants.closed and grants.fileno() in ready:
+                self._read_grants()
+                if grants.closed:
+                    poller.unregister(grants.fileno())
             if zap in ready:
                 self._answer_zap(zap)
             if sock in ready:
@@ -202,20 +231,97 @@ class BrokerServer:
     # -- authentication ---------------------------------------------------------------------
 
     def _answer_zap(self, zap: zmq.Socket[bytes]) -> None:
-        got = answer(zap, self._credentials, self._zap_policy)
-        if not got.accepted:
-            self._auth_failures += 1
-            event(
-                log,
-                "auth-denied",
-                logging.WARNING,
-                app=got.app_id,
-                address=got.address,
-                mechanism=got.mechanism,
-                domain=got.domain,
-                reason=got.reason,
-            )
-            self.core.auth_failed(got.app_id, got.address, got.mechanism, got.reason)
+        got = answer(zap, self.registry, self._zap_policy, self._read_grants)
+        if got is None:
+            return
+        grant = got.admission.grant
+        if grant is not None:
+            if got.peer.pid is not None:
+                self._grant_pids[grant.grant_id] = got.peer.pid
+            return
+        self._security_event(
+            got.admission.claimed,
+            got,
+            str(got.admission.refusal),
+            got.reason,
+            got.admission.claimed,
+        )
+
+    def _security_event(
+        self, app: str, got: ZapAnswer | None, code: str, reason: str, claimed: str, pid: int = 0
+    ) -> None:
+        """A refused credential or identity: counted, logged, and an AuthFailed event."""
+        self._auth_failures += 1
+        address = got.peer.address if got is not None else ""
+        if got is not None and got.peer.pid is not None:
+            pid = got.peer.pid
+        mechanism = got.mechanism if got is not None else "CURVE"
+        domain = got.domain if got is not None else P.ZAP_DOMAIN
+        event(
+            log,
+            "auth-denied",
+            logging.WARNING,
+            app=app,
+            claimed=claimed,
+            pid=pid,
+            code=code,
+            address=address,
+            domain=domain,
+            reason=reason,
+        )
+        self.core.auth_failed(AuthFailed(app, address, mechanism, reason, code, claimed, pid))
+
+    def _read_grants(self) -> None:
+        """Apply what the supervisor sent; end the sessions of every revoked grant."""
+        if self._grants is None:
+            return
+        applied = self._grants.apply(self.registry)
+        if applied.revoked:
+            self._end_grants(applied.revoked, "credential revoked")
+
+    def _end_grants(self, grants: tuple[Grant, ...] | list[Grant], why: str) -> None:
+        gone = {g.grant_id for g in grants}
+        peers = [peer for peer, grant in self._peer_grant.items() if grant in gone]
+        now = self._monotonic()
+        outbound = []
+        for peer in peers:
+            grant_id = self._peer_grant.pop(peer)
+            app = next(g.app_id for g in grants if g.grant_id == grant_id)
+            outbound += self.core.revoked(peer, app, f"{why} ({app})", now)
+        for grant in grants:
+            self._grant_pids.pop(grant.grant_id, None)
+            event(log, "credential-ended", app=grant.app_id, grant=grant.grant_id, reason=why)
+        if outbound and self._router_socket is not None:
+            self._send(self._router_socket, outbound)
+
+    def _identity_checked(
+        self, peer: bytes, grant_id: Any, app_id: str | None, frames: list[bytes]
+    ) -> str | None:
+        """The sender of a HELLO, or of a message whose grant is gone; None: refused."""
+        if app_id is None:  # its grant was revoked or expired since it connected
+            if self._router_socket is not None:
+                self._send(self._router_socket, self.core.unauthenticated(peer))
+            return None
+        return app_id if self._hello(peer, grant_id, app_id, frames) else None
+
+    def _hello(self, peer: bytes, grant_id: Any, app_id: str, frames: list[bytes]) -> bool:
+        """Note the connection's grant; refuse a HELLO that claims another identity (a
+        security event). True: the core may take the HELLO."""
+        self._peer_grant[peer] = grant_id
+        try:
+            claimed = Hello.decode(frames).app
+        except WireError:
+            return True  # the core refuses it with its code
+        if not claimed or claimed == app_id:
+            return True
+        reason = f"HELLO claims {claimed[:64]!r} with the credential of {app_id!r}"
+        self._security_event(
+            app_id, None, "identity-mismatch", reason, claimed, self._grant_pids.get(grant_id, 0)
+        )
+        refusal = AuthFailure(Code.IDENTITY_MISMATCH, reason)
+        if self._router_socket is not None:
+            self._send(self._router_socket, self.core.refuse(peer, refusal))
+        return False
 
     # -- routing ----------------------------------------------------------------------------
 
@@ -225,11 +331,12 @@ class BrokerServer:
         finally:  # one pass, one set of log lines (dead letters counted, not one each)
             self._log_notices()
 
-    def _drain_pass(self, sock: zmq.Socket[bytes]) -> None:
+    def _drain_pass(self, sock: zmq.Socket[bytes]) -> None:  # noqa: PLR0912 - one flat hot loop
         core = self.core
         clock = time.perf_counter_ns
         monotonic = self._monotonic
         record = self.route_latency.record
+        identity = self.registry.identity
         for _ in range(_DRAIN_LIMIT):
             try:
                 peer = sock.recv(_NOBLOCK)
@@ -238,7 +345,7 @@ class BrokerServer:
             started = clock()
             part = sock.recv(copy=False)
             user_id = part.get("User-Id")
-            app_id = user_id if isinstance(user_id, str) else ""
+            app_id = identity(user_id) if isinstance(user_id, str) else None
             frames = [part.bytes]
             overflow = False
             while part.more:  # a Frame attribute: getsockopt(RCVMORE) builds an Enum each call
@@ -250,6 +357,10 @@ class BrokerServer:
             if overflow:
                 self._send(sock, core.overflow(peer))
                 continue
+            if app_id is None or frames[0] == P.HELLO:
+                app_id = self._identity_checked(peer, user_id, app_id, frames)
+                if app_id is None:
+                    continue
             if len(frames) == 2 and frames[0] == P.PUB:  # packed: one frame, the whole batch
                 try:
                     frames = unpack_batch(frames, 2)
@@ -289,6 +400,9 @@ class BrokerServer:
         outbound = self.core.tick(now)
         if outbound:
             self._send(sock, outbound)
+        expired = self.registry.expired(self._wall_clock() / 1e9)
+        if expired:
+            self._end_grants(expired, "credential expired")
         self._log_notices()
         mark_time, mark_count = self._rate_mark
         if now - mark_time >= 1_000_000_000:
@@ -305,7 +419,7 @@ class BrokerServer:
             event(log, name, level, **item)
 
     def _extra_stats(self, reset: bool) -> dict[str, Any]:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
+        usage = process_usage()
         latency = self.route_latency.summary_us()
         if reset:
             self.route_latency.reset()
@@ -313,8 +427,9 @@ class BrokerServer:
             "route_latency": latency,
             "auth_failures": self._auth_failures,
             "uptime_s": round((self._monotonic() - self._started) / 1e9, 3),
-            "rss_max_kb": usage.ru_maxrss,
-            "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+            "rss_max_kb": usage.rss_max_kb,
+            "cpu_s": round(usage.cpu_s, 3),
+            "credentials": len(self.registry),
             "delivered_per_s": round(self._rate, 1),
             "endpoint": self.endpoint,
             "recovering": self.core.recovering,

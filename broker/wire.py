@@ -173,6 +173,8 @@ class Hello:
     session: str = P.DEFAULT_SESSION
     acked: bool = True
     client: str = ""
+    app: str = ""
+    """The app the client believes it is (checked against its credential's; "" unsaid)."""
 
     def frames(self) -> list[bytes]:
         body: dict[str, Any] = {"v": list(self.versions), "session": self.session}
@@ -180,6 +182,8 @@ class Hello:
             body["ack"] = False
         if self.client:
             body["client"] = self.client
+        if self.app:
+            body["app"] = self.app
         return [P.HELLO, pack(body)]
 
     @classmethod
@@ -193,7 +197,10 @@ class Hello:
         if not isinstance(name, str) or not 0 < len(name) <= 64:
             raise ProtocolViolation(Code.BAD_HEADER, "HELLO field 'session' must be 1-64 chars")
         client = body.get("client", "")
-        return cls(tuple(offered), name, acked, client if isinstance(client, str) else "")
+        app = body.get("app", "")
+        if not isinstance(app, str) or len(app) > 256:
+            raise ProtocolViolation(Code.BAD_HEADER, "HELLO field 'app' must be a short string")
+        return cls(tuple(offered), name, acked, client if isinstance(client, str) else "", app)
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,7 @@ from clients.events import (
 from clients.message import Message, Subscription
 from clients.session import ClientSession, SessionConfig, State
 from clients.wakeup import Wakeup
+from security.credentials import Credential, CredentialError
 from security.handoff import read_handoff
 
 log = logging.getLogger("plexus.client")
@@ -98,12 +99,23 @@ def auth_refused(app_id: str) -> AuthenticationError:
     )
 
 
+def credential_of(settings: ConnectSettings) -> Credential:
+    """The settings' token as a credential; a malformed one as `AuthenticationError`."""
+    try:
+        return Credential.parse(settings.token)
+    except CredentialError as exc:
+        raise AuthenticationError(
+            f"the credential of app {settings.app_id!r} is not usable: {exc}",
+            int(Code.AUTH_FAILED),
+            "use the credential from the supervisor or `plexus env APP_ID`",
+        ) from None
+
+
 def open_dealer(context: zmq.Context[Any], settings: ConnectSettings) -> zmq.Socket[Any]:
     """The DEALER of one connection (not yet connected): credential, limits, reconnects."""
     dealer: zmq.Socket[Any] = context.socket(zmq.DEALER)
     dealer.linger = 1000
-    dealer.plain_username = settings.app_id.encode()
-    dealer.plain_password = settings.token.encode()
+    credential_of(settings).connect_to_broker(dealer)
     dealer.sndhwm = 100_000
     dealer.rcvhwm = 100_000
     dealer.reconnect_ivl = 100

@@ -492,7 +492,9 @@ class ClientSession:
             return out
         if self._hello_due:
             self._hello_due = False
-            hello = Hello(session=self.config.session, client=self.config.client)
+            hello = Hello(
+                session=self.config.session, client=self.config.client, app=self.config.app_id
+            )
             out.append(hello.frames())
         if self.state is not State.CONNECTING:
             self._queued(out, now)
@@ -797,6 +799,10 @@ class ClientSession:
             return
         if code == int(Code.SESSION_TAKEN_OVER):
             self._input(Input.TAKEN_OVER)
+            self._fail(error)
+            return
+        if code in (int(Code.CREDENTIAL_REVOKED), int(Code.IDENTITY_MISMATCH)):
+            self._input(Input.AUTH_FAILED)  # the credential is gone: no reconnect helps
             self._fail(error)
             return
         if self.state is State.CONNECTING and (

@@ -27,6 +27,7 @@ from broker.wire import Error as ErrorRecord
 from broker.wire import History, Replay, Result, StoredRow
 from clients.errors import BrokerUnavailable, BusError, error_from_record, error_from_wire
 from clients.message import Message, envelope_of
+from security.credentials import Credential
 
 Query = History | Replay
 
@@ -55,8 +56,7 @@ def query_socket(context: zmq.Context[Any], endpoint: str, app_id: str, token: s
     """A DEALER to the query socket with the app's credential (same class as `context`'s)."""
     sock = context.socket(zmq.DEALER)
     sock.linger = 0
-    sock.plain_username = app_id.encode()
-    sock.plain_password = token.encode()
+    Credential.parse(token).connect_to_store(sock)
     sock.connect(endpoint)
     return sock
 

@@ -6,7 +6,7 @@ Three pieces, each usable alone, and `StreamConsumer`, which joins them for a se
 poll loop:
 
 - `events_socket`: the SUB socket on the broker's events endpoint, authenticated with
-  PLAIN as the service identity (the broker admits only platform services there).
+  CurveZMQ with the service credential (the broker admits only platform services there).
 - `EventFeed`: turns batches (PUB, and EVDATA re-sends) into a contiguous run of events
   after the consumer's watermark: anything already taken is skipped, and a gap (PUB/SUB
   dropped a batch, or the consumer joined late) asks the broker for the missing range
@@ -37,6 +37,7 @@ from broker import wire
 from broker.codec import encode_pub_header, new_message_id, pack
 from broker.errors import Code, ProtocolViolation
 from broker.logs import event
+from security.credentials import Credential
 
 log = logging.getLogger("plexus.stream")
 
@@ -55,12 +56,11 @@ LinkControl = wire.Welcome | wire.EvSyncOk
 def events_socket(
     context: zmq.Context[Any], endpoint: str, identity: str, token: str
 ) -> zmq.Socket[bytes]:
-    """A SUB socket on the event stream, authenticated (ZAP PLAIN) as `identity`."""
+    """A SUB socket on the event stream, authenticated (CurveZMQ, `token`) as `identity`."""
     sock: zmq.Socket[bytes] = context.socket(zmq.SUB)
     sock.linger = 0
     sock.rcvhwm = STREAM_HWM
-    sock.plain_username = identity.encode()
-    sock.plain_password = token.encode()
+    Credential.parse(token).connect_to_broker(sock)
     sock.setsockopt(zmq.SUBSCRIBE, R.EV)
     sock.connect(endpoint)
     return sock
@@ -138,8 +138,7 @@ class BrokerLink:
     ) -> None:
         sock: zmq.Socket[bytes] = context.socket(zmq.DEALER)
         sock.linger = 0
-        sock.plain_username = identity.encode()
-        sock.plain_password = token.encode()
+        Credential.parse(token).connect_to_broker(sock)
         sock.sndhwm = 0
         sock.connect(endpoint)
         self.socket = sock

@@ -1,6 +1,7 @@
 """`python -m persistence`: the persistence service of one platform, until SIGTERM or SIGINT.
 
-Launched by the supervisor with a `$persistence` credential on PLEXUS_CREDENTIAL_FD and the
+Launched by the supervisor with a `$persistence` credential on PLEXUS_CREDENTIAL_FD, the
+store's CurveZMQ key on PLEXUS_SERVER_KEY_FD, its grant channel on PLEXUS_GRANTS_FD and the
 platform config on PLEXUS_CONFIG_FD (`broker.config`); run by hand without the latter, it
 uses the platform's defaults. Only where it lives (`--home`, `--apps`) is a flag.
 """
@@ -19,6 +20,8 @@ from broker.paths import PlatformPaths
 from persistence.retention import RetentionPolicy
 from persistence.service import PersistenceConfig, PersistenceService
 from persistence.store import SegmentPolicy
+from security.credentials import server_keys_from_environment
+from security.grant_channel import GrantChannelError, GrantReceiver
 from security.handoff import HandoffError, credential_from_environment
 from security.keyring import KeyFileError
 
@@ -57,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         platform = config_from_environment()
         token = credential_from_environment()
-    except (ConfigError, HandoffError) as exc:
+        keys = server_keys_from_environment()
+        grants = GrantReceiver.from_environment()
+        if grants is None:
+            raise GrantChannelError("no grant channel: PLEXUS_GRANTS_FD is not set")
+    except (ConfigError, HandoffError, GrantChannelError) as exc:
         event(log, "persistence-config-refused", error=str(exc))
         return 2
     paths = PlatformPaths.resolve(args.home)
@@ -80,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        service = PersistenceService(config, token)
+        service = PersistenceService(config, token, keys, grants)
         service.bind()
     except KeyFileError as exc:
         event(log, "keys-refused", error=str(exc))

@@ -33,10 +33,18 @@ _QUERIES_PER_TURN = 8
 class QueryAnswers:
     """Answers queries for one store; `serve(socket)` takes what waits on the ROUTER."""
 
-    def __init__(self, messages: MessageStore, keys: KeyRing, catalog: ManifestCatalog) -> None:
+    def __init__(
+        self,
+        messages: MessageStore,
+        keys: KeyRing,
+        catalog: ManifestCatalog,
+        identity: Callable[[str], str | None] = lambda grant: grant,
+    ) -> None:
         self._messages = messages
         self._keys = keys
         self._catalog = catalog
+        self._identity = identity
+        """Grant id (the connection's ZAP User-Id) -> app id; None: revoked."""
 
     def serve(self, query: zmq.Socket[bytes]) -> None:
         """Answer up to a few waiting queries (the loop has other sockets to serve)."""
@@ -48,7 +56,7 @@ class QueryAnswers:
             peer = first.bytes
             frames = query.recv_multipart(copy=False)
             user_id = frames[0].get("User-Id")
-            app_id = user_id if isinstance(user_id, str) else ""
+            app_id = (self._identity(user_id) if isinstance(user_id, str) else None) or ""
             query.send_multipart([peer, *self.answer(app_id, [f.bytes for f in frames])])
 
     def answer(self, app_id: str, frames: list[bytes]) -> list[bytes]:

@@ -34,6 +34,7 @@ us of CPU before, 3.4 and 285 us with the journal; with a durable subscriber 11 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -58,9 +59,12 @@ from persistence.retention import RetentionPolicy, plan_retention
 from persistence.state import StateStore
 from persistence.store import MessageStore, SegmentPolicy
 from persistence.writer import StoreWriter
-from security.credentials import CredentialStore
+from security.credentials import ServerKeys
+from security.grant_channel import GrantReceiver
+from security.grants import GrantRegistry
 from security.keyring import KeyRing
-from security.zap import answer_zap, bind_zap
+from security.peers import LiveProcessTree
+from security.zap import answer, bind_zap
 
 log = logging.getLogger("plexus.persistence")
 
@@ -126,6 +130,8 @@ class PersistenceService:
         self,
         config: PersistenceConfig,
         token: str,
+        keys: ServerKeys,
+        grants: GrantReceiver | None = None,
         context: zmq.Context[Any] | None = None,
         clock: Callable[[], int] = time.time_ns,
         monotonic: Callable[[], int] = time.monotonic_ns,
@@ -142,10 +148,14 @@ class PersistenceService:
         )
         self.state = StateStore(paths.state_path, readonly=False)
         self.writer = StoreWriter(self.messages, self.state, self.keys, config.sensitive_topics)
-        self.answers = QueryAnswers(self.messages, self.keys, ManifestCatalog(config.apps_dir))
+        self.registry = GrantRegistry(os.getuid(), LiveProcessTree())
+        self._server_keys = keys
+        self._grants = grants
+        self.answers = QueryAnswers(
+            self.messages, self.keys, ManifestCatalog(config.apps_dir), self.registry.identity
+        )
         self._pending: list[R.Event] = []
         self._token = token
-        self._credentials = CredentialStore(paths.creds_dir)
         self.stream: StreamConsumer | None = None
         self._query: zmq.Socket[bytes] | None = None
         self._zap: zmq.Socket[bytes] | None = None
@@ -209,10 +219,11 @@ class PersistenceService:
 
     def bind(self) -> None:
         paths = self.config.paths
+        self._read_grants()
         self._zap = bind_zap(self._context)
         query: zmq.Socket[bytes] = self._context.socket(zmq.ROUTER)
         query.linger = 0
-        query.plain_server = True
+        self._server_keys.serve(query)
         query.zap_domain = P.ZAP_DOMAIN.encode()
         query.maxmsgsize = 64 * 1024
         query.bind(paths.store_endpoint())
@@ -262,10 +273,29 @@ class PersistenceService:
         poller = zmq.Poller()
         for sock in (*stream.sockets(), query, zap):
             poller.register(sock, zmq.POLLIN)
+        grants = self._grants
+        if grants is not None:
+            poller.register(grants.fileno(), zmq.POLLIN)
+        policy = {P.ZAP_DOMAIN: None}
         while not should_stop():
             ready = dict(poller.poll(self._poll_ms()))
+            if grants is not None and not grants.closed and grants.fileno() in ready:
+                self._read_grants()
+                if grants.closed:
+                    poller.unregister(grants.fileno())
             if zap in ready:
-                answer_zap(zap, self._credentials, P.ZAP_DOMAIN)
+                got = answer(zap, self.registry, policy, self._read_grants)
+                if got is not None and not got.accepted:
+                    event(
+                        log,
+                        "auth-denied",
+                        logging.WARNING,
+                        claimed=got.admission.claimed,
+                        pid=got.peer.pid or 0,
+                        code=str(got.admission.refusal),
+                        address=got.peer.address,
+                        reason=got.reason,
+                    )
             fresh, controls = stream.read(ready)
             self._take(fresh)
             for control in controls:
@@ -279,6 +309,12 @@ class PersistenceService:
                     self._apply()  # a confirmed message must be in what the query reads
                 self.answers.serve(query)
             self._tick(stream)
+
+    def _read_grants(self) -> None:
+        """What the supervisor granted or revoked (a revoked grant's queries are refused:
+        its User-Id no longer names an identity)."""
+        if self._grants is not None:
+            self._grants.apply(self.registry)
 
     def _poll_ms(self) -> int:
         """0 while a group waits for its commit; until the journaled events are due for

@@ -18,11 +18,11 @@ from typing import Any, TextIO
 import click
 
 from broker.logs import configure
-from broker.manifests import ManifestError, load_manifests
+from broker.manifests import ManifestError
 from broker.paths import PlatformPaths
 from clients.bus import Bus, BusError
+from plexus import credential_commands, exits, logs_command
 from plexus import dlq_purge as dlq_purge_flow
-from plexus import exits, logs_command
 from plexus.common import (
     exit_code,
     fail,
@@ -31,14 +31,14 @@ from plexus.common import (
     operator_bus,
     running_state,
     stale_message,
+    supervisor_request,
 )
 from plexus.interrupts import interrupt_flag
 from plexus.status import collect_status, render_apps, render_status
 from plexus.store_commands import history, keys, replay
-from security.credentials import CredentialStore
 from supervisor.config import ConfigError, load_config
 from supervisor.platform_state import platform_alive, recorded_pid
-from supervisor.supervisor import CONTROL_TOPIC, PlatformRunning, Supervisor
+from supervisor.supervisor import PlatformRunning, Supervisor
 
 DEMO_APPS = Path(__file__).resolve().parent.parent / "examples" / "apps"
 
@@ -162,37 +162,6 @@ def status(home: Path | None, as_json: bool) -> None:
     with operator_bus(home) as bus:
         report = collect_status(state, bus.broker_stats())
     click.echo(json.dumps(report, indent=2) if as_json else render_status(report))
-
-
-@main.command()
-@home_option
-@click.argument("app_id")
-@click.option("--json", "as_json", is_flag=True, help="Print the variables as one JSON object.")
-def env(home: Path | None, app_id: str, as_json: bool) -> None:
-    """Print `export PLEXUS_...` lines that let an external app connect as APP_ID."""
-    paths = PlatformPaths.resolve(home)
-    state = running_state(paths)
-    try:
-        manifests = load_manifests(Path(state["apps_dir"]))
-    except ManifestError as exc:
-        fail(str(exc), exits.BAD_INPUT)
-    if app_id not in manifests:
-        fail(
-            f"no manifest with id {app_id!r} in {state['apps_dir']}; add {app_id}.toml there",
-            exits.AUTH,
-        )
-    token = CredentialStore(paths.creds_dir).mint(app_id)
-    variables = {
-        "PLEXUS_ENDPOINT": state["endpoint"],
-        "PLEXUS_APP_ID": app_id,
-        "PLEXUS_TOKEN": token,
-        "PLEXUS_HOME": str(paths.home),
-    }
-    if as_json:
-        click.echo(json.dumps(variables))
-        return
-    for name, value in variables.items():
-        click.echo(f"export {name}='{value}'")
 
 
 def _json_value(text: str, what: str) -> Any:
@@ -416,15 +385,7 @@ def apps() -> None:
 
 
 def _apps_request(bus: Bus, op: str, app: str | None = None) -> dict[str, Any]:
-    try:
-        reply = bus.request(CONTROL_TOPIC, {"op": op, "app": app}, timeout=15.0)
-    except BusError as exc:
-        fail(str(exc), exit_code(exc))
-    answer: dict[str, Any] = reply.data if isinstance(reply.data, dict) else {}
-    if not answer.get("ok"):
-        code = exits.AUTH if answer.get("unknown_app") else exits.BAD_INPUT
-        fail(str(answer.get("error", "the supervisor refused")), code)
-    return answer
+    return supervisor_request(bus, {"op": op, "app": app})
 
 
 @apps.command("list")
@@ -489,4 +450,6 @@ def apps_restart(home: Path | None, app_id: str, as_json: bool) -> None:
 main.add_command(history)
 main.add_command(replay)
 main.add_command(keys)
+main.add_command(credential_commands.env)
+main.add_command(credential_commands.credentials)
 main.add_command(logs_command.logs)

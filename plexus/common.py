@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
@@ -27,7 +27,7 @@ from clients.bus import (
 )
 from clients.errors import StorageError
 from plexus import exits
-from security.credentials import CredentialStore
+from security.credentials import Credential
 from supervisor.platform_state import platform_alive
 
 home_option = click.option(
@@ -82,13 +82,28 @@ def stale_message(paths: PlatformPaths) -> str:
     )
 
 
+def operator_credential(state: Mapping[str, Any]) -> Credential:
+    """A fresh key pair pinning the running platform's broker and store keys. Nobody
+    registered it: the broker admits it as the operator because the kernel says this
+    process belongs to the platform's user and to no supervised app (docs/security.md)."""
+    try:
+        broker_key = bytes.fromhex(str(state["broker_key"]))
+        store_key = bytes.fromhex(str(state["store_key"]))
+    except (KeyError, ValueError):
+        fail(
+            "the platform's state names no broker key; it was started by an older plexus: "
+            "restart it with `plexus stop` and `plexus run`",
+            exits.NOT_RUNNING,
+        )
+    return Credential.mint(broker_key, store_key)
+
+
 @contextmanager
 def operator_bus(home: Path | None) -> Iterator[Bus]:
-    """A Bus connected as the operator (`$cli`) with a credential minted for this command."""
+    """A Bus connected as the operator (`$cli`)."""
     paths = PlatformPaths.resolve(home)
     state = running_state(paths)
-    store = CredentialStore(paths.creds_dir)
-    token = store.mint(P.CLI_ID)
+    token = operator_credential(state).token
     try:
         with Bus.connect(
             state["endpoint"], P.CLI_ID, token, timeout=5.0, session=f"cli-{os.getpid()}"
@@ -96,8 +111,22 @@ def operator_bus(home: Path | None) -> Iterator[Bus]:
             yield bus
     except BusError as exc:
         fail(str(exc), exit_code(exc))
-    finally:
-        store.revoke(P.CLI_ID, token)
+
+
+def supervisor_request(bus: Bus, body: Mapping[str, Any]) -> dict[str, Any]:
+    """One command to the supervisor; its refusal ends the command with a meaningful code."""
+    try:
+        reply = bus.request(P.SUPERVISOR_CONTROL_TOPIC, dict(body), timeout=15.0)
+    except BusError as exc:
+        fail(str(exc), exit_code(exc))
+    answer: dict[str, Any] = reply.data if isinstance(reply.data, dict) else {}
+    if not answer.get("ok"):
+        unknown = answer.get("unknown_app") or answer.get("unknown_credential")
+        fail(
+            str(answer.get("error", "the supervisor refused")),
+            exits.AUTH if unknown else exits.BAD_INPUT,
+        )
+    return answer
 
 
 def message_record(message: Message) -> dict[str, Any]:

@@ -1,72 +1,141 @@
-"""Per-launch app credentials: minted by the supervisor or `plexus env`, checked by the broker.
+"""An app's credential: its own CurveZMQ key pair and the platform's pinned server keys.
 
-A credential is a random token bound to one app id. Only a hash of (app id, token) is kept,
-as the name of a 0600 file in a 0700 directory under the platform's runtime dir, so any
-process of the same user can mint (the supervisor, the CLI) and the broker can verify
-without a shared in-memory table, and a stolen directory listing reveals no token.
-Revoking is deleting the file.
+Every connection to the bus, the event stream and the store is CurveZMQ, over ipc as over
+TCP, so a credential is never sent to anyone: the client proves it holds the secret key,
+and it talks only to a server that proves it holds the broker's (or the store's) secret
+key. A process that binds the bus path in the broker's place learns nothing (the client's
+handshake fails against the pinned key).
+
+A credential travels as one token, `px1.` + base64url of three 32-byte keys: the client's
+secret key, the broker's public key, the store's public key. The supervisor mints it at
+each launch (`mint`) and hands it over an inherited pipe; `plexus env` prints one for an
+external app. What the broker accepts is decided by the grant registered for the public
+key (`security.grants`), never by the token itself: a token nobody registered is refused.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import os
-import secrets
-import stat
-from pathlib import Path
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+from zmq.utils import z85
+
+from security.handoff import SERVER_KEY_FD_VARIABLE, HandoffError, read_fd_variable
+
+TOKEN_PREFIX = "px1."  # noqa: S105 - a format marker, not a secret
+_KEY_BYTES = 32
 
 
 class CredentialError(Exception):
-    """The credential store cannot be used (permissions too loose, unreadable)."""
+    """A token that is not a Plexus credential (wrong prefix, length or encoding)."""
 
 
-def _digest(app_id: str, token: str) -> str:
-    return hashlib.sha256(f"{app_id}\0{token}".encode()).hexdigest()
+def _z85(raw: bytes) -> bytes:
+    encoded: bytes = z85.encode(raw)
+    return encoded
 
 
-class CredentialStore:
-    """Mint, verify and revoke app credentials kept as hashed files in `directory`."""
+def public_of(secret: bytes) -> bytes:
+    """The raw 32-byte public key of the raw 32-byte `secret` key."""
+    public: bytes = z85.decode(zmq.curve_public(_z85(secret)))
+    return public
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
 
-    def ensure(self) -> None:
-        """Create the directory 0700; refuse one that others can read."""
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        mode = stat.S_IMODE(self.directory.stat().st_mode)
-        if mode & 0o077:
-            raise CredentialError(
-                f"{self.directory} has mode {mode:o}; run `chmod 700 {self.directory}`"
-            )
+@dataclass(frozen=True, slots=True)
+class ServerKeys:
+    """A server's key pair (raw 32 bytes each): the broker's or the store's."""
 
-    def mint(self, app_id: str) -> str:
-        """A new token for `app_id`, valid until revoked."""
-        self.ensure()
-        token = secrets.token_urlsafe(32)
-        path = self.directory / _digest(app_id, token)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(app_id)
-        return token
+    public: bytes
+    secret: bytes
 
-    def verify(self, app_id: str, token: str) -> bool:
-        """Whether `token` is a live credential of `app_id`."""
-        if not app_id or not token or len(token) > 256 or len(app_id) > 256:
-            return False
+    @classmethod
+    def generate(cls) -> ServerKeys:
+        public, secret = zmq.curve_keypair()
+        return cls(z85.decode(public), z85.decode(secret))
+
+    def encoded(self) -> bytes:
+        """The secret key as handed to the service over its descriptor."""
+        return base64.urlsafe_b64encode(self.secret)
+
+    @classmethod
+    def decoded(cls, data: bytes) -> ServerKeys:
         try:
-            stored = (self.directory / _digest(app_id, token)).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            return False
-        return hmac.compare_digest(stored.encode(), app_id.encode())
+            secret = base64.urlsafe_b64decode(data.strip())
+        except (binascii.Error, ValueError):
+            raise CredentialError("the server key handed over is not base64") from None
+        if len(secret) != _KEY_BYTES:
+            raise CredentialError("the server key handed over is not 32 bytes")
+        return cls(public_of(secret), secret)
 
-    def revoke(self, app_id: str, token: str) -> None:
-        """Invalidate one credential (no error if it is already gone)."""
-        (self.directory / _digest(app_id, token)).unlink(missing_ok=True)
+    def serve(self, sock: zmq.Socket[Any]) -> None:
+        """Make `sock` a CurveZMQ server with this key."""
+        sock.curve_server = True
+        sock.curve_secretkey = _z85(self.secret)
 
-    def revoke_all(self) -> None:
-        """Invalidate every credential (platform start and stop)."""
-        if not self.directory.is_dir():
-            return
-        for path in self.directory.iterdir():
-            path.unlink(missing_ok=True)
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A client key pair and the server keys it pins."""
+
+    secret: bytes
+    broker_key: bytes
+    store_key: bytes
+
+    @classmethod
+    def mint(cls, broker_key: bytes, store_key: bytes) -> Credential:
+        """A fresh client key pair pinning `broker_key` and `store_key` (raw public keys)."""
+        _public, secret = zmq.curve_keypair()
+        return cls(z85.decode(secret), broker_key, store_key)
+
+    @property
+    def public(self) -> bytes:
+        return public_of(self.secret)
+
+    @property
+    def token(self) -> str:
+        raw = self.secret + self.broker_key + self.store_key
+        return TOKEN_PREFIX + base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+    @classmethod
+    def parse(cls, token: str) -> Credential:
+        """The credential a token holds; `CredentialError` for anything else."""
+        if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX):
+            raise CredentialError("not a Plexus credential (expected a token starting px1.)")
+        body = token[len(TOKEN_PREFIX) :].strip()
+        try:
+            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        except (binascii.Error, ValueError):
+            raise CredentialError("the credential is not base64url") from None
+        if len(raw) != 3 * _KEY_BYTES:
+            raise CredentialError("the credential has the wrong length")
+        return cls(raw[:32], raw[32:64], raw[64:])
+
+    def connect_to_broker(self, sock: zmq.Socket[Any]) -> None:
+        """Make `sock` a CurveZMQ client of the broker with this key pair."""
+        self._client(sock, self.broker_key)
+
+    def connect_to_store(self, sock: zmq.Socket[Any]) -> None:
+        """Make `sock` a CurveZMQ client of the store with this key pair."""
+        self._client(sock, self.store_key)
+
+    def _client(self, sock: zmq.Socket[Any], server: bytes) -> None:
+        sock.curve_serverkey = _z85(server)
+        sock.curve_publickey = _z85(self.public)
+        sock.curve_secretkey = _z85(self.secret)
+
+
+def server_keys_from_environment() -> ServerKeys:
+    """The server key pair the supervisor handed this service (`PLEXUS_SERVER_KEY_FD`)."""
+    data = read_fd_variable(SERVER_KEY_FD_VARIABLE)
+    if data is None:
+        raise HandoffError(
+            f"no server key: {SERVER_KEY_FD_VARIABLE} is not set",
+            hint="platform services are started by the supervisor (`plexus run`)",
+        )
+    try:
+        return ServerKeys.decoded(data)
+    except CredentialError as exc:
+        raise HandoffError(str(exc)) from None

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 
 CREDENTIAL_FD_VARIABLE = "PLEXUS_CREDENTIAL_FD"
 """Names the inherited descriptor holding an app's credential."""
+SERVER_KEY_FD_VARIABLE = "PLEXUS_SERVER_KEY_FD"
+"""Names the inherited descriptor holding a server's CurveZMQ secret key (broker, store)."""
 TOKEN_VARIABLE = "PLEXUS_TOKEN"  # noqa: S105 - the name of a variable, not a secret
 """Holds the credential itself, for an external app (`plexus env APP_ID`)."""
 

@@ -1,41 +1,52 @@
-"""The ZAP handler both servers (broker, persistence query socket) run in their loop.
+"""The ZAP handler both servers (the broker, the store's query socket) run in their loop.
 
 libzmq asks `inproc://zeromq.zap.01` of the socket's context to authenticate each new
-connection; the answer's User-Id is attached to every frame the connection sends, so the
-server reads the sender's identity per message and never trusts what the client wrote.
+connection; the answer's User-Id (the grant id) is attached to every frame the connection
+sends, so the server reads the sender's grant per message, looks its identity up in the
+`GrantRegistry`, and never trusts what the client wrote. A revoked grant's connection is
+refused at its next message.
 
-One handler serves every authenticated socket of a context, told apart by their ZAP
-domain. A `ZapPolicy` says, per domain, which identities may connect there (None: any
-identity with a valid credential): the broker's events socket admits only the platform
-services that consume the stream, so no app can read other apps' payloads on it.
+Only CURVE is accepted (every server here is a CurveZMQ server, so libzmq refuses other
+mechanisms before ZAP). One handler serves every socket of a context, told apart by ZAP
+domain; a `ZapPolicy` says per domain which identities may connect (None: any granted
+one). Before refusing a key it does not know, the handler reads the grant channel once
+more (`refresh`): the supervisor sends a grant before it hands the app its key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Set
+import time
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
-from security.credentials import CredentialStore
+from security.grants import Admission, GrantRegistry, Refusal
+from security.peers import Peer, peer_of
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 
 ZapPolicy = Mapping[str, Set[str] | None]
-"""ZAP domain -> the identities admitted there (None: every valid credential)."""
+"""ZAP domain -> the identities admitted there (None: every granted identity)."""
 
 
 @dataclass(frozen=True, slots=True)
 class ZapAnswer:
     """What one ZAP request asked and what it was told."""
 
-    accepted: bool
-    app_id: str
-    address: str
+    admission: Admission
+    peer: Peer
     mechanism: str
     domain: str
-    reason: str
+
+    @property
+    def accepted(self) -> bool:
+        return self.admission.accepted
+
+    @property
+    def reason(self) -> str:
+        return self.admission.reason
 
 
 def bind_zap(context: zmq.Context[Any]) -> zmq.Socket[bytes]:
@@ -45,46 +56,45 @@ def bind_zap(context: zmq.Context[Any]) -> zmq.Socket[bytes]:
     return zap
 
 
-def answer(zap: zmq.Socket[bytes], credentials: CredentialStore, policy: ZapPolicy) -> ZapAnswer:
-    """Answer one ZAP request under `policy`: PLAIN only, a valid credential, a known
-    domain, and an identity that domain admits."""
-    request = zap.recv_multipart()
-    if len(request) < 6:  # not a ZAP request libzmq would send; nothing to answer
-        return ZapAnswer(False, "", "", "", "", "not a ZAP request")
-    version, request_id, zap_domain, address, _identity, mechanism = request[:6]
+def decide(
+    request: list[bytes],
+    registry: GrantRegistry,
+    policy: ZapPolicy,
+    refresh: Callable[[], None] = lambda: None,
+    now: float | None = None,
+) -> tuple[ZapAnswer, bytes]:
+    """The answer to one ZAP request (frames as libzmq sends them) and the User-Id."""
+    version, _rid, zap_domain, address, _identity, mechanism = request[:6]
     offered = request[6:]
     domain = zap_domain.decode("utf-8", "replace")
-    status, user = b"400", b""
-    app_id = ""
-    reason = "bad credential"
-    if version != b"1.0" or mechanism != b"PLAIN" or len(offered) != 2:
-        reason = "only PLAIN with a user name and a credential is accepted"
+    peer = peer_of(address.decode("utf-8", "replace"))
+    mech = mechanism.decode("ascii", "replace")
+    if version != b"1.0" or mechanism != b"CURVE" or len(offered) != 1 or len(offered[0]) != 32:
+        admission = Admission(None, Refusal.UNKNOWN_KEY, "only CurveZMQ with a client key")
+    elif domain not in policy:
+        admission = Admission(None, Refusal.NOT_HERE, f"unknown ZAP domain {domain[:32]!r}")
     else:
-        app_id = offered[0].decode("utf-8", "replace")
-        token = offered[1].decode("utf-8", "replace")
-        if domain not in policy:
-            reason = f"unknown ZAP domain {domain[:32]!r}"
-        elif not credentials.verify(app_id, token):
-            reason = "bad, revoked or foreign credential"
-        elif (admitted := policy[domain]) is not None and app_id not in admitted:
-            reason = f"{app_id[:64]!r} may not connect to this socket"
-        else:
-            status, user, reason = b"200", app_id.encode(), "OK"
-    zap.send_multipart([version, request_id, status, reason.encode()[:255], user, b""])
-    return ZapAnswer(
-        status == b"200",
-        app_id,
-        address.decode("utf-8", "replace"),
-        mechanism.decode("ascii", "replace"),
-        domain,
-        reason,
-    )
+        key = offered[0]
+        clock = time.time() if now is None else now
+        admission = registry.admit(key, peer, clock, policy[domain])
+        if admission.refusal is Refusal.UNKNOWN_KEY:
+            refresh()  # a grant sent just before the app got its key
+            admission = registry.admit(key, peer, clock, policy[domain])
+    user = admission.grant.grant_id.encode() if admission.grant is not None else b""
+    return ZapAnswer(admission, peer, mech, domain), user
 
 
-def answer_zap(
-    zap: zmq.Socket[bytes], credentials: CredentialStore, domain: str
-) -> tuple[bool, str, str, str]:
-    """Answer one ZAP request for one domain open to every valid credential:
-    (accepted, app id, peer address, mechanism)."""
-    got = answer(zap, credentials, {domain: None})
-    return got.accepted, got.app_id, got.address, got.mechanism
+def answer(
+    zap: zmq.Socket[bytes],
+    registry: GrantRegistry,
+    policy: ZapPolicy,
+    refresh: Callable[[], None] = lambda: None,
+) -> ZapAnswer | None:
+    """Answer one waiting ZAP request; None for something libzmq would never send."""
+    request = zap.recv_multipart()
+    if len(request) < 6:
+        return None
+    got, user = decide(request, registry, policy, refresh)
+    status = b"200" if got.accepted else b"400"
+    zap.send_multipart([request[0], request[1], status, got.reason.encode()[:255], user, b""])
+    return got

@@ -1,8 +1,9 @@
-"""How one app is started: its argv, its environment and its credential pipe.
+"""How one app is started: its argv and its environment.
 
-The credential never appears on a command line or in the environment: the supervisor mints
-it, writes it into a pipe (`security.handoff`), and the child inherits the read end as
-`PLEXUS_CREDENTIAL_FD`. The platform services get the platform config the same way.
+The credential never appears on a command line or in the environment: the child inherits
+the read end of a pipe as `PLEXUS_CREDENTIAL_FD`, into which the supervisor writes the
+credential once the broker knows its grant (`supervisor.identity.CredentialGate`). The
+platform services get the platform config the same way.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from collections.abc import Mapping
 from broker.config import CONFIG_FD_VARIABLE
 from broker.manifests import Manifest
 from broker.paths import PlatformPaths
-from security.handoff import handoff_pipe
 
 _SCRUBBED = (
     "PLEXUS_TOKEN",
     "PLEXUS_CREDENTIAL_FD",
+    "PLEXUS_SERVER_KEY_FD",  # a service's secret key and grant channel are its own
+    "PLEXUS_GRANTS_FD",
     CONFIG_FD_VARIABLE,  # the platform config is for the platform's services only
     "PLEXUS_APP_ID",
     "PLEXUS_ENDPOINT",
@@ -58,7 +60,3 @@ def app_environment(
     )
     return env
 
-
-def credential_pipe(token: str) -> int:
-    """A pipe holding `token`; returns the read end for the child to inherit."""
-    return handoff_pipe(token.encode())

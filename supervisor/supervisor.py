@@ -29,15 +29,19 @@ from broker.logs import event
 from broker.manifests import Manifest, load_manifests
 from broker.paths import PlatformPaths
 from clients.bus import Bus, BusError, Message, Subscription
-from security.credentials import CredentialStore
-from security.handoff import handoff_pipe
+from security.grant_channel import GRANTS_FD_VARIABLE
+from security.grants import GrantKind
+from security.handoff import CREDENTIAL_FD_VARIABLE, SERVER_KEY_FD_VARIABLE, handoff_pipe
 from supervisor.app_output import AppOutput
 from supervisor.config import PlatformConfig
-from supervisor.launch import app_argv, app_environment, credential_pipe
+from supervisor.credential_commands import credential_command
+from supervisor.identity import CredentialGate, Identities
+from supervisor.launch import app_argv, app_environment
 from supervisor.lifecycle import Action, Input, Lifecycle, RestartPolicy, State
 from supervisor.manifest_watch import ManifestWatch
 from supervisor.monitor import Usage, check_limits, kill_leftovers, process_table
 from supervisor.platform_state import platform_alive, recorded_pid
+from supervisor.reaping import become_subreaper, reap_adopted
 from supervisor.spawner import Child, Spawner
 
 log = logging.getLogger("plexus.supervisor")
@@ -62,7 +66,7 @@ class AppRecord:
     manifest: Manifest
     life: Lifecycle
     child: Child | None = None
-    token: str | None = None
+    grant_id: str | None = None
     usage: Usage = field(default_factory=Usage)
     stop_deadline: float = 0.0
     wanted: bool = True
@@ -122,7 +126,7 @@ class PlatformService:
     """Platform app id it connects to the bus as (a credential is minted per launch)."""
     child: Child | None = None
     life: Lifecycle = field(default_factory=_service_policy)
-    token: str | None = None
+    grant_id: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -152,7 +156,8 @@ class Supervisor:
     services: dict[str, PlatformService] = field(default_factory=dict)
     """The broker and (with persistence on) the persistence service, by name."""
     bus: Bus | None = None
-    _supervisor_token: str = ""
+    identities: Identities = field(default_factory=Identities)
+    """The platform's keys and live grants (only the supervisor grants)."""
     started_at: float = 0.0
     """Wall time the platform started (for `plexus status`)."""
     _commands: queue.SimpleQueue[tuple[dict[str, Any], Future[dict[str, Any]]]] = field(
@@ -164,10 +169,6 @@ class Supervisor:
     """Pumps the apps' stdout and stderr into HOME/logs and the terminal (built at the first
     launch of an app whose output the spawner captured)."""
 
-    @property
-    def credentials(self) -> CredentialStore:
-        return CredentialStore(self.paths.creds_dir)
-
     def start(self) -> None:
         """Broker, then apps (in parallel, `after` respected); raises before starting anything
         on a running platform or a bad manifest."""
@@ -175,8 +176,7 @@ class Supervisor:
         manifests = load_manifests(self.apps_dir)
         self._manifest_watch = ManifestWatch(self.apps_dir)
         self.paths.prepare()
-        self.credentials.ensure()
-        self.credentials.revoke_all()
+        become_subreaper()  # an app's escaped descendants stay inside the platform's tree
         self.apps = {
             app_id: AppRecord(m, Lifecycle(self._policy(m))) for app_id, m in manifests.items()
         }
@@ -186,11 +186,13 @@ class Supervisor:
             self.services["persistence"] = PlatformService("persistence", P.PERSISTENCE_ID)
         for service in self.services.values():  # the broker waits for persistence to sync
             self._start_service(service)
-        self._supervisor_token = self.credentials.mint(P.SUPERVISOR_ID)
+        _grant, credential = self.identities.grant(
+            P.SUPERVISOR_ID, GrantKind.SERVICE, pid=os.getpid()
+        )
         self.bus = Bus.connect(
             self.paths.bus_endpoint(),
             P.SUPERVISOR_ID,
-            self._supervisor_token,
+            credential.token,
             timeout=15.0,
             session="supervisor",
         )
@@ -217,6 +219,8 @@ class Supervisor:
             now = self.clock()
             if now >= next_sample:
                 self._reread_manifests(now)
+                self._expire_credentials()
+                reap_adopted(child.pid for child in self._children())
                 self._sample()
                 self._write_state()
                 next_sample = now + 1.0
@@ -251,7 +255,7 @@ class Supervisor:
         for service in self.services.values():  # broker first: persistence takes its last events
             if service.child is not None:
                 self.spawner.stop(service.child, self.config.stop_grace_s)
-        self.credentials.revoke_all()
+        self.identities.close()
         self.paths.state_file.unlink(missing_ok=True)
         event(log, "platform-stopped")
 
@@ -430,7 +434,8 @@ class Supervisor:
 
     def _control(self, message: Message) -> dict[str, Any]:
         """Bus dispatcher thread: hand the command to the main loop and wait for it."""
-        request = message.data if isinstance(message.data, dict) else {}
+        request = dict(message.data) if isinstance(message.data, dict) else {}
+        request["sender"] = message.sender  # the broker's word for who asks, not the body's
         future: Future[dict[str, Any]] = Future()
         self._commands.put((request, future))
         return future.result(10.0)
@@ -448,6 +453,11 @@ class Supervisor:
 
     def _command(self, request: dict[str, Any], now: float) -> dict[str, Any]:
         op, app = request.get("op"), request.get("app")
+        if op in ("credentials", "issue", "revoke"):
+            manifests = {a: r.manifest for a, r in self.apps.items() if not r.removed}
+            return credential_command(
+                request, self.identities, manifests, self.config.external_ttl_s
+            )
         if op == "list":
             wall = self.wall_clock()
             return {"ok": True, "apps": {a: r.as_dict(now, wall) for a, r in self.apps.items()}}
@@ -539,20 +549,37 @@ class Supervisor:
             service.life.handle(Input.START, self.clock())
         env = dict(os.environ)
         env.pop("PLEXUS_TOKEN", None)
-        env.pop("PLEXUS_CREDENTIAL_FD", None)
-        fds = [handoff_pipe(self.config.to_document())]
-        env[CONFIG_FD_VARIABLE] = str(fds[0])
+        env.pop(CREDENTIAL_FD_VARIABLE, None)
+        config_fd = handoff_pipe(self.config.to_document())
+        channel = self.identities.service_channel(service.name)
+        gate = CredentialGate.new() if service.identity is not None else None
+        env[CONFIG_FD_VARIABLE] = str(config_fd)
+        env[SERVER_KEY_FD_VARIABLE] = str(channel.key_fd)
+        env[GRANTS_FD_VARIABLE] = str(channel.channel_fd)
+        fds = [config_fd, *channel.fds()]
+        if gate is not None:
+            env[CREDENTIAL_FD_VARIABLE] = str(gate.read_end)
+            fds.append(gate.read_end)
         try:
-            if service.identity is not None:
-                if service.token is not None:
-                    self.credentials.revoke(service.identity, service.token)
-                service.token = self.credentials.mint(service.identity)
-                fds.append(credential_pipe(service.token))
-                env["PLEXUS_CREDENTIAL_FD"] = str(fds[1])
             service.child = self.spawner.spawn(service.name, argv, env, fds)
+        except BaseException:
+            channel.ours.close()
+            channel.child_spawned()
+            if gate is not None:
+                gate.abandon()
+            raise
         finally:
-            for fd in fds:
-                os.close(fd)
+            os.close(config_fd)
+        self.identities.attach(service.name, channel)
+        if gate is not None and service.identity is not None:
+            gate.child_spawned()
+            if service.grant_id is not None:
+                self.identities.revoke(service.grant_id)
+            grant, credential = self.identities.grant(
+                service.identity, GrantKind.SERVICE, pid=service.child.pid
+            )
+            service.grant_id = grant.grant_id
+            gate.open(credential)
         service.life.handle(Input.SPAWNED, self.clock())
         event(
             log,
@@ -563,23 +590,25 @@ class Supervisor:
 
     def _launch(self, record: AppRecord, now: float) -> None:
         manifest = record.manifest
-        token = self.credentials.mint(manifest.app_id)
-        fd = credential_pipe(token)
+        gate = CredentialGate.new()
         try:
-            env = app_environment(manifest, self.paths, self.paths.bus_endpoint(), fd)
+            env = app_environment(manifest, self.paths, self.paths.bus_endpoint(), gate.read_end)
             record.child = self.spawner.spawn(
-                manifest.app_id, app_argv(manifest), env, [fd], capture_output=True
+                manifest.app_id, app_argv(manifest), env, [gate.read_end], capture_output=True
             )
         except OSError as exc:
-            self.credentials.revoke(manifest.app_id, token)
+            gate.abandon()
             self._announce("launch-failed", record, reason=str(exc))
             self._act(record, record.life.handle(Input.SPAWN_FAILED, now, reason=str(exc)), now)
             return
-        finally:
-            os.close(fd)
+        gate.child_spawned()
+        grant, credential = self.identities.grant(
+            manifest.app_id, GrantKind.APP, pid=record.child.pid
+        )
+        record.grant_id = grant.grant_id
+        gate.open(credential)  # only now can the app connect: the broker knows its grant
         if record.child.output is not None:
             self._app_output().attach(manifest.app_id, record.child.output)
-        record.token = token
         record.life.handle(Input.SPAWNED, now)
         self._announce("launch", record, pid=record.child.pid, restarts=record.life.restart_count)
 
@@ -610,9 +639,18 @@ class Supervisor:
             event(log, "publish-failed", logging.WARNING, topic=topic, error=str(exc))
 
     def _revoke(self, record: AppRecord) -> None:
-        if record.token is not None:
-            self.credentials.revoke(record.manifest.app_id, record.token)
-            record.token = None
+        if record.grant_id is not None:
+            self.identities.revoke(record.grant_id)
+            record.grant_id = None
+
+    def _children(self) -> list[Child]:
+        """Every child the supervisor launched and still owns."""
+        owned = [s.child for s in self.services.values()] + [r.child for r in self.apps.values()]
+        return [child for child in owned if child is not None]
+
+    def _expire_credentials(self) -> None:
+        for grant in self.identities.expire():
+            event(log, "credential-expired", app=grant.app_id, grant=grant.grant_id)
 
     def _write_state(self) -> None:
         now, wall = self.clock(), self.wall_clock()
@@ -621,6 +659,8 @@ class Supervisor:
                 "pid": os.getpid(),
                 "home": str(self.paths.home),
                 "endpoint": self.paths.bus_endpoint(),
+                "broker_key": self.identities.broker_keys.public.hex(),
+                "store_key": self.identities.store_keys.public.hex(),
                 "apps_dir": str(self.apps_dir),
                 "started_at": self.started_at,
                 "persistence": self.config.persistence,

@@ -25,8 +25,11 @@ from broker.config import CONFIG_FD_VARIABLE, PlatformConfig
 from broker.delivery import DELIVERY_FIELDS, DeliveryConfig
 from broker.paths import PlatformPaths
 from clients.bus import Bus
-from security.credentials import CredentialStore
-from security.handoff import handoff_pipe
+from security.credentials import Credential
+from security.grant_channel import GRANTS_FD_VARIABLE
+from security.grants import GrantKind
+from security.handoff import CREDENTIAL_FD_VARIABLE, SERVER_KEY_FD_VARIABLE, handoff_pipe
+from supervisor.identity import CredentialGate, Identities
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -86,19 +89,71 @@ def platform_config(**settings: Any) -> PlatformConfig:
 
 
 def spawn_service(
-    module: str, home: Path, apps: Path, config: PlatformConfig, env: dict[str, str] | None = None
+    module: str,
+    home: Path,
+    apps: Path,
+    config: PlatformConfig,
+    identities: Identities,
+    identity: str | None = None,
 ) -> subprocess.Popen[bytes]:
-    """`python -m MODULE` with `config` on PLEXUS_CONFIG_FD, as the supervisor starts it."""
+    """`python -m MODULE` as the supervisor starts it: `config` on PLEXUS_CONFIG_FD, its
+    server key and grant channel from `identities`, and (for a bus client) a credential
+    for `identity` bound to the new process."""
     fd = handoff_pipe(config.to_document())
+    channel = identities.service_channel(module)
+    gate = CredentialGate.new() if identity is not None else None
+    env = {
+        **os.environ,
+        CONFIG_FD_VARIABLE: str(fd),
+        SERVER_KEY_FD_VARIABLE: str(channel.key_fd),
+        GRANTS_FD_VARIABLE: str(channel.channel_fd),
+    }
+    fds = [fd, *channel.fds()]
+    if gate is not None:
+        env[CREDENTIAL_FD_VARIABLE] = str(gate.read_end)
+        fds.append(gate.read_end)
     try:
-        return subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-m", module, "--home", str(home), "--apps", str(apps)],
             cwd=REPO,
-            env={**(env or os.environ), CONFIG_FD_VARIABLE: str(fd)},
-            pass_fds=(fd,),
+            env=env,
+            pass_fds=tuple(fds),
         )
     finally:
         os.close(fd)
+    identities.attach(module, channel)
+    if gate is not None and identity is not None:
+        gate.child_spawned()
+        _grant, credential = identities.grant(identity, GrantKind.SERVICE, pid=process.pid)
+        gate.open(credential)
+    return process
+
+
+@dataclass
+class TestCredentials:
+    """What a test mints: a credential for an app, bound to this test process (the
+    supervisor's role here is the test's)."""
+
+    identities: Identities
+
+    def mint(self, app_id: str, pid: int | None = None) -> str:
+        _grant, credential = self.identities.grant(
+            app_id, GrantKind.APP, pid=os.getpid() if pid is None else pid
+        )
+        return credential.token
+
+    def external(self, app_id: str, ttl_s: float | None = None) -> tuple[str, str]:
+        """(grant id, token) of an external app's credential."""
+        grant, credential = self.identities.grant(app_id, GrantKind.EXTERNAL, ttl_s=ttl_s)
+        return grant.grant_id, credential.token
+
+    def unregistered(self) -> str:
+        """A well-formed token nobody granted."""
+        return self.identities.mint().token
+
+    def revoke_app(self, app_id: str) -> None:
+        for grant in [g for g in self.identities.grants.values() if g.app_id == app_id]:
+            self.identities.revoke(grant.grant_id)
 
 
 def write_manifest(apps: Path, app_id: str, body: str) -> Path:
@@ -116,6 +171,7 @@ class BrokerHandle:
     process: subprocess.Popen[bytes] | None = None
     persistence: subprocess.Popen[bytes] | None = None
     buses: list[Bus] = field(default_factory=list)
+    identities: Identities = field(default_factory=Identities)
 
     @classmethod
     def prepared(cls, root: Path, manifests: dict[str, str]) -> BrokerHandle:
@@ -123,7 +179,6 @@ class BrokerHandle:
         (root / "apps").mkdir()
         handle = cls(root / "home", root / "apps")
         handle.paths.prepare()
-        handle.credentials.ensure()
         for app_id, body in manifests.items():
             handle.manifest(app_id, body)
         return handle
@@ -137,24 +192,26 @@ class BrokerHandle:
         return self.paths.bus_endpoint()
 
     @property
-    def credentials(self) -> CredentialStore:
-        return CredentialStore(self.paths.creds_dir)
+    def credentials(self) -> TestCredentials:
+        return TestCredentials(self.identities)
 
     def start(self, **settings: Any) -> None:
         """The broker, with `platform_config(**settings)` (persistence off unless asked)."""
-        self.process = spawn_service("broker", self.home, self.apps, platform_config(**settings))
+        self.process = spawn_service(
+            "broker", self.home, self.apps, platform_config(**settings), self.identities
+        )
         endpoint = Path(self.endpoint.removeprefix("ipc://"))
         await_start(self.process, endpoint.exists)
 
     def start_persistence(self, **settings: Any) -> None:
         """The persistence service of this home (start the broker with persistence=True)."""
-        token = self.credentials.mint("$persistence")
         self.persistence = spawn_service(
             "persistence",
             self.home,
             self.apps,
             platform_config(**settings),
-            env={**os.environ, "PLEXUS_TOKEN": token},
+            self.identities,
+            identity=P.PERSISTENCE_ID,
         )
         store = Path(self.paths.store_endpoint().removeprefix("ipc://"))
         await_start(self.persistence, store.exists)
@@ -188,6 +245,7 @@ class BrokerHandle:
             stop_process(self.process)
         if self.persistence is not None:
             stop_process(self.persistence)
+        self.identities.close()
 
 
 @pytest.fixture
@@ -251,10 +309,19 @@ def running_platform(home: Path, apps: Path, *args: str) -> Iterator[subprocess.
         stop_process(process, 15)
 
 
+def operator_token(home: Path) -> str:
+    """An operator credential for the running platform of `home` (as `plexus` makes one:
+    a fresh key, admitted because this process is the user's, outside every app)."""
+    state = PlatformPaths.resolve(home).read_state()
+    assert state is not None, f"no platform runs with home {home}"
+    keys = bytes.fromhex(state["broker_key"]), bytes.fromhex(state["store_key"])
+    return Credential.mint(*keys).token
+
+
 def operator_on(home: Path) -> Bus:
     """A Bus as the operator (`$cli`) on the running platform of `home`, own session."""
     paths = PlatformPaths.resolve(home)
-    token = CredentialStore(paths.creds_dir).mint(P.CLI_ID)
+    token = operator_token(home)
     return Bus.connect(paths.bus_endpoint(), P.CLI_ID, token, session=f"t{time.monotonic_ns()}")
 
 
