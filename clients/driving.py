@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from clients.connection import ConnectSettings
+from clients.connection import ConnectSettings, credential_of
 from clients.errors import AuthenticationError, BrokerUnavailable, RequestTimeout, WouldBlock
 from security import handoff
 from security.handoff import HandoffError
@@ -39,13 +39,15 @@ def connect_settings(
     session: str,
 ) -> ConnectSettings:
     """The settings of `connect()`: each argument, else its PLEXUS_* variable."""
-    return ConnectSettings(
+    settings = ConnectSettings(
         endpoint=endpoint or required_env("PLEXUS_ENDPOINT"),
         app_id=app_id or required_env("PLEXUS_APP_ID"),
         token=token or credential_from_environment(),
         heartbeat_ms=heartbeat_ms,
         session=session,
     )
+    credential_of(settings)  # a token that is no credential fails here, not in the I/O thread
+    return settings
 
 
 def no_welcome(endpoint: str, timeout: float) -> BrokerUnavailable:

@@ -49,8 +49,9 @@ from typing import Any
 from broker.paths import PlatformPaths
 from clients.bus import Bus, Message
 from perf import procutil
-from security.credentials import CredentialStore
+from perf.credentials import app_token
 from security.handoff import TOKEN_VARIABLE
+from supervisor.identity import Identities
 
 MANIFESTS = {
     "bench-pub": '[permissions]\npublish = ["bench.>"]\nrequest = ["bench.>"]\n',
@@ -92,8 +93,8 @@ def _broker_document(credit: int | None = None) -> bytes | None:
 
 
 def _child_env(token: str) -> dict[str, str]:
-    """A child's environment with its credential (a token may begin with "-", which
-    argparse would take for an option)."""
+    """A child's environment with its credential (granted to this process, so good in its
+    children; never on the command line)."""
     return {**os.environ, TOKEN_VARIABLE: token}
 
 
@@ -186,8 +187,11 @@ def drain_subscriber(endpoint: str, count: int, mode: str) -> None:
 
 
 @contextlib.contextmanager
-def platform(credit: int | None = None) -> Iterator[tuple[str, CredentialStore]]:
-    """A broker of its own in a temporary home: (endpoint, credential store)."""
+def platform(credit: int | None = None) -> Iterator[tuple[str, Identities]]:
+    """A broker of its own in a temporary home: (endpoint, the platform's identities).
+
+    This process is the broker's supervisor (perf.credentials): `app_token(identities,
+    APP)` is a credential for APP, good here and in the children it starts."""
     with tempfile.TemporaryDirectory(prefix="px-bc-", dir="/tmp") as name:
         root = Path(name)
         (root / "apps").mkdir()
@@ -195,13 +199,13 @@ def platform(credit: int | None = None) -> Iterator[tuple[str, CredentialStore]]
             (root / "apps" / f"{app_id}.toml").write_text(f'id = "{app_id}"\n{body}')
         paths = PlatformPaths.resolve(root / "home")
         paths.prepare()
-        creds = CredentialStore(paths.creds_dir)
-        creds.ensure()
+        identities = Identities()
         argv = [sys.executable, "-m", "broker", "--home", str(root / "home")]
         argv += ["--apps", str(root / "apps"), *_broker_flags()]
-        document = _broker_document(credit)  # the older procutil takes no document argument
-        extra = (document,) if document is not None else ()
-        broker = procutil.spawn_bounded(argv, 600, root / "broker.log", *extra)
+        document = _broker_document(credit)
+        broker = procutil.spawn_bounded(
+            argv, 600, root / "broker.log", document, identities=identities
+        )
         try:
             sock = Path(paths.bus_endpoint().removeprefix("ipc://"))
             deadline = time.monotonic() + 15
@@ -209,9 +213,10 @@ def platform(credit: int | None = None) -> Iterator[tuple[str, CredentialStore]]
                 if time.monotonic() > deadline:
                     raise RuntimeError("broker did not start")
                 time.sleep(0.02)
-            yield paths.bus_endpoint(), creds
+            yield paths.bus_endpoint(), identities
         finally:
             procutil.stop_process(broker)
+            identities.close()
 
 
 def drain_run(messages: int, mode: str, child_argv: list[str] | None = None) -> dict[str, float]:
@@ -220,18 +225,18 @@ def drain_run(messages: int, mode: str, child_argv: list[str] | None = None) -> 
     `child_argv` replaces `python -m perf.bench_client` for the child (a profiler)."""
     if _broker_document(0) is None:
         raise RuntimeError("the drain phase needs a broker that reads a config document")
-    with platform(credit=0) as (endpoint, creds):
+    with platform(credit=0) as (endpoint, identities):
         argv = child_argv or [sys.executable, "-m", "perf.bench_client"]
         child = subprocess.Popen(
             [*argv, "--role-drain", endpoint, str(messages), mode],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env=_child_env(creds.mint("bench-sub")),
+            env=_child_env(app_token(identities, "bench-sub")),
         )  # fmt: skip
         try:
             assert child.stdout is not None and child.stdin is not None
             if child.stdout.readline().strip() != "ready":
                 raise RuntimeError("drain subscriber did not start")
-            with Bus.connect(endpoint, "bench-pub", creds.mint("bench-pub")) as pub:
+            with Bus.connect(endpoint, "bench-pub", app_token(identities, "bench-pub")) as pub:
                 for _ in range(messages):
                     pub.publish("bench.drain", PAYLOAD)
                 pub.flush(120)
@@ -251,17 +256,18 @@ def drain_run(messages: int, mode: str, child_argv: list[str] | None = None) -> 
 
 
 def one_run(messages: int, calls: int) -> dict[str, float]:
-    with platform() as (endpoint, creds):
+    with platform() as (endpoint, identities):
         child = subprocess.Popen(
             [sys.executable, "-m", "perf.bench_client", "--role-sub", endpoint, str(messages)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env=_child_env(creds.mint("bench-sub")),
+            env=_child_env(app_token(identities, "bench-sub")),
         )  # fmt: skip
         try:
             assert child.stdout is not None and child.stdin is not None
             if child.stdout.readline().strip() != "ready":
                 raise RuntimeError("subscriber did not start")
-            pub = Bus.connect(endpoint, "bench-pub", creds.mint("bench-pub"), session="bench-pub")
+            token = app_token(identities, "bench-pub")
+            pub = Bus.connect(endpoint, "bench-pub", token, session="bench-pub")
             times = time_publishes(pub, "bench.flood", messages)
             result = json.loads(child.stdout.readline())
             if result["seen"] < messages:

@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
@@ -64,11 +64,12 @@ from broker.paths import PlatformPaths
 from perf import procutil
 from perf.cli import int_list, name_list
 from perf.control import die_with_parent
+from perf.credentials import app_token
 from perf.model import NS_PER_S, PhasePlan, Schedule, WorkerSpec, build_schedule, summarize_ns
 from perf.systems import BrokerConfig, BrokerHandle, WorkerControl
 from perf.systems import plexus as plexus_adapter
 from perf.workload import Pacer, sleep_until
-from security.credentials import CredentialStore
+from supervisor.identity import Identities
 
 if TYPE_CHECKING:
     from perf.harness import RunResult
@@ -170,31 +171,25 @@ def write_manifests(apps: Path) -> None:
         (apps / f"{app_id}.toml").write_text(f'id = "{app_id}"\n{body}', encoding="utf-8")
 
 
-@contextlib.contextmanager
-def _environment(name: str, value: str) -> Iterator[None]:
-    """`name`=`value` in os.environ for the duration (a child started meanwhile inherits it)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def start_persistence_service(
-    paths: PlatformPaths, apps: Path, max_seconds: float, log: Path
+    paths: PlatformPaths, apps: Path, max_seconds: float, log: Path, identities: Identities
 ) -> subprocess.Popen[bytes]:
     """`python -m persistence` on `paths`, bounded in time like every perf broker.
 
-    Its `$persistence` credential travels in PLEXUS_TOKEN (never on the command line).
+    As the supervisor starts it (`identities` are the platform's, the broker's too): the
+    store's key and a grant channel, and its `$persistence` credential, granted to the new
+    process, on an inherited pipe (never on the command line).
     """
-    token = CredentialStore(paths.creds_dir).mint(P.PERSISTENCE_ID)
     argv = [sys.executable, "-m", "persistence", "--home", str(paths.home), "--apps", str(apps)]
-    with _environment("PLEXUS_TOKEN", token):
-        return procutil.spawn_bounded(argv, max_seconds, log, PlatformConfig().to_document())
+    return procutil.spawn_bounded(
+        argv,
+        max_seconds,
+        log,
+        PlatformConfig().to_document(),
+        identities=identities,
+        service="persistence",
+        identity=P.PERSISTENCE_ID,
+    )
 
 
 def _log_tail(path: Path, lines: int = 5) -> str:
@@ -217,13 +212,13 @@ def _log_events(path: Path, name: str) -> list[dict[str, Any]]:
 
 
 def raw_dealer(
-    ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, app_id: str, timeout_s: float
+    ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, app_id: str, token: str, timeout_s: float
 ) -> zmq.Socket[bytes]:
-    """An authenticated, welcomed DEALER (perf.systems.plexus's HELLO, credential minted)."""
+    """An authenticated (credential `token`), welcomed DEALER (perf.systems.plexus's HELLO)."""
     sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
     sock.rcvhwm = 0  # a CONFIRM the broker cannot hand over is lost: never refuse one
     sock.sndhwm = 100_000
-    plexus_adapter._hello(sock, app_id, endpoint, timeout_s)
+    plexus_adapter._hello(sock, app_id, token, endpoint, timeout_s)
     return sock
 
 
@@ -231,7 +226,8 @@ class Platform:
     """A broker (persistence on or off) and, with persistence on, the service, on one home.
 
     The broker runs with a peer timeout longer than its life: the raw benchmark DEALERs
-    send no heartbeats.
+    send no heartbeats. This process is their supervisor (perf.credentials): `credential`
+    grants one good here and in the worker processes it starts.
     """
 
     def __init__(self, root: Path, persistence: bool, max_seconds: float) -> None:
@@ -242,6 +238,7 @@ class Platform:
         self.paths = PlatformPaths.resolve(root / "home")
         self.broker: subprocess.Popen[bytes] | None = None
         self.service: subprocess.Popen[bytes] | None = None
+        self.identities = Identities()
         self.ready_s = 0.0
 
     @property
@@ -256,21 +253,31 @@ class Platform:
         argv = [sys.executable, "-m", "broker", "--home", str(self.paths.home)]
         argv += ["--apps", str(self.apps)]
         config = PlatformConfig(
-            persistence=self.persistence, peer_timeout_ms=int(self.max_seconds * 1000) + 60_000
+            persistence=self.persistence,
+            peer_timeout_ms=plexus_adapter.peer_timeout_ms(self.max_seconds),
         )
         self.broker = procutil.spawn_bounded(
-            argv, self.max_seconds, self.root / "broker.log", config.to_document()
+            argv,
+            self.max_seconds,
+            self.root / "broker.log",
+            config.to_document(),
+            identities=self.identities,
         )
         if self.persistence:
             self.service = start_persistence_service(
-                self.paths, self.apps, self.max_seconds, self.root / "persistence.log"
+                self.paths,
+                self.apps,
+                self.max_seconds,
+                self.root / "persistence.log",
+                self.identities,
             )
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         try:
             plexus_adapter.procutil_wait_for_socket(
                 Path(self.endpoint.removeprefix("ipc://")), READY_TIMEOUT_S
             )
-            raw_dealer(ctx, self.endpoint, P.CLI_ID, READY_TIMEOUT_S).close(0)
+            operator = self.credential(P.CLI_ID)
+            raw_dealer(ctx, self.endpoint, P.CLI_ID, operator, READY_TIMEOUT_S).close(0)
         except Exception as exc:
             raise RuntimeError(f"platform did not start: {exc}; {self.logs()}") from None
         finally:
@@ -284,8 +291,9 @@ class Platform:
             f"persistence log: {_log_tail(self.root / 'persistence.log')}"
         )
 
-    def mint(self, app_id: str) -> str:
-        return CredentialStore(self.paths.creds_dir).mint(app_id)
+    def credential(self, app_id: str) -> str:
+        """A new credential for `app_id`, good in this process and its children."""
+        return app_token(self.identities, app_id)
 
     def broker_pids(self) -> list[int]:
         return procutil.child_pids(self.broker.pid) if self.broker else []
@@ -299,6 +307,7 @@ class Platform:
             procutil.stop_process(self.broker, 5.0)
         if self.service is not None:
             procutil.stop_process(self.service, 15.0)
+        self.identities.close()
         stopped = _log_events(self.root / "persistence.log", "persistence-stopped")
         return {"commits": stopped[-1].get("commits")} if stopped else {}
 
@@ -514,9 +523,9 @@ class ConfirmPublisher:
     as soon as it arrives.
     """
 
-    def __init__(self, endpoint: str, wid: int) -> None:
+    def __init__(self, endpoint: str, token: str, wid: int) -> None:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.sock = raw_dealer(self.ctx, endpoint, PUB_APP, READY_TIMEOUT_S)
+        self.sock = raw_dealer(self.ctx, endpoint, PUB_APP, token, READY_TIMEOUT_S)
         self.fd = int(self.sock.getsockopt(zmq.FD))
         self.topics = [f"bench.p{wid}.t{k:02d}" for k in range(100)]
         self.payload = bytes(PAYLOAD)
@@ -652,18 +661,20 @@ def confirm_worker(
     wid: int,
     n_pubs: int,
     endpoint: str,
+    token: str,
     plan: ConfirmPlan,
     q: Queue[ConfirmMessage],
     go: MpEvent,
     t0: Synchronized[int],
     max_seconds: int,
 ) -> None:
-    """Entry point of one publisher process (multiprocessing spawn)."""
+    """Entry point of one publisher process (multiprocessing spawn; `token`, its
+    credential, travels with the pickled arguments)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
     signal.alarm(max_seconds)
     try:
-        pub = ConfirmPublisher(endpoint, wid)
+        pub = ConfirmPublisher(endpoint, token, wid)
     except Exception as exc:
         q.put(("error", wid, f"{type(exc).__name__}: {exc}"))
         return
@@ -768,10 +779,12 @@ def run_confirm(persistence: bool, plan: ConfirmPlan, n_pubs: int) -> dict[str, 
     result: dict[str, Any] = {"persistence": persistence, "status": "ok"}
     try:
         result["ready_s"] = round(platform_.start(), 3)
+        tokens = [platform_.credential(PUB_APP) for _ in range(n_pubs)]
         for wid in range(n_pubs):
+            endpoint, token = platform_.endpoint, tokens[wid]
             proc = ctx.Process(
                 target=confirm_worker,
-                args=(wid, n_pubs, platform_.endpoint, plan, q, go, t0, int(max_seconds)),
+                args=(wid, n_pubs, endpoint, token, plan, q, go, t0, int(max_seconds)),
                 name=f"perf-confirm-{wid}",
                 daemon=True,
             )
@@ -1075,7 +1088,7 @@ def _measure_reads(
     since_ns = first_ts + (n - replay_n) * SPACING_NS
     since_s = since_ns / NS_PER_S
     bus = Bus.connect(
-        platform_.endpoint, READ_APP, platform_.mint(READ_APP), session="bench", timeout=30
+        platform_.endpoint, READ_APP, platform_.credential(READ_APP), session="bench", timeout=30
     )
     meter = CpuMeter(
         {
@@ -1166,10 +1179,11 @@ def _ms_percentiles(seconds: list[float]) -> dict[str, Any]:
 class PersistedPlexusBroker(plexus_adapter.PlexusBroker):
     """perf.systems.plexus's broker with persistence on and the persistence service.
 
-    PlexusBroker starts `python -m broker` with a fixed config: persistence is switched on
-    on its way to procutil.spawn_bounded (patched for that one call only). The service's
-    CPU counts as the broker's (`pids`): with persistence on, storing every message is
-    part of what serving it costs.
+    The service starts first, then PlexusBroker starts `python -m broker` with its config's
+    persistence switched on; both share one `Identities` (this process is their
+    supervisor), so the broker knows `$persistence` and the service knows the apps. The
+    service's CPU counts as the broker's (`pids`): with persistence on, storing every
+    message is part of what serving it costs.
     """
 
     def __init__(self, config: BrokerConfig) -> None:
@@ -1177,23 +1191,15 @@ class PersistedPlexusBroker(plexus_adapter.PlexusBroker):
         paths.prepare()
         apps = config.workdir / "apps"
         apps.mkdir(exist_ok=True)
+        identities = Identities()
         self._service = start_persistence_service(
-            paths, apps, config.max_seconds, config.workdir / "persistence.log"
+            paths, apps, config.max_seconds, config.workdir / "persistence.log", identities
         )
-        spawn = procutil.spawn_bounded
-
-        def with_persistence(
-            argv: list[str], max_seconds: float, log: Path, config_document: bytes | None = None
-        ) -> subprocess.Popen[bytes]:
-            config = PlatformConfig.from_document(config_document or PlatformConfig().to_document())
-            persisted = dataclasses.replace(config, persistence=True)
-            return spawn(argv, max_seconds, log, persisted.to_document())
-
         try:
-            with mock.patch.object(procutil, "spawn_bounded", with_persistence):
-                super().__init__(config)
+            super().__init__(config, persistence=True, identities=identities)
         except BaseException:
             procutil.stop_process(self._service)
+            identities.close()
             raise
 
     def pids(self) -> list[int]:

@@ -23,10 +23,8 @@ from typing import Any
 
 import psutil
 
-from broker import protocol as P
 from broker.paths import PlatformPaths
-from clients.bus import Bus
-from security.credentials import CredentialStore
+from perf.credentials import operator_bus
 
 REPO = Path(__file__).resolve().parent.parent
 IDLE_APP = 'command = ["python", "-m", "tests.e2e.apps.misbehave"]\n[env]\nMODE = "idle"\n'
@@ -75,13 +73,9 @@ class Platform:
             stderr=subprocess.DEVNULL,
         )
         _wait(self.paths.read_state, 60)
-        self.operator = Bus.connect(
-            self.paths.bus_endpoint(),
-            P.CLI_ID,
-            CredentialStore(self.paths.creds_dir).mint(P.CLI_ID),
-            session="bench",
-            timeout=30,
-        )
+        # the operator: this process is the user's and no app's, so any fresh key pinning
+        # the platform's keys (from the state file) is admitted as `$cli`
+        self.operator = operator_bus(self.paths, session="bench", timeout=30)
         _wait(lambda: len(self.connected()) >= self.n, 120, 0.005)
         return time.monotonic() - started
 

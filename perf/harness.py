@@ -1,10 +1,11 @@
 """Runs one (system, layout, apps, repetition) and turns worker counters into results.
 
-Order of a run: start the broker; spawn every worker (multiprocessing "spawn",
-so each is a fresh interpreter like a real app); wait until all are connected
-and subscribed; publish t0 a little in the future; sleep through the schedule,
-waking only at window edges to read the broker's and the machine's CPU time;
-collect the reports; ask the broker for its routing latency; tear everything
+Order of a run: start the broker; get the credentials of every worker's apps from it
+(`BrokerHandle.credentials`, before any worker starts, so not in the setup time); spawn
+every worker (multiprocessing "spawn", so each is a fresh interpreter like a real app);
+wait until all are connected and subscribed; publish t0 a little in the future; sleep
+through the schedule, waking only at window edges to read the broker's and the machine's
+CPU time; collect the reports; ask the broker for its routing latency; tear everything
 down. The harness itself does nothing else while a window is open.
 """
 
@@ -168,18 +169,28 @@ def run_one(cfg: RunConfig, hook: WindowHook | None = None) -> RunResult:
             BrokerConfig(workdir, max_seconds, cfg.n_apps)
         )
         go, t0 = ctx.Event(), ctx.Value("q", 0)
-        t_setup = time.monotonic()
-        for wid, (role, pairs) in enumerate(groups):
-            spec = WorkerSpec(
-                cfg.system, role, wid, pairs, cfg.n_apps // 2, broker.endpoint, cfg.payload_size
+        specs = [
+            WorkerSpec(
+                cfg.system,
+                role,
+                wid,
+                pairs,
+                cfg.n_apps // 2,
+                broker.endpoint,
+                cfg.payload_size,
+                broker.credentials(role, pairs),
             )
+            for wid, (role, pairs) in enumerate(groups)
+        ]
+        t_setup = time.monotonic()
+        for wid, spec in enumerate(specs):
             ctl = QueueControl(
                 worker_id=wid, queue=q, go=go, t0=t0, plan=cfg.plan, tail_ns=cfg.tail_ns
             )
             proc = ctx.Process(
                 target=worker_main,
                 args=(cfg.system, spec, ctl, int(max_seconds)),
-                name=f"perf-{cfg.system}-{role}{wid}",
+                name=f"perf-{cfg.system}-{spec.role}{wid}",
                 daemon=True,
             )
             proc.start()

@@ -99,6 +99,10 @@ class WorkerSpec:
     n_pairs: int  # publishers in the whole run (a paced publisher's share of the rate)
     endpoint: str  # BrokerHandle.endpoint, opaque to everybody but the adapter
     payload_size: int
+    credentials: tuple[str, ...] = ()
+    """One credential per pair, in `pairs` order (BrokerHandle.credentials); () for a
+    system without authentication. It reaches the worker in the pickled spec, never in a
+    file or on a command line."""
 
 
 def _samples() -> array[int]:

@@ -22,7 +22,15 @@ from pathlib import Path
 
 from broker.config import CONFIG_FD_VARIABLE
 from perf.control import die_with_parent
-from security.handoff import handoff_pipe
+from security.grant_channel import GRANTS_FD_VARIABLE
+from security.grants import GrantKind
+from security.handoff import (
+    CREDENTIAL_FD_VARIABLE,
+    SERVER_KEY_FD_VARIABLE,
+    TOKEN_VARIABLE,
+    handoff_pipe,
+)
+from supervisor.identity import CredentialGate, Identities
 
 
 def free_port() -> int:
@@ -49,33 +57,67 @@ def _term_when_orphaned() -> None:
 
 
 def spawn_bounded(
-    argv: list[str], max_seconds: float, log: Path, config_document: bytes | None = None
+    argv: list[str],
+    max_seconds: float,
+    log: Path,
+    config_document: bytes | None = None,
+    *,
+    identities: Identities | None = None,
+    service: str = "broker",
+    identity: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start argv under `timeout`, output to `log`, in its own session (no Ctrl-C).
 
     `config_document` (a Plexus platform config) reaches the child on PLEXUS_CONFIG_FD,
-    the way the supervisor hands it to the broker and the persistence service.
+    the way the supervisor hands it to the broker and the persistence service. With
+    `identities` this process is the child's supervisor (perf.credentials): the child gets
+    the server key and grant channel of `service` ("broker" or "persistence"), and with
+    `identity` (e.g. `$persistence`) a credential of its own, granted to the new process
+    before it can read it (PLEXUS_CREDENTIAL_FD).
     """
-    fds: tuple[int, ...] = ()
+    fds: list[int] = []
     env = dict(os.environ)
     if config_document is not None:
-        fds = (handoff_pipe(config_document),)
-        env[CONFIG_FD_VARIABLE] = str(fds[0])
+        fds.append(handoff_pipe(config_document))
+        env[CONFIG_FD_VARIABLE] = str(fds[-1])
+    channel = identities.service_channel(service) if identities is not None else None
+    if channel is not None:
+        env[SERVER_KEY_FD_VARIABLE] = str(channel.key_fd)
+        env[GRANTS_FD_VARIABLE] = str(channel.channel_fd)
+    gate = CredentialGate.new() if channel is not None and identity is not None else None
+    if gate is not None:
+        env.pop(TOKEN_VARIABLE, None)  # it would win over the descriptor
+        env[CREDENTIAL_FD_VARIABLE] = str(gate.read_end)
+    passed = [*fds, *(channel.fds() if channel else ()), *([gate.read_end] if gate else ())]
     try:
         with log.open("wb") as out:
-            return subprocess.Popen(
+            proc = subprocess.Popen(
                 ["timeout", "--kill-after=5", f"{max_seconds:.0f}", *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
-                pass_fds=fds,
+                pass_fds=tuple(passed),
                 start_new_session=True,
                 preexec_fn=_term_when_orphaned,  # noqa: PLW1509 - only a prctl syscall
             )
+    except BaseException:
+        if channel is not None:
+            channel.child_spawned()  # nobody got them: close our copies all the same
+            channel.ours.close()
+        if gate is not None:
+            gate.abandon()
+        raise
     finally:
         for fd in fds:
             os.close(fd)
+    if identities is not None and channel is not None:
+        identities.attach(service, channel)
+        if gate is not None and identity is not None:
+            gate.child_spawned()
+            _grant, credential = identities.grant(identity, GrantKind.SERVICE, pid=proc.pid)
+            gate.open(credential)
+    return proc
 
 
 def child_pids(pid: int) -> list[int]:

@@ -80,6 +80,9 @@ class Identities:
     broker_keys: ServerKeys = field(default_factory=ServerKeys.generate)
     store_keys: ServerKeys = field(default_factory=ServerKeys.generate)
     wall_clock: Callable[[], float] = time.time
+    platform_root: int | None = None
+    """The process whose descendants are the platform's (None: this one, the supervisor);
+    the operator is whoever of the user is outside it."""
     grants: dict[str, Grant] = field(default_factory=dict)
     _senders: dict[str, GrantSender] = field(default_factory=dict)
 
@@ -100,7 +103,7 @@ class Identities:
             old.close()
         sender = GrantSender(channel.ours)
         self._senders[service] = sender
-        sender.platform(os.getpid())
+        sender.platform(self.platform_root or os.getpid())
         for grant in list(self.grants.values()):
             sender.grant(grant)
 

@@ -16,6 +16,7 @@ import os
 import queue
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -164,6 +165,7 @@ class Supervisor:
         default_factory=queue.SimpleQueue
     )
     _unresponsive: Subscription | None = None
+    _wake: threading.Event = field(default_factory=threading.Event)
     _manifest_watch: ManifestWatch | None = None
     output: AppOutput | None = None
     """Pumps the apps' stdout and stderr into HOME/logs and the terminal (built at the first
@@ -224,7 +226,8 @@ class Supervisor:
                 self._sample()
                 self._write_state()
                 next_sample = now + 1.0
-            time.sleep(tick)
+            self._wake.wait(tick)  # an operator command cuts the wait short
+            self._wake.clear()
 
     def poll(self) -> None:
         """One round: exits, timers, unresponsive notices, operator commands, start order."""
@@ -438,6 +441,7 @@ class Supervisor:
         request["sender"] = message.sender  # the broker's word for who asks, not the body's
         future: Future[dict[str, Any]] = Future()
         self._commands.put((request, future))
+        self._wake.set()
         return future.result(10.0)
 
     def _take_commands(self, now: float) -> None:

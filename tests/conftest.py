@@ -121,6 +121,8 @@ def spawn_service(
         )
     finally:
         os.close(fd)
+    if identities.platform_root is None:  # the test plays supervisor and operator both:
+        identities.platform_root = process.pid  # the platform's tree is the broker's
     identities.attach(module, channel)
     if gate is not None and identity is not None:
         gate.child_spawned()
@@ -151,9 +153,24 @@ class TestCredentials:
         """A well-formed token nobody granted."""
         return self.identities.mint().token
 
+    def revoke(self, app_id: str, token: str) -> None:
+        """Take back the grant `token` holds (as the supervisor does at an app's exit)."""
+        public = Credential.parse(token).public
+        for grant in [g for g in self.identities.grants.values() if g.public_key == public]:
+            self.identities.revoke(grant.grant_id)
+
     def revoke_app(self, app_id: str) -> None:
         for grant in [g for g in self.identities.grants.values() if g.app_id == app_id]:
             self.identities.revoke(grant.grant_id)
+
+
+def authenticate(sock: Any, token: str, store: bool = False) -> None:
+    """Make a raw test socket a CurveZMQ client of the broker (or the store) with `token`."""
+    credential = Credential.parse(token)
+    if store:
+        credential.connect_to_store(sock)
+    else:
+        credential.connect_to_broker(sock)
 
 
 def write_manifest(apps: Path, app_id: str, body: str) -> Path:
@@ -234,6 +251,18 @@ class BrokerHandle:
         bus = Bus.connect(self.endpoint, app_id, self.credentials.mint(app_id), **kwargs)
         self.buses.append(bus)
         return bus
+
+    def write_state(self) -> None:
+        """What `plexus run` records, so the real CLI can talk to this broker."""
+        self.paths.write_state(
+            {
+                "pid": self.process.pid if self.process else None,
+                "endpoint": self.endpoint,
+                "apps_dir": str(self.apps),
+                "broker_key": self.identities.broker_keys.public.hex(),
+                "store_key": self.identities.store_keys.public.hex(),
+            }
+        )
 
     def manifest(self, app_id: str, body: str) -> None:
         write_manifest(self.apps, app_id, body)

@@ -29,7 +29,8 @@ system (e.g. ``plexus``) means writing one module with these four names::
         # schedule" part for any blocking-socket client; see SyncPublisher and
         # SyncSubscriber there. An asyncio client reuses Pacer and Recorder.
 
-The harness, per run: ``start_broker`` -> spawn workers -> wait for every
+The harness, per run: ``start_broker`` -> ``BrokerHandle.credentials`` of every worker
+(handed over in ``WorkerSpec.credentials``) -> spawn workers -> wait for every
 ``ready`` -> publish t0 -> at each measurement window edge read the broker's CPU
 time (``BrokerHandle.pids``) and call ``BrokerHandle.on_window`` -> collect the
 reports -> ``BrokerHandle.routing_latency`` -> ``BrokerHandle.stop``.
@@ -46,7 +47,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Literal, Protocol, cast
 
-from perf.model import LatencySummary, Phase, Schedule, WorkerReport, WorkerSpec
+from perf.model import LatencySummary, Phase, Role, Schedule, WorkerReport, WorkerSpec
 
 BASELINE = "bare"
 
@@ -84,6 +85,13 @@ class BrokerHandle(abc.ABC):
         the supervisor), each group's CPU sampled at the window edges beside the total, so
         a table can show the broker process alone. {} (the default): no split."""
         return {}
+
+    def credentials(self, role: Role, pairs: tuple[int, ...]) -> tuple[str, ...]:
+        """The credentials of the apps of one worker, one per pair in `pairs` order
+        (WorkerSpec.credentials). Called in the harness for every worker before any is
+        spawned, so it may take time without counting as setup. () (the default): the
+        system authenticates nobody."""
+        return ()
 
     def on_window(self, phase: Phase, edge: Literal["start", "end"]) -> None:  # noqa: B027
         """Called at each measurement window edge; e.g. snapshot broker counters.

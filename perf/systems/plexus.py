@@ -7,8 +7,11 @@ credit and reads the broker's CREDITs only when it has run out, docs/protocol.md
 so the broker's flow control throttles it as it does the Python client), so the comparison with
 the baseline is broker against broker: ZAP authentication, the User-Id check, header
 decoding, topic and permission checks, stamping and the DELIVER framing are what Plexus
-pays on top. Publishers connect as app `bench-pub`, subscribers as `bench-sub`, each with
-a credential minted into the platform's credential store, each SUB confirmed by SUBOK.
+pays on top. Publishers connect as app `bench-pub`, subscribers as `bench-sub`, each
+socket a CurveZMQ client with a credential of its own, each SUB confirmed by SUBOK. The
+harness plays the supervisor (perf.credentials): it hands the broker its server key and
+grant channel and grants every credential to its own pid, so the workers (its children)
+pass the broker's process check; each worker gets its credentials in its WorkerSpec.
 The workers send no heartbeats (the shared schedule loop has no idle hook), so the broker
 runs with a peer timeout longer than the run instead of the 10 s default.
 
@@ -36,17 +39,21 @@ from broker.config import PlatformConfig
 from broker.paths import PlatformPaths
 from broker.wire import unpack_batch
 from perf import procutil
-from perf.model import LatencySummary, Phase, WorkerReport, WorkerSpec, topic_for
+from perf.credentials import app_token
+from perf.model import LatencySummary, Phase, Role, WorkerReport, WorkerSpec, topic_for
 from perf.systems import BrokerConfig, BrokerHandle, WorkerControl
 from perf.workload import publish_schedule, start_timeout_s, subscribe_schedule
-from security.credentials import CredentialStore
+from security.credentials import Credential
+from supervisor.identity import Identities
 
 NAME = "plexus"
 SNDMORE, NOBLOCK = 2, 1
 READY_TIMEOUT_S = 15.0
+MAX_PEER_TIMEOUT_MS = 3_600_000  # the largest broker.peer_timeout_ms the config accepts
+PUB_APP, SUB_APP = "bench-pub", "bench-sub"
 _MANIFESTS = {
-    "bench-pub": '[permissions]\npublish = ["bench.>"]\n',
-    "bench-sub": '[permissions]\nsubscribe = ["bench.>"]\n',
+    PUB_APP: '[permissions]\npublish = ["bench.>"]\n',
+    SUB_APP: '[permissions]\nsubscribe = ["bench.>"]\n',
 }
 
 
@@ -55,18 +62,18 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _creds_for(endpoint: str) -> CredentialStore:
-    """The credential store beside the ipc socket (run dir / creds)."""
-    return CredentialStore(Path(endpoint.removeprefix("ipc://")).parent / "creds")
-
-
 def _hello(
-    sock: zmq.Socket[bytes], app_id: str, endpoint: str, timeout_s: float, acked: bool = False
+    sock: zmq.Socket[bytes],
+    app_id: str,
+    token: str,
+    endpoint: str,
+    timeout_s: float,
+    acked: bool = False,
 ) -> int:
-    """Connect and HELLO; returns the WELCOME's publish credit (0: no flow control)."""
+    """Connect with credential `token` and HELLO as `app_id`; returns the WELCOME's
+    publish credit (0: no flow control)."""
     sock.setsockopt(zmq.LINGER, 0)
-    sock.plain_username = app_id.encode()
-    sock.plain_password = _creds_for(endpoint).mint(app_id).encode()
+    Credential.parse(token).connect_to_broker(sock)
     sock.connect(endpoint)
     session = f"perf-{os.getpid()}-{id(sock)}"
     sock.send_multipart(
@@ -81,10 +88,27 @@ def _hello(
     return credit if isinstance(credit, int) else 0
 
 
-class PlexusBroker(BrokerHandle):
-    """The broker process plus an operator (`$cli`) DEALER for STATS."""
+def peer_timeout_ms(max_seconds: float) -> int:
+    """A peer timeout longer than a broker living `max_seconds` (a minute more), within
+    the config's bound (an hour: a longer-lived broker may end a silent raw session)."""
+    return min(int(max_seconds * 1000) + 60_000, MAX_PEER_TIMEOUT_MS)
 
-    def __init__(self, config: BrokerConfig) -> None:
+
+class PlexusBroker(BrokerHandle):
+    """The broker process plus an operator (`$cli`) DEALER for STATS.
+
+    `identities` holds the platform's keys and grants (a new one unless given: a
+    persistence service started first shares it); `persistence` switches the broker's
+    persistence on (the service is the caller's, perf/bench_persistence.py)."""
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        *,
+        persistence: bool = False,
+        identities: Identities | None = None,
+    ) -> None:
+        self.identities = identities if identities is not None else Identities()
         home, apps = config.workdir / "home", config.workdir / "apps"
         apps.mkdir(exist_ok=True)
         for app_id, body in _MANIFESTS.items():
@@ -105,17 +129,19 @@ class PlexusBroker(BrokerHandle):
             config.max_seconds,
             config.workdir / "plexus-broker.log",
             config_document=PlatformConfig(
-                persistence=False,
+                persistence=persistence,
                 # the raw workers send no heartbeats; spawning 500 of them takes ~30 s
-                peer_timeout_ms=int(config.max_seconds * 1000) + 60_000,
+                peer_timeout_ms=peer_timeout_ms(config.max_seconds),
             ).to_document(),
+            identities=self.identities,
         )
         self._ctx = zmq.Context()
         self._cmd: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
         self._latency: dict[str, LatencySummary] = {}
         try:
             procutil_wait_for_socket(Path(self.endpoint.removeprefix("ipc://")), READY_TIMEOUT_S)
-            _hello(self._cmd, P.CLI_ID, self.endpoint, READY_TIMEOUT_S)
+            operator = app_token(self.identities, P.CLI_ID)
+            _hello(self._cmd, P.CLI_ID, operator, self.endpoint, READY_TIMEOUT_S)
         except Exception:
             self.stop()
             raise
@@ -135,6 +161,11 @@ class PlexusBroker(BrokerHandle):
     def pids(self) -> list[int]:
         return procutil.child_pids(self._proc.pid)
 
+    def credentials(self, role: Role, pairs: tuple[int, ...]) -> tuple[str, ...]:
+        """A credential of its own for each socket of the worker (`bench-pub`/`bench-sub`)."""
+        app_id = PUB_APP if role == "pub" else SUB_APP
+        return tuple(app_token(self.identities, app_id) for _ in pairs)
+
     def on_window(self, phase: Phase, edge: Literal["start", "end"]) -> None:
         stats = self._stats(reset=edge == "start")
         summary = LatencySummary.from_stats(stats)
@@ -148,6 +179,7 @@ class PlexusBroker(BrokerHandle):
         procutil.stop_process(self._proc)
         self._cmd.close(0)
         self._ctx.term()
+        self.identities.close()
 
 
 def procutil_wait_for_socket(path: Path, timeout_s: float) -> None:
@@ -168,6 +200,8 @@ class _Apps:
     """One authenticated DEALER per pair, usable as SyncPublisher and SyncSubscriber."""
 
     def __init__(self, spec: WorkerSpec, app_id: str, acked: bool = False) -> None:
+        if len(spec.credentials) != len(spec.pairs):
+            raise RuntimeError(f"{len(spec.credentials)} credentials for {len(spec.pairs)} apps")
         self.acked = acked
         self.ctx = zmq.Context()
         self.topics = [topic_for(p) for p in spec.pairs]
@@ -175,9 +209,9 @@ class _Apps:
         self.credit: list[int] = []
         """Publish credit left per socket (docs/protocol.md §3.17); -1: unlimited."""
         self.poller = zmq.Poller()
-        for _ in spec.pairs:
+        for token in spec.credentials:
             sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
-            credit = _hello(sock, app_id, spec.endpoint, READY_TIMEOUT_S, acked)
+            credit = _hello(sock, app_id, token, spec.endpoint, READY_TIMEOUT_S, acked)
             self.socks.append(sock)
             self.credit.append(credit or -1)
             self.poller.register(sock, zmq.POLLIN)
@@ -260,7 +294,7 @@ def publisher_worker(spec: WorkerSpec, ctl: WorkerControl) -> None:
 
 
 def run_publisher(spec: WorkerSpec, ctl: WorkerControl) -> None:
-    apps = _Apps(spec, "bench-pub")
+    apps = _Apps(spec, PUB_APP)
     try:
         ctl.ready()
         schedule = ctl.wait_start(start_timeout_s(spec))
@@ -282,7 +316,7 @@ def subscriber_worker(spec: WorkerSpec, ctl: WorkerControl) -> None:
 
 
 def run_subscriber(spec: WorkerSpec, ctl: WorkerControl, acked: bool) -> None:
-    apps = _Apps(spec, "bench-sub", acked)
+    apps = _Apps(spec, SUB_APP, acked)
     try:
         apps.subscribe_all()
         ctl.ready()

@@ -7,8 +7,10 @@ runs under coreutils `timeout` and gets SIGTERM when the harness dies
 (`procutil.spawn_bounded`); the supervisor's own children die with it (PR_SET_PDEATHSIG).
 
 Every bench app has its own manifest in a temp apps dir (an external app: no `command`),
-allowed its own topic only, and connects with a credential minted into the platform's
-store (what `plexus env APP` does), so the broker checks what it checks for any app.
+allowed its own topic only, and connects with a credential the supervisor issued for it
+(what `plexus env APP` asks for), so the broker checks what it checks for any app. The
+harness asks for them as the operator, all on one operator Bus (perf.credentials), before
+it spawns the workers, and hands each worker its apps' credentials in its WorkerSpec.
 """
 
 from __future__ import annotations
@@ -20,13 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from broker import protocol as P
 from broker.paths import PlatformPaths
 from clients.bus import Bus
 from perf import procutil
-from perf.model import LatencySummary, Phase, topic_for
+from perf.credentials import ISSUE_S_PER_APP, issue, operator_bus
+from perf.model import LatencySummary, Phase, Role, topic_for
 from perf.systems import BrokerHandle
-from security.credentials import CredentialStore
 
 CONFIRM_APP = "bench-confirm"
 STARTED_EVENT = b'"platform-started"'
@@ -57,15 +58,8 @@ def write_manifests(apps: Path, n_pairs: int) -> None:
     )
 
 
-def credentials_for(endpoint: str) -> CredentialStore:
-    """The platform's credential store, found from its bus endpoint (HOME/run/bus)."""
-    home = Path(endpoint.removeprefix("ipc://")).parent.parent
-    return CredentialStore(PlatformPaths.resolve(home).creds_dir)
-
-
-def connect(endpoint: str, app_id: str, session: str = "main") -> Bus:
-    """`Bus.connect` as app `app_id` with a freshly minted credential."""
-    token = credentials_for(endpoint).mint(app_id)
+def connect(endpoint: str, app_id: str, token: str, session: str = "main") -> Bus:
+    """`Bus.connect` as app `app_id` with the credential `token` (`Platform.issue`)."""
     return Bus.connect(endpoint, app_id, token, timeout=30.0, session=session)
 
 
@@ -83,8 +77,10 @@ class Platform(BrokerHandle):
     """`plexus run` on a fresh home; its CPU is the supervisor's, broker's and services'
     (`pids`), also split by process (`cpu_groups`).
 
-    With `stats=True` an operator `Bus` (`$cli`) reads the broker's routing latency at each
-    measurement window edge, so a table can tell broker time from client time.
+    An operator `Bus` (`$cli`) asks the supervisor for the bench apps' credentials
+    (`issue`, `credentials`); with `stats=True` it stays and reads the broker's routing
+    latency at each measurement window edge, so a table can tell broker time from client
+    time (without, one is opened for each `issue` and closed again).
     """
 
     def __init__(
@@ -107,13 +103,15 @@ class Platform(BrokerHandle):
         self.log = workdir / "plexus-run.log"
         self.paths = PlatformPaths.resolve(home)
         self.endpoint = self.paths.bus_endpoint()
-        self._proc = procutil.spawn_bounded(argv, max_seconds, self.log)
+        # the bench apps' credentials are issued after the start, one per supervisor tick
+        bound = max_seconds + ISSUE_S_PER_APP * 2 * n_pairs
+        self._proc = procutil.spawn_bounded(argv, bound, self.log)
         self._operator: Bus | None = None
         self._latency: dict[str, LatencySummary] = {}
         try:
             self._wait_started()
             if stats:
-                self._operator = connect(self.endpoint, P.CLI_ID, f"perf-{time.monotonic_ns()}")
+                self._operator = self._operator_bus()
         except BaseException:
             self.stop()
             raise
@@ -132,6 +130,23 @@ class Platform(BrokerHandle):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"plexus run not started after {START_TIMEOUT_S:.0f} s")
             time.sleep(0.05)
+
+    def _operator_bus(self) -> Bus:
+        return operator_bus(self.paths, f"perf-{time.monotonic_ns()}")
+
+    def issue(self, app_ids: Sequence[str]) -> dict[str, str]:
+        """App id -> a credential the supervisor issued for it (each app external), asked
+        on the operator Bus (one opened for the purpose when `stats` is off)."""
+        if self._operator is not None:
+            return issue(self._operator, app_ids)
+        with self._operator_bus() as operator:
+            return issue(operator, app_ids)
+
+    def credentials(self, role: Role, pairs: tuple[int, ...]) -> tuple[str, ...]:
+        """The credentials of one worker's apps: bench-pub-<pair> or bench-sub-<pair>."""
+        app_ids = [pub_app(p) if role == "pub" else sub_app(p) for p in pairs]
+        tokens = self.issue(app_ids)
+        return tuple(tokens[a] for a in app_ids)
 
     def log_tail(self, lines: int = 5) -> str:
         """The last lines the platform printed (for error messages)."""
@@ -183,7 +198,8 @@ class PlatformWithBus:
             workdir, persistence=persistence, n_pairs=0, max_seconds=max_seconds, stats=False
         )
         try:
-            self.bus = connect(self.platform.endpoint, CONFIRM_APP)
+            token = self.platform.issue([CONFIRM_APP])[CONFIRM_APP]
+            self.bus = connect(self.platform.endpoint, CONFIRM_APP, token)
         except BaseException:
             self.platform.stop()
             raise

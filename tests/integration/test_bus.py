@@ -22,7 +22,7 @@ from clients.bus import (
     ProtocolError,
     RequestTimeout,
 )
-from tests.conftest import BrokerHandle, wait_for
+from tests.conftest import BrokerHandle, authenticate, wait_for
 
 
 def drain(sub_get: object, count: int, timeout: float = 5.0) -> list[Message]:
@@ -191,8 +191,7 @@ def _raw_dealer(broker: BrokerHandle, app_id: str) -> zmq.Socket[bytes]:
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
     sock.rcvtimeo = 5000
-    sock.plain_username = app_id.encode()
-    sock.plain_password = broker.credentials.mint(app_id).encode()
+    authenticate(sock, broker.credentials.mint(app_id))
     sock.connect(broker.endpoint)
     sock.send_multipart([P.HELLO, pack({"v": [1]})])
     assert sock.recv_multipart()[0] == P.WELCOME

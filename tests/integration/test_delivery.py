@@ -21,7 +21,7 @@ import zmq
 from broker import protocol as P
 from broker.codec import pack
 from clients.bus import AuthenticationError, Message
-from tests.conftest import REPO, BrokerHandle, plexus_cli, wait_for
+from tests.conftest import REPO, BrokerHandle, authenticate, plexus_cli, wait_for
 
 FAST = {
     "heartbeat_ms": 100,
@@ -42,14 +42,7 @@ def fast_broker(short_tmp: Path) -> Iterator[BrokerHandle]:
         },
     )
     handle.start(**FAST, window=10, queue_max=100)
-    # what `plexus run` would record, so the real CLI can talk to this broker
-    handle.paths.write_state(
-        {
-            "pid": handle.process.pid if handle.process else None,
-            "endpoint": handle.endpoint,
-            "apps_dir": str(handle.apps),
-        }
-    )
+    handle.write_state()
     yield handle
     handle.close()
 
@@ -75,8 +68,7 @@ def raw_session(broker: BrokerHandle, app: str, session: str, pattern: str) -> z
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
     sock.rcvtimeo = 5000
-    sock.plain_username = app.encode()
-    sock.plain_password = broker.credentials.mint(app).encode()
+    authenticate(sock, broker.credentials.mint(app))
     sock.connect(broker.endpoint)
     sock.send_multipart([P.HELLO, pack({"v": [1], "session": session})])
     assert sock.recv_multipart()[0] == P.WELCOME
@@ -233,8 +225,7 @@ def test_durable_subscription_outlives_the_grace_period(fast_broker: BrokerHandl
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
     sock.rcvtimeo = 5000
-    sock.plain_username = b"sub"
-    sock.plain_password = fast_broker.credentials.mint("sub").encode()
+    authenticate(sock, fast_broker.credentials.mint("sub"))
     sock.connect(fast_broker.endpoint)
     sock.send_multipart([P.HELLO, pack({"v": [1], "session": "keeper"})])
     assert sock.recv_multipart()[0] == P.WELCOME

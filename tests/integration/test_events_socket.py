@@ -15,7 +15,7 @@ from broker import event_records as R
 from broker import protocol as P
 from broker.wire import EvFetch, EvSync, EvSyncOk, Hello
 from clients.bus import Bus, BusError
-from tests.conftest import BrokerHandle
+from tests.conftest import BrokerHandle, authenticate
 
 
 class StreamConsumer:
@@ -26,14 +26,12 @@ class StreamConsumer:
         token = handle.credentials.mint(identity)
         self.sub = self.context.socket(zmq.SUB)
         self.sub.linger = 0
-        self.sub.plain_username = identity.encode()
-        self.sub.plain_password = token.encode()
+        authenticate(self.sub, token)
         self.sub.subscribe(R.EV)
         self.sub.connect(handle.paths.events_endpoint())
         self.link = self.context.socket(zmq.DEALER)
         self.link.linger = 0
-        self.link.plain_username = identity.encode()
-        self.link.plain_password = token.encode()
+        authenticate(self.link, token)
         self.link.connect(handle.endpoint)
         self.received = 0
         self.events: list[R.Event] = []
@@ -96,8 +94,7 @@ def _app_sub(handle: BrokerHandle, app_id: str) -> tuple[zmq.Context[Any], zmq.S
     context: zmq.Context[Any] = zmq.Context()
     sub: zmq.Socket[bytes] = context.socket(zmq.SUB)
     sub.linger = 0
-    sub.plain_username = app_id.encode()
-    sub.plain_password = handle.credentials.mint(app_id).encode()  # a valid app credential
+    authenticate(sub, handle.credentials.mint(app_id))  # a valid app credential
     sub.subscribe(b"")
     sub.connect(handle.paths.events_endpoint())
     return context, sub

@@ -17,7 +17,7 @@ from broker import protocol as P
 from broker.codec import new_message_id, pack
 from broker.errors import ProtocolViolation
 from broker.wire import unpack_batch
-from tests.conftest import BrokerHandle
+from tests.conftest import BrokerHandle, authenticate
 from tests.leaks import assert_flat
 
 
@@ -103,8 +103,7 @@ def attacker(broker: BrokerHandle) -> Any:
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
     sock.rcvtimeo = 5000
-    sock.plain_username = b"pub"
-    sock.plain_password = broker.credentials.mint("pub").encode()
+    authenticate(sock, broker.credentials.mint("pub"))
     sock.connect(broker.endpoint)
     sock.send_multipart([P.HELLO, pack({"v": [1]})])
     assert sock.recv_multipart()[0] == P.WELCOME

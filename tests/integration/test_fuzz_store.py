@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker import wire
-from tests.conftest import BrokerHandle
+from tests.conftest import BrokerHandle, authenticate
 
 MANIFESTS = {"app": '[permissions]\npublish = ["a.>"]\nsubscribe = ["a.>"]\n'}
 
@@ -52,8 +52,7 @@ def store_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[zmq.Socke
     handle.start_persistence()
     sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
-    sock.plain_username = b"app"
-    sock.plain_password = handle.credentials.mint("app").encode()
+    authenticate(sock, handle.credentials.mint("app"), store=True)
     sock.connect(handle.paths.store_endpoint())
     yield sock
     sock.close()

@@ -13,7 +13,7 @@ from broker import protocol as P
 from broker import wire
 from broker.codec import encode_pub_header, new_message_id, pack
 from broker.errors import Code
-from tests.conftest import BrokerHandle
+from tests.conftest import BrokerHandle, authenticate
 
 
 class Raw:
@@ -22,8 +22,7 @@ class Raw:
     def __init__(self, broker: BrokerHandle, app_id: str, versions: list[int]) -> None:
         sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         sock.linger = 0
-        sock.plain_username = app_id.encode()
-        sock.plain_password = broker.credentials.mint(app_id).encode()
+        authenticate(sock, broker.credentials.mint(app_id))
         sock.connect(broker.endpoint)
         self.sock = sock
         self.sock.send_multipart([P.HELLO, pack({"v": versions, "session": f"raw-{versions}"})])

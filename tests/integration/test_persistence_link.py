@@ -11,6 +11,7 @@ real broker's side of the link.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,9 +33,13 @@ from broker.recovery import RecoveryReport, apply_restore
 from broker.router import Router
 from persistence.restore import RestoreReader
 from persistence.service import PersistenceConfig, PersistenceService
-from security.credentials import CredentialStore
-from security.zap import answer_zap, bind_zap
-from tests.conftest import wait_for, write_manifest
+from security.credentials import ServerKeys
+from security.grant_channel import GrantReceiver
+from security.grants import GrantKind, GrantRegistry
+from security.peers import LiveProcessTree
+from security.zap import answer, bind_zap
+from supervisor.identity import Identities
+from tests.conftest import authenticate, wait_for, write_manifest
 
 TIMEOUT_MS = 5_000
 TS = 1_700_000_000_000_000_000
@@ -43,9 +48,10 @@ TS = 1_700_000_000_000_000_000
 class FakeBroker:
     """The broker's end of the link and of the event stream, driven by the test."""
 
-    def __init__(self, paths: PlatformPaths) -> None:
+    def __init__(self, paths: PlatformPaths, identities: Identities) -> None:
         self.context: zmq.Context[Any] = zmq.Context()
-        self.credentials = CredentialStore(paths.creds_dir)
+        self.identities = identities
+        self.registry = GrantRegistry(os.getuid(), LiveProcessTree())
         self.zap = bind_zap(self.context)
         self.bus = self._server(zmq.ROUTER, paths.bus_endpoint())
         self.events = self._server(zmq.PUB, paths.events_endpoint())
@@ -57,7 +63,7 @@ class FakeBroker:
 
     def _server(self, kind: int, endpoint: str) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self.context.socket(kind)
-        sock.plain_server = True
+        self.identities.broker_keys.serve(sock)
         sock.zap_domain = P.ZAP_DOMAIN.encode()
         sock.linger = 0
         sock.bind(endpoint)
@@ -68,11 +74,18 @@ class FakeBroker:
             sock.close()
         self.context.term()
 
+    def mint(self, app_id: str) -> str:
+        """A credential for `app_id` in this process, known here and to the store."""
+        grant, credential = self.identities.grant(app_id, GrantKind.SERVICE, pid=os.getpid())
+        self.registry.register(grant)
+        return credential.token
+
     def authenticate(self, timeout_ms: int = 0) -> None:
         while self.zap.poll(timeout_ms):
-            accepted, app_id, _, mechanism = answer_zap(self.zap, self.credentials, P.ZAP_DOMAIN)
-            assert accepted, f"{app_id} refused"
-            self.authenticated.append(f"{mechanism}:{app_id}")
+            got = answer(self.zap, self.registry, {P.ZAP_DOMAIN: None})
+            assert got is not None and got.accepted, f"{got} refused"
+            assert got.admission.grant is not None
+            self.authenticated.append(f"{got.mechanism}:{got.admission.grant.app_id}")
             timeout_ms = 0
 
     def expect(self, command: bytes) -> list[bytes]:
@@ -175,11 +188,20 @@ def _running(root: Path, monotonic: Callable[[], int] = time.monotonic_ns) -> It
     apps = root / "apps"
     apps.mkdir()
     write_manifest(apps, "reader", '[permissions]\nsubscribe = ["t.>"]\n')
-    broker = FakeBroker(paths)
+    identities = Identities()
+    broker = FakeBroker(paths, identities)
     context: zmq.Context[Any] = zmq.Context()
-    token = broker.credentials.mint(P.PERSISTENCE_ID)
+    token = broker.mint(P.PERSISTENCE_ID)
+    channel = identities.service_channel("persistence")
+    grants = GrantReceiver(os.dup(channel.channel_fd))  # in this process: its own copy
+    identities.attach("persistence", channel)
     service = PersistenceService(
-        PersistenceConfig(paths, apps), token, context, monotonic=monotonic
+        PersistenceConfig(paths, apps),
+        token,
+        identities.store_keys,
+        grants,
+        context,
+        monotonic=monotonic,
     )
     service.bind()
     stop = threading.Event()
@@ -195,6 +217,7 @@ def _running(root: Path, monotonic: Callable[[], int] = time.monotonic_ns) -> It
             service.close()
         context.destroy(linger=0)
         broker.close()
+        identities.close()
 
 
 @pytest.fixture
@@ -218,13 +241,12 @@ def _synced(broker: FakeBroker) -> None:
         broker.authenticate(TIMEOUT_MS)
 
 
-def _history(paths: PlatformPaths, topic: str) -> list[int]:
+def _history(paths: PlatformPaths, broker: FakeBroker, topic: str) -> list[int]:
     """Seqs HISTORY answers for `topic` (as app reader)."""
     context: zmq.Context[Any] = zmq.Context()
     query: zmq.Socket[bytes] = context.socket(zmq.DEALER)
     query.linger = 0
-    query.plain_username = b"reader"
-    query.plain_password = CredentialStore(paths.creds_dir).mint("reader").encode()
+    authenticate(query, broker.mint("reader"), store=True)
     query.connect(paths.store_endpoint())
     try:
         query.send_multipart(wire.History(topic, 10).frames())
@@ -243,7 +265,7 @@ def test_a_small_group_is_acknowledged_from_the_journal_and_read_from_lmdb(
     frozen.broker.acked_up_to(2)  # confirmed: stored and synced...
     service = frozen.service
     assert (service.journaled, service.writer.stored) == (2, 0)  # ...in the journal alone
-    assert _history(frozen.paths, "t.a") == [1, 2]  # a query sees what was confirmed
+    assert _history(frozen.paths, frozen.broker, "t.a") == [1, 2]  # a query sees what was confirmed
     assert service.writer.stored == 2
 
 
@@ -266,7 +288,9 @@ def test_a_crash_before_the_apply_loses_nothing(short_tmp: Path) -> None:
         run.broker.acked_up_to(3)
         assert (run.service.journaled, run.service.writer.stored) == (3, 0)
         run.crash()  # kill -9: nothing applied, nothing closed
-        again = PersistenceService(PersistenceConfig(run.paths), "token", monotonic=lambda: 0)
+        again = PersistenceService(
+            PersistenceConfig(run.paths), "token", ServerKeys.generate(), monotonic=lambda: 0
+        )
         try:  # the journal's events are applied before the service serves anything
             assert again.watermark == again.writer.watermark == 3
             assert again.writer.stored == 2
@@ -284,7 +308,7 @@ def test_first_sync_an_empty_restore_then_events_stored_and_acked(running: Runni
     (page,) = broker.restore(next_seq=1)
     while len(broker.authenticated) < 2:  # the link, then the SUB socket on the events
         broker.authenticate(TIMEOUT_MS)
-    assert broker.authenticated == ["PLAIN:$persistence", "PLAIN:$persistence"]
+    assert broker.authenticated == ["CURVE:$persistence", "CURVE:$persistence"]
     assert page == wire.EvRestore(0, done=True)  # an empty store: one page
     broker.publish(
         1,
@@ -303,8 +327,7 @@ def test_first_sync_an_empty_restore_then_events_stored_and_acked(running: Runni
     context: zmq.Context[Any] = zmq.Context()
     query: zmq.Socket[bytes] = context.socket(zmq.DEALER)
     query.linger = 0
-    query.plain_username = b"reader"
-    query.plain_password = CredentialStore(running.paths.creds_dir).mint("reader").encode()
+    authenticate(query, running.broker.mint("reader"), store=True)
     query.connect(running.paths.store_endpoint())
     try:
         query.send_multipart(wire.History("t.a", 10).frames())

@@ -182,7 +182,7 @@ def test_hello_first_then_nothing_until_welcome() -> None:
     link = Link(session="desk")
     link.publish(1)
     sent = link.sent()
-    assert sent == [Hello(session="desk", client="plexus-py/0.1")]
+    assert sent == [Hello(session="desk", client="plexus-py/0.1", app="app")]
     assert link.state() is State.CONNECTING
     assert link.sent() == []  # the publish waits for the session
     assert [type(e) for e in link.give(welcome())] == [Welcomed]
@@ -385,7 +385,7 @@ def test_acks_wait_out_a_reconnect_without_a_busy_deadline() -> None:
     link.sent()
     link.session.connection_made(link.now)
     link.now += 1.0
-    assert link.sent() == [Hello(client="plexus-py/0.1")]
+    assert link.sent() == [Hello(client="plexus-py/0.1", app="app")]
     assert link.session.next_deadline() > link.now
     link.give(welcome(resumed=True))
     sent = link.sent()
@@ -480,7 +480,7 @@ def test_reconnect_resends_unconfirmed_in_order_and_resubscribes() -> None:
     assert link.state() is State.CONNECTING
     assert link.session.reconnects == 1
     link.publish(4)
-    assert link.sent() == [Hello(client="plexus-py/0.1")]
+    assert link.sent() == [Hello(client="plexus-py/0.1", app="app")]
     assert [type(e) for e in link.give(welcome(resumed=False))] == [Welcomed]
     again = link.sent()
     assert Subscribe(sid, "market.>") in again  # a new session holds no subscriptions
@@ -511,7 +511,7 @@ def test_not_welcomed_re_hellos_once_and_resends_calls() -> None:
     assert link.sent() == [Stats(rid)]
     for _ in range(3):  # the broker forgot the session: every command gets 105
         assert link.give(error(Code.NOT_WELCOMED)) == []
-    assert link.sent() == [Hello(client="plexus-py/0.1")]
+    assert link.sent() == [Hello(client="plexus-py/0.1", app="app")]
     assert link.sent() == []
     link.give(welcome(resumed=True))
     assert link.sent() == [Stats(rid)]  # refused unexecuted: asked again
@@ -529,7 +529,7 @@ def test_broker_silence_asks_for_a_new_transport() -> None:
     assert link.events() == [ReconnectNeeded()]
     assert link.state() is State.CONNECTING
     link.session.connection_made(link.now)
-    assert link.sent() == [Hello(client="plexus-py/0.1")]
+    assert link.sent() == [Hello(client="plexus-py/0.1", app="app")]
 
 
 def test_next_deadline_follows_heartbeat_and_expiry() -> None:

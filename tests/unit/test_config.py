@@ -20,6 +20,7 @@ from broker.paths import PlatformPaths
 from persistence.__main__ import persistence_config
 from persistence.retention import RetentionPolicy
 from persistence.store import SegmentPolicy
+from security.credentials import ServerKeys
 from security.handoff import handoff_pipe
 from supervisor.config import ConfigError, PlatformConfig, load_config
 
@@ -105,16 +106,19 @@ def test_the_documented_defaults_are_the_defaults() -> None:
     }
 
 
+KEYS = ServerKeys.generate()
+
+
 def test_the_broker_runs_with_the_config_it_was_given(tmp_path: Path) -> None:
     paths = PlatformPaths.resolve(tmp_path)
-    defaults = broker_config(PlatformConfig(), paths, None)
+    defaults = broker_config(PlatformConfig(), paths, None, KEYS)
     assert defaults.router.heartbeat_ms == 2000 == P.DEFAULT_HEARTBEAT_MS
     assert defaults.router.peer_timeout_ms == 10_000
     assert defaults.router.delivery == DeliveryConfig()
     assert defaults.persistence is True
     assert defaults.router.store_endpoint == paths.store_endpoint()
     assert defaults.recovery_timeout_s == 10.0
-    given = broker_config(NON_DEFAULT, paths, tmp_path)
+    given = broker_config(NON_DEFAULT, paths, tmp_path, KEYS)
     assert (given.router.heartbeat_ms, given.router.peer_timeout_ms) == (700, 4200)
     assert given.router.delivery is NON_DEFAULT.delivery
     assert (given.persistence, given.router.store_endpoint) == (False, None)

@@ -167,7 +167,9 @@ def test_an_event_for_every_kind() -> None:
     rep = encode_pub_header(b"\x0a" * 16, "quote.x", extra={"to": "nobody"})
     b.send(b"s", "sub", [P.REP, rep, b""])
     b.send(b"s", "sub", Stats(rid=9).frames())
-    b.core.auth_failed("intruder", "", "PLAIN", "bad credential")
+    b.core.auth_failed(
+        R.AuthFailed("intruder", "", "CURVE", "bad credential", "unknown-key", "", 0)
+    )
     # the supervisor's report of an app
     b.hello(b"v", "$supervisor")
     body = pack({"app": "ticker", "event": "launch", "pid": 42})

@@ -60,7 +60,7 @@ SAMPLES: dict[int, R.EventRecord] = {
         R.Nacked("sub", "s1", b"\x01" * 16, 1, "no", True),
         R.RetryScheduled("sub", "s1", b"\x01" * 16, 2, 200, "nacked"),
         R.SessionChanged("sub", "s1", "opened", "python"),
-        R.AuthFailed("intruder", "", "PLAIN", "bad credential"),
+        R.AuthFailed("intruder", "", "CURVE", "bad credential", "unknown-key", "", 0),
         R.Denied("app", "main", "publish", "$sys.x", 302, "reserved", "cid"),
         R.Lifecycle("ticker", "launch", {"app": "ticker", "pid": 42}),
         R.ConsumerSkipped("$audit", 1, 9, "behind the retention bound"),

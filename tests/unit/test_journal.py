@@ -17,6 +17,7 @@ from broker.codec import encode_pub_header
 from broker.paths import PlatformPaths
 from persistence.journal import HEAD_BYTES, Journal, JournalRecord, encode_record, scan
 from persistence.service import PersistenceConfig, PersistenceService
+from security.credentials import ServerKeys
 
 CAPACITY = 64 * 1024
 TS = 1_700_000_000_000_000_000
@@ -158,7 +159,9 @@ def test_service_applies_what_a_crash_left_in_the_journal(tmp_path: Path) -> Non
     paths.prepare()
     paths.store_dir.mkdir(parents=True, exist_ok=True)
     _journal_events(paths.store_dir / journal_module.JOURNAL_FILE, [_published(1), _published(2)])
-    service = PersistenceService(PersistenceConfig(paths), "token", monotonic=lambda: 0)
+    service = PersistenceService(
+        PersistenceConfig(paths), "token", ServerKeys.generate(), monotonic=lambda: 0
+    )
     try:
         assert service.writer.stored == 2  # in LMDB before anything is served
         assert service.watermark == service.writer.watermark == 2
@@ -166,7 +169,9 @@ def test_service_applies_what_a_crash_left_in_the_journal(tmp_path: Path) -> Non
     finally:
         service.close()
     # the clean close emptied the journal; the store keeps its watermark
-    again = PersistenceService(PersistenceConfig(paths), "token", monotonic=lambda: 0)
+    again = PersistenceService(
+        PersistenceConfig(paths), "token", ServerKeys.generate(), monotonic=lambda: 0
+    )
     try:
         assert again.writer.stored == 0 and again.watermark == 2
     finally:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
 import random
-import stat
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -16,7 +13,6 @@ from broker.errors import Code, PermissionViolation
 from broker.histogram import LatencyHistogram
 from broker.manifests import Permissions
 from broker.permissions import PLATFORM_PERMISSIONS, Authorizer, sys_topic_owner
-from security.credentials import CredentialError, CredentialStore
 
 # -- Authorizer -------------------------------------------------------------------------------
 
@@ -168,80 +164,6 @@ def test_publish_cache_stays_correct_past_its_limit() -> None:
         assert denied("pub", authorizer, f"market.{i}") is None
         assert denied("pub", authorizer, f"orders.{i}") == Code.PUBLISH_DENIED
     assert denied("pub", authorizer, "market.0") is None
-
-
-# -- CredentialStore --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> CredentialStore:
-    return CredentialStore(tmp_path / "run" / "creds")
-
-
-def test_mint_and_verify(store: CredentialStore) -> None:
-    token = store.mint("ticker")
-    assert isinstance(token, str) and len(token) >= 32
-    assert store.verify("ticker", token)
-    assert not store.verify("ticker", token + "x")
-    assert not store.verify("ticker", token[:-1])
-    assert not store.verify("blotter", token)
-    assert not store.verify("ticker", "")
-    assert not store.verify("", token)
-    assert not store.verify("ticker", "x" * 300)
-    assert not store.verify("ticker", "../" + token)
-
-
-def test_tokens_are_distinct_and_independent(store: CredentialStore) -> None:
-    first = store.mint("ticker")
-    second = store.mint("ticker")
-    other = store.mint("blotter")
-    assert len({first, second, other}) == 3
-    store.revoke("ticker", first)
-    assert not store.verify("ticker", first)
-    assert store.verify("ticker", second)
-    assert store.verify("blotter", other)
-    store.revoke("ticker", first)  # already gone: no error
-    store.revoke("blotter", second)  # wrong app: revokes nothing
-    assert store.verify("ticker", second)
-
-
-def test_revoke_all(store: CredentialStore) -> None:
-    tokens = [(app, store.mint(app)) for app in ["a", "b", "c", "a"]]
-    store.revoke_all()
-    assert not any(store.verify(app, token) for app, token in tokens)
-    assert list(store.directory.iterdir()) == []
-    CredentialStore(store.directory.parent / "missing").revoke_all()
-
-
-def test_directory_and_file_modes(store: CredentialStore) -> None:
-    store.mint("ticker")
-    assert stat.S_IMODE(store.directory.stat().st_mode) == 0o700
-    for path in store.directory.iterdir():
-        assert stat.S_IMODE(path.stat().st_mode) == 0o600
-
-
-@pytest.mark.parametrize("mode", [0o755, 0o750, 0o701, 0o710, 0o777])
-def test_loose_directory_is_refused(tmp_path: Path, mode: int) -> None:
-    directory = tmp_path / "creds"
-    directory.mkdir()
-    os.chmod(directory, mode)
-    store = CredentialStore(directory)
-    with pytest.raises(CredentialError) as info:
-        store.mint("ticker")
-    assert "chmod 700" in str(info.value)
-    with pytest.raises(CredentialError):
-        store.ensure()
-    assert list(directory.iterdir()) == []
-
-
-def test_token_never_stored(store: CredentialStore) -> None:
-    tokens = [store.mint(app) for app in ["ticker", "blotter", "ticker"]]
-    for path in store.directory.rglob("*"):
-        content = path.read_bytes()
-        for token in tokens:
-            assert token not in path.name
-            assert token.encode() not in content
-            assert token[:16] not in path.name
 
 
 # -- LatencyHistogram -------------------------------------------------------------------------

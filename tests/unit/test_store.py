@@ -964,7 +964,7 @@ def test_kinds_persistence_does_not_store_only_move_the_watermark(stores: Stores
         R.Nacked("sub", "s1", b"id-1", 1, "busy", True),
         R.RetryScheduled("sub", "s1", b"id-1", 2, 200, "nacked"),
         R.SessionChanged("sub", "s1", "detached", "peer gone"),
-        R.AuthFailed("intruder", "ipc", "PLAIN", "bad token"),
+        R.AuthFailed("intruder", "ipc", "CURVE", "bad token", "foreign-process", "x", 42),
         R.Denied("app", "s", "publish", "x.y", 300, "not allowed", ""),
         R.Lifecycle("ticker", "restart", {"exit": 1}),
         R.ConsumerSkipped("$audit", 1, 5, "behind"),

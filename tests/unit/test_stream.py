@@ -15,6 +15,7 @@ from broker import event_records as R
 from broker import wire
 from broker.errors import Code
 from clients.stream import FETCH_RETRY_NS, HEARTBEAT_NS, BrokerLink, EventFeed
+from security.credentials import Credential, ServerKeys
 
 
 def record(n: int) -> R.EventRecord:
@@ -111,10 +112,12 @@ class Clock:
 def pair() -> Iterator[tuple[BrokerLink, zmq.Socket[bytes], Clock]]:
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     router: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
-    router.plain_server = True  # no ZAP handler in this context: every PLAIN peer passes
+    keys = ServerKeys.generate()
+    keys.serve(router)  # no ZAP handler in this context: every CURVE peer passes
     router.bind("inproc://broker")
     clock = Clock()
-    link = BrokerLink(context, "inproc://broker", "$audit", "token", "events", clock)
+    token = Credential.mint(keys.public, keys.public).token
+    link = BrokerLink(context, "inproc://broker", "$audit", token, "events", clock)
     yield link, router, clock
     link.close()
     router.close(linger=0)

@@ -35,7 +35,7 @@ from perf.model import (
     topic_for,
 )
 from perf.systems import WorkerControl
-from perf.user.platform import credentials_for, pub_app, sub_app
+from perf.user.platform import pub_app, sub_app
 from perf.workload import Pacer, Recorder, count_sent, encode, start_timeout_s
 
 FLOOD_BATCH = 64  # publishes per app before yielding to the others (and to the pumps)
@@ -77,13 +77,13 @@ async def _sleep_until(t_ns: int) -> None:
         await asyncio.sleep(delay / NS_PER_S)
 
 
-async def _connect_all(endpoint: str, app_ids: list[str]) -> list[AsyncBus]:
-    creds = credentials_for(endpoint)
+async def _connect_all(spec: WorkerSpec, app_ids: list[str]) -> list[AsyncBus]:
+    """One AsyncBus per app, each with its credential from the spec (in pairs order)."""
     buses: list[AsyncBus] = []
     try:
-        for app_id in app_ids:
-            token = creds.mint(app_id)
-            buses.append(await AsyncBus.connect(endpoint, app_id, token, timeout=CONNECT_S))
+        for app_id, token in zip(app_ids, spec.credentials, strict=True):
+            bus = await AsyncBus.connect(spec.endpoint, app_id, token, timeout=CONNECT_S)
+            buses.append(bus)
     except BaseException:
         await _close_all(buses)
         raise
@@ -183,7 +183,7 @@ async def _paced(buses: list[AsyncBus], spec: WorkerSpec, phase: Phase, t: Phase
 
 async def run_publisher(spec: WorkerSpec, ctl: WorkerControl) -> None:
     """One AsyncBus per pair as app bench-pub-<pair>, then follow the schedule."""
-    buses = await _connect_all(spec.endpoint, [pub_app(p) for p in spec.pairs])
+    buses = await _connect_all(spec, [pub_app(p) for p in spec.pairs])
     try:
         ctl.ready()
         schedule: Schedule | None = await asyncio.to_thread(ctl.wait_start, start_timeout_s(spec))
@@ -218,7 +218,7 @@ def handler_for(sinks: list[Callable[[bytes], None]], slot: int) -> Callable[[Me
 
 async def run_subscriber(spec: WorkerSpec, ctl: WorkerControl) -> None:
     """One AsyncBus per pair as app bench-sub-<pair>, subscribed with a handler; count."""
-    buses = await _connect_all(spec.endpoint, [sub_app(p) for p in spec.pairs])
+    buses = await _connect_all(spec, [sub_app(p) for p in spec.pairs])
     sinks: list[Callable[[bytes], None]] = [discard] * len(spec.pairs)
     try:
         for slot, (bus, pair) in enumerate(zip(buses, spec.pairs, strict=True)):

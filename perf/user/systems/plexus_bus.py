@@ -1,7 +1,8 @@
 """Adapter `plexus_bus`: Plexus through its own clients, persistence off.
 
 The platform is a real `plexus run --no-persistence` (perf.user.platform). Every app is
-connected as its own app id. A worker process with one app (the `procs` layout: one app
+connected as its own app id, with the credential the supervisor issued for it (handed
+over in the worker's spec). A worker process with one app (the `procs` layout: one app
 per process, what a desktop app is) runs it as a threaded `clients.bus.Bus` (its I/O
 thread, its handler thread). A worker process with several apps (the `mux` layout) runs
 them as one `clients.aio.AsyncBus` each, all on one asyncio loop, as a user hosting many
@@ -112,7 +113,10 @@ def _threaded_publisher(spec: WorkerSpec, ctl: WorkerControl) -> None:
     """One Bus per pair as app bench-pub-<pair>, then follow the schedule."""
     buses: list[Bus] = []
     try:
-        buses = [connect(spec.endpoint, pub_app(p)) for p in spec.pairs]
+        buses = [
+            connect(spec.endpoint, pub_app(p), token)
+            for p, token in zip(spec.pairs, spec.credentials, strict=True)
+        ]
         ctl.ready()
         schedule = ctl.wait_start(start_timeout_s(spec))
         if schedule is None:
@@ -129,8 +133,8 @@ def _threaded_subscriber(spec: WorkerSpec, ctl: WorkerControl) -> None:
     buses: list[Bus] = []
     sinks: list[Callable[[bytes], None]] = [plexus_aio_workers.discard] * len(spec.pairs)
     try:
-        for slot, pair in enumerate(spec.pairs):
-            buses.append(connect(spec.endpoint, sub_app(pair)))
+        for slot, (pair, token) in enumerate(zip(spec.pairs, spec.credentials, strict=True)):
+            buses.append(connect(spec.endpoint, sub_app(pair), token))
             buses[-1].subscribe(
                 topic_for(pair), plexus_aio_workers.handler_for(sinks, slot), timeout=30.0
             )
