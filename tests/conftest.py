@@ -6,6 +6,7 @@ processes into the next; every waiting is a bounded poll, never a bare sleep.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -345,6 +346,15 @@ def operator_token(home: Path) -> str:
     assert state is not None, f"no platform runs with home {home}"
     keys = bytes.fromhex(state["broker_key"]), bytes.fromhex(state["store_key"])
     return Credential.mint(*keys).token
+
+
+def external_token(home: Path, app_id: str) -> str:
+    """The credential `plexus env APP_ID` issues for an external app of the running
+    platform of `home` (its manifest has no `command`)."""
+    issued = plexus_cli("env", "--home", str(home), app_id, "--json")
+    assert issued.returncode == 0, issued.stderr
+    token: str = json.loads(issued.stdout)["PLEXUS_TOKEN"]
+    return token
 
 
 def operator_on(home: Path) -> Bus:

@@ -16,12 +16,12 @@ import pytest
 
 from broker.paths import PlatformPaths
 from clients.bus import Bus
-from security.credentials import CredentialStore
 from supervisor.config import load_config
 from supervisor.platform_state import platform_alive
 from supervisor.supervisor import Supervisor
 from tests.conftest import (
     REPO,
+    external_token,
     operator_on,
     plexus_cli,
     running_platform,
@@ -176,7 +176,7 @@ def test_version() -> None:
 def test_publish_from_stdin_or_file_sensitive_and_to(live: Path, tmp_path: Path) -> None:
     home = str(live)
     paths = PlatformPaths.resolve(live)
-    token = CredentialStore(paths.creds_dir).mint("outsider")
+    token = external_token(live, "outsider")
     with Bus.connect(paths.bus_endpoint(), "outsider", token) as app:
         sub = app.subscribe("cli.to.>")
         wait_for(lambda: _subscriptions(live) > 0, 10)

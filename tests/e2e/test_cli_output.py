@@ -16,8 +16,14 @@ import pytest
 
 from broker.paths import PlatformPaths
 from clients.bus import Bus, PermissionDenied
-from security.credentials import CredentialStore
-from tests.conftest import operator_on, plexus_cli, running_platform, wait_for, write_manifest
+from tests.conftest import (
+    external_token,
+    operator_on,
+    plexus_cli,
+    running_platform,
+    wait_for,
+    write_manifest,
+)
 
 SLEEPER = (
     'command = ["python", "-c", "import time; time.sleep(600)"]\n'
@@ -148,7 +154,7 @@ def test_messages_fit_the_command(live: tuple[Path, Path]) -> None:
     assert "or check it." not in nobody.stderr and "spelling" in nobody.stderr
     # a permission refusal says the fix once
     paths = PlatformPaths.resolve(home)
-    token = CredentialStore(paths.creds_dir).mint("outsider")
+    token = external_token(home, "outsider")
     with (
         Bus.connect(paths.bus_endpoint(), "outsider", token) as app,
         pytest.raises(PermissionDenied) as denied,

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from broker.paths import PlatformPaths
 from clients.bus import Bus
-from security.credentials import CredentialStore
 from tests.conftest import (
     REPO,
+    external_token,
     operator_on,
     plexus_cli,
     running_platform,
@@ -28,7 +28,7 @@ PLEXUS = (sys.executable, "-m", "plexus")
 
 def _app_bus(home: Path, app: str) -> Bus:
     paths = PlatformPaths.resolve(home)
-    token = CredentialStore(paths.creds_dir).mint(app)
+    token = external_token(home, app)
     return Bus.connect(paths.bus_endpoint(), app, token, session=app)
 
 

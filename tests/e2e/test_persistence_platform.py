@@ -14,8 +14,8 @@ from pathlib import Path
 
 from broker.paths import PlatformPaths
 from clients.bus import Bus
-from security.credentials import CredentialStore
 from tests.conftest import (
+    external_token,
     files_containing,
     operator_on,
     plexus_cli,
@@ -68,7 +68,7 @@ def test_without_persistence_nothing_is_stored_and_the_bus_still_works(short_tmp
         picky = Bus.connect(
             paths.bus_endpoint(),
             "picky",
-            CredentialStore(paths.creds_dir).mint("picky"),
+            external_token(home, "picky"),
             session="picky",
         )
         with picky, operator_on(home) as bus:
