@@ -1,8 +1,10 @@
 """`python -m persistence`: the persistence service of one platform, until SIGTERM or SIGINT.
 
-Launched by the supervisor with a `$persistence` credential on PLEXUS_CREDENTIAL_FD and the
-platform config on PLEXUS_CONFIG_FD (`broker.config`); run by hand without the latter, it
-uses the platform's defaults. Only where it lives (`--home`, `--apps`) is a flag.
+Launched by the supervisor with a `$persistence` credential on PLEXUS_CREDENTIAL_FD, the
+platform config on PLEXUS_CONFIG_FD (`broker.config`) and, for a passphrase key ring, the
+passphrase on PLEXUS_KEY_PASSPHRASE_FD (never from the environment); run by hand without
+the config, it uses the platform's defaults. Only where it lives (`--home`, `--apps`) is
+a flag.
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ from persistence.retention import RetentionPolicy
 from persistence.service import PersistenceConfig, PersistenceService
 from persistence.store import SegmentPolicy
 from security.handoff import HandoffError, credential_from_environment
-from security.keyring import KeyFileError
+from security.keyring import KeyFileError, passphrase_from_descriptor
 
 _MIB = 2**20
 _MIN_SEGMENT_BYTES = 64 * 1024
 
 
 def persistence_config(
-    platform: PlatformConfig, paths: PlatformPaths, apps_dir: Path | None
+    platform: PlatformConfig,
+    paths: PlatformPaths,
+    apps_dir: Path | None,
+    passphrase: str | None = None,
 ) -> PersistenceConfig:
     """The service's settings, all taken from the [persistence] section."""
     segment_bytes = platform.segment_max_mb * _MIB
@@ -41,6 +46,7 @@ def persistence_config(
         segments=SegmentPolicy(segment_bytes, int(platform.segment_period_s * 1e9)),
         retention=RetentionPolicy(int(platform.max_age_s * 1e9), platform.max_size_mb * _MIB),
         sensitive_topics=platform.sensitive_topics,
+        passphrase=passphrase,
     )
 
 
@@ -57,12 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         platform = config_from_environment()
         token = credential_from_environment()
+        passphrase = passphrase_from_descriptor()
     except (ConfigError, HandoffError) as exc:
         event(log, "persistence-config-refused", error=str(exc))
         return 2
+    except KeyFileError as exc:
+        event(log, "keys-refused", error=str(exc))
+        return 2
     paths = PlatformPaths.resolve(args.home)
     paths.prepare()
-    config = persistence_config(platform, paths, args.apps)
+    config = persistence_config(platform, paths, args.apps, passphrase)
     event(
         log,
         "persistence-config",

@@ -23,6 +23,7 @@ _SCRUBBED = (
     "PLEXUS_APP_ID",
     "PLEXUS_ENDPOINT",
     "PLEXUS_KEY_PASSPHRASE",  # the key ring's secret is for the persistence service only
+    "PLEXUS_KEY_PASSPHRASE_FD",
 )
 
 

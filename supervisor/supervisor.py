@@ -31,6 +31,7 @@ from broker.paths import PlatformPaths
 from clients.bus import Bus, BusError, Message, Subscription
 from security.credentials import CredentialStore
 from security.handoff import handoff_pipe
+from security.keyring import PASSPHRASE_ENV, PASSPHRASE_FD_VARIABLE
 from supervisor.app_output import AppOutput
 from supervisor.config import PlatformConfig
 from supervisor.launch import app_argv, app_environment, credential_pipe
@@ -549,6 +550,10 @@ class Supervisor:
                 service.token = self.credentials.mint(service.identity)
                 fds.append(credential_pipe(service.token))
                 env["PLEXUS_CREDENTIAL_FD"] = str(fds[1])
+            passphrase = env.pop(PASSPHRASE_ENV, None)  # a service reads it from a pipe only
+            if passphrase is not None and service.name == "persistence":
+                fds.append(handoff_pipe(passphrase.encode("utf-8", "surrogateescape")))
+                env[PASSPHRASE_FD_VARIABLE] = str(fds[-1])
             service.child = self.spawner.spawn(service.name, argv, env, fds)
         finally:
             for fd in fds:
