@@ -33,8 +33,9 @@ from plexus.common import (
     stale_message,
 )
 from plexus.interrupts import interrupt_flag
+from plexus.keys_commands import keys
 from plexus.status import collect_status, render_apps, render_status
-from plexus.store_commands import history, keys, replay
+from plexus.store_commands import history, replay
 from security.credentials import CredentialStore
 from supervisor.config import ConfigError, load_config
 from supervisor.platform_state import platform_alive, recorded_pid
