@@ -92,9 +92,8 @@ def keys_destroy(home: Path | None, key_id: int, as_json: bool) -> None:
     try:
         ring.destroy(key_id, in_use)
     except KeyRefused as exc:
-        if in_use.get(key_id):
-            fail(f"{exc} ({in_use[key_id]} records)", exits.BAD_INPUT)
-        fail(str(exc), exits.BAD_INPUT)
+        count = in_use.get(key_id, 0)
+        fail(f"{exc} ({count} stored records name it)" if count else str(exc), exits.BAD_INPUT)
     click.echo(json.dumps({"destroyed": [key_id]}) if as_json else f"key {key_id} destroyed")
 
 
