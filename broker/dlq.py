@@ -14,6 +14,14 @@ from typing import Any
 from broker.delivery import Delivery
 
 REASONS = ("nacked", "ack-timeout", "expired", "queue-full", "rejected")
+SEALED_ERROR = "(sealed: the message is sensitive)"
+"""What listings and log lines show for the error of a sensitive dead letter: the text a
+receiver gave may quote the payload, which is only ever stored sealed."""
+
+
+def shown_error(delivery: Delivery) -> str:
+    """A delivery's last error as it may be shown or logged (`SEALED_ERROR` if sensitive)."""
+    return SEALED_ERROR if delivery.sensitive and delivery.last_error else delivery.last_error
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +36,8 @@ class DeadLetter:
     delivery: Delivery
 
     def describe(self) -> dict[str, Any]:
-        """Plain data for `plexus dlq list --json` (payload shown as bytes length)."""
+        """Plain data for `plexus dlq list --json` (payload shown as bytes length, the
+        error of a sensitive message redacted)."""
         d = self.delivery
         return {
             "id": self.entry_id,
@@ -39,7 +48,7 @@ class DeadLetter:
             "sender": d.sender,
             "message_id": d.msg_id.hex(),
             "attempts": d.attempt,
-            "last_error": d.last_error,
+            "last_error": shown_error(d),
             "published_at_ns": d.timestamp_ns,
             "dead_at_ns": self.dead_at_ns,
             "payload_bytes": len(d.payload),

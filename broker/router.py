@@ -41,7 +41,7 @@ from broker.codec import (
     pack,
 )
 from broker.delivery import Delivery, DeliveryConfig, Mailbox
-from broker.dlq import DeadLetterQueue
+from broker.dlq import DeadLetterQueue, shown_error
 from broker.dlq_commands import DeadLetterCommands
 from broker.errors import (
     AuthFailure,
@@ -667,13 +667,13 @@ class Router:
         key = (reason, session.app_id, session.name)
         tally = self._dead_tally.get(key)
         if tally is None:
-            self._dead_tally[key] = _DeadTally(entry, d.topic, d.attempt, d.last_error)
+            self._dead_tally[key] = _DeadTally(entry, d.topic, d.attempt, shown_error(d))
         else:
             tally.count += 1
             tally.last_id = entry
             tally.topic = d.topic
             tally.attempts = d.attempt
-            tally.error = d.last_error
+            tally.error = shown_error(d)
 
     def take_notices(self) -> list[Notice]:
         """The log lines due (the server writes them, once per pass): what `notices`

@@ -1,9 +1,11 @@
 """`python -m persistence`: the persistence service of one platform, until SIGTERM or SIGINT.
 
 Launched by the supervisor with a `$persistence` credential on PLEXUS_CREDENTIAL_FD, the
-store's CurveZMQ key on PLEXUS_SERVER_KEY_FD, its grant channel on PLEXUS_GRANTS_FD and the
-platform config on PLEXUS_CONFIG_FD (`broker.config`); run by hand without the latter, it
-uses the platform's defaults. Only where it lives (`--home`, `--apps`) is a flag.
+store's CurveZMQ key on PLEXUS_SERVER_KEY_FD, its grant channel on PLEXUS_GRANTS_FD, the
+platform config on PLEXUS_CONFIG_FD (`broker.config`) and, for a passphrase key ring, the
+passphrase on PLEXUS_KEY_PASSPHRASE_FD (never from the environment); run by hand without
+the config, it uses the platform's defaults. Only where it lives (`--home`, `--apps`) is
+a flag.
 """
 
 from __future__ import annotations
@@ -23,14 +25,17 @@ from persistence.store import SegmentPolicy
 from security.credentials import server_keys_from_environment
 from security.grant_channel import GrantChannelError, GrantReceiver
 from security.handoff import HandoffError, credential_from_environment
-from security.keyring import KeyFileError
+from security.keyring import KeyFileError, passphrase_from_descriptor
 
 _MIB = 2**20
 _MIN_SEGMENT_BYTES = 64 * 1024
 
 
 def persistence_config(
-    platform: PlatformConfig, paths: PlatformPaths, apps_dir: Path | None
+    platform: PlatformConfig,
+    paths: PlatformPaths,
+    apps_dir: Path | None,
+    passphrase: str | None = None,
 ) -> PersistenceConfig:
     """The service's settings, all taken from the [persistence] section."""
     segment_bytes = platform.segment_max_mb * _MIB
@@ -44,6 +49,7 @@ def persistence_config(
         segments=SegmentPolicy(segment_bytes, int(platform.segment_period_s * 1e9)),
         retention=RetentionPolicy(int(platform.max_age_s * 1e9), platform.max_size_mb * _MIB),
         sensitive_topics=platform.sensitive_topics,
+        passphrase=passphrase,
     )
 
 
@@ -64,12 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         grants = GrantReceiver.from_environment()
         if grants is None:
             raise GrantChannelError("no grant channel: PLEXUS_GRANTS_FD is not set")
+        passphrase = passphrase_from_descriptor()
     except (ConfigError, HandoffError, GrantChannelError) as exc:
         event(log, "persistence-config-refused", error=str(exc))
         return 2
+    except KeyFileError as exc:
+        event(log, "keys-refused", error=str(exc))
+        return 2
     paths = PlatformPaths.resolve(args.home)
     paths.prepare()
-    config = persistence_config(platform, paths, args.apps)
+    config = persistence_config(platform, paths, args.apps, passphrase)
     event(
         log,
         "persistence-config",

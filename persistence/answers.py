@@ -21,6 +21,7 @@ from broker.errors import Code, WireError
 from broker.permissions import Authorizer, permissions_of
 from broker.topics import is_literal, pattern_matches, pattern_tokens, validate_topic
 from persistence.errors import storage_failure
+from persistence.sealing import open_message
 from persistence.segments import StoredMessage
 from persistence.store import MessageStore
 from security.keyring import KeyRing, SealedRecordError
@@ -100,13 +101,11 @@ class QueryAnswers:
         return wire.Result(tuple(rows), last_seq, done=True)
 
     def _row(self, message: StoredMessage) -> wire.StoredRow:
-        payload = message.payload
-        if message.sealed:
-            try:
-                payload = self._keys.open_sealed(message.msg_id, message.topic, payload)
-            except SealedRecordError as exc:
-                raise storage_failure(exc) from exc
-        return (message.seq, message.ts_ns, message.sender, message.header, payload)
+        try:
+            header, payload = open_message(self._keys, message)
+        except SealedRecordError as exc:
+            raise storage_failure(exc) from exc
+        return (message.seq, message.ts_ns, message.sender, header, payload)
 
 
 def _matcher(pattern: str) -> Callable[[str], bool]:

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any
 
 from broker.codec import decode_sids
 from broker.errors import ProtocolViolation
 from broker.logs import event
 from broker.wire import RESTORE_PAGE_BYTES, RESTORE_PAGE_ROWS, RESTORE_RECENT_IDS, EvRestore
+from persistence.sealing import Opener, open_dead_letter, open_message
 from persistence.segments import StoredMessage
 from persistence.state import StateStore
 from persistence.store import MessageStore
@@ -34,10 +35,6 @@ log = logging.getLogger("plexus.persistence")
 
 _ROW_OVERHEAD = 128
 """Bytes counted per row beyond its variable fields (msgpack markers, ints, flags)."""
-
-
-class Opener(Protocol):
-    def open_sealed(self, msg_id: bytes, topic: str, sealed: bytes) -> bytes: ...
 
 
 class _Page:
@@ -131,9 +128,10 @@ class RestoreReader:
             self.skipped += 1
             event(log, "restore-message-gone", logging.WARNING, seq=seq, app=app)
             return None
-        payload = self._open(stored)
-        if payload is None:
+        opened = self._open(stored)
+        if opened is None:
             return None
+        header, payload = opened
         return (
             app,
             session,
@@ -143,16 +141,14 @@ class RestoreReader:
             stored.ts_ns,
             stored.topic,
             stored.msg_id,
-            stored.header,
+            header,
             payload,
             stored.sealed,
         )
 
-    def _open(self, stored: StoredMessage) -> bytes | None:
-        if not stored.sealed:
-            return stored.payload
+    def _open(self, stored: StoredMessage) -> tuple[bytes, bytes] | None:
         try:
-            return self._keys.open_sealed(stored.msg_id, stored.topic, stored.payload)
+            return open_message(self._keys, stored)
         except SealedRecordError as exc:
             self.skipped += 1
             event(log, "recovery-record-unreadable", logging.ERROR, seq=stored.seq, error=str(exc))
@@ -160,9 +156,7 @@ class RestoreReader:
 
     def _dead_letter(self, entry_id: int, f: dict[str, Any]) -> tuple[Any, ...] | None:
         try:
-            payload = f["payload"]
-            if f.get("sealed"):
-                payload = self._keys.open_sealed(f["msg_id"], f["topic"], payload)
+            f = open_dead_letter(self._keys, entry_id, f)
             return (
                 entry_id,
                 f["reason"],
@@ -177,7 +171,7 @@ class RestoreReader:
                 f["topic"],
                 f["msg_id"],
                 f["header"],
-                payload,
+                f["payload"],
                 bool(f["sensitive"]),
                 decode_sids(f["sids"]) if f["sids"] else [],
             )

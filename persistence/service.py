@@ -121,6 +121,9 @@ class PersistenceConfig:
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     sensitive_topics: Sequence[str] = ()
     journal: JournalPolicy = field(default_factory=JournalPolicy)
+    passphrase: str | None = field(default=None, repr=False)
+    """The key ring's passphrase, handed over on a descriptor; never read from the
+    environment (`security.keyring.PASSPHRASE_FD_VARIABLE`)."""
 
 
 class PersistenceService:
@@ -142,7 +145,9 @@ class PersistenceService:
         self._context = context or zmq.Context.instance()
         paths = config.paths
         paths.store_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.keys = KeyRing.open(paths.keys_dir, clock)
+        self.keys = KeyRing.open(
+            paths.keys_dir, clock, passphrase=config.passphrase, from_environment=False
+        )
         self.messages = MessageStore(
             paths.segments_dir, readonly=False, policy=config.segments, clock=clock
         )

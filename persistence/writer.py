@@ -10,24 +10,31 @@ broker confirms publishes up to it, so it must never name a message the segments
 After a crash between the two commits the segments hold messages beyond the watermark:
 the broker still retains those events (they were never acknowledged) and sends them
 again; their state changes are applied and their rows, already stored, are skipped.
-Payloads of sensitive messages (flagged by the publisher or on a configured topic) are
-sealed with AES-256-GCM before they reach either environment.
+Sensitive messages (flagged by the publisher or on a configured topic) are sealed with
+AES-256-GCM before they reach either environment: payload and header together, and for a
+dead letter its error text too (persistence.sealing).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import fields
-from typing import Any, Protocol
+from typing import Any
 
 import lmdb
 
 from broker import event_records as R
 from broker.topics import TopicIndex
+from persistence.sealing import Sealer, message_context, seal_dead_letter, seal_message
 from persistence.state import StateStore
 from persistence.store import MessageStore, Row
 
 _DEAD_FIELDS = tuple(item.name for item in fields(R.DeadLettered))
+_PLAIN_NACK_REASONS = frozenset(
+    ("", "nacked", "nacked by the receiver", "rejected by the receiver")
+)
+"""NACK texts the client library and the broker put in when the receiver gave none: an
+event with any other text may quote a sensitive payload, so it is never journaled."""
 
 
 def _changes_state(record: object) -> bool:
@@ -43,10 +50,6 @@ def _changes_state(record: object) -> bool:
             return True
         case _:
             return False
-
-
-class Sealer(Protocol):
-    def seal(self, msg_id: bytes, topic: str, plaintext: bytes) -> bytes: ...
 
 
 class StoreWriter:
@@ -76,18 +79,20 @@ class StoreWriter:
         self.stored = 0
         self.sealed = 0
 
-    def _protect(self, sensitive: bool, msg_id: bytes, topic: str, payload: bytes) -> bytes | None:
-        """The sealed payload when the message must be encrypted, else None."""
+    def _sealer_for(self, sensitive: bool, topic: str) -> Sealer | None:
+        """The key ring when a message must be encrypted, else None."""
         if not (sensitive or self._sensitive.has_interest(topic)):
             return None
         if self._sealer is None:
             raise RuntimeError("a sensitive message arrived but no key ring is open")
         self.sealed += 1
-        return self._sealer.seal(msg_id, topic, payload)
+        return self._sealer
 
     def seals(self, events: Sequence[R.Event]) -> bool:
-        """Whether storing `events` seals a payload (flagged sensitive by its publisher, or
-        on a configured topic): such a group reaches the disk only sealed, in LMDB, and is
+        """Whether storing `events` seals something (a message flagged sensitive by its
+        publisher or on a configured topic, its dead letter), or holds a NACK text of the
+        receiver's (the broker cannot tell whether its message was sensitive): such a
+        group reaches the disk only as LMDB keeps it (sealed; a NACK not at all), and is
         never journaled (persistence.journal holds events as the broker sent them)."""
         interest = self._sensitive.has_interest
         for event in events:
@@ -95,6 +100,8 @@ class StoreWriter:
             if (type(record) is R.Published or type(record) is R.DeadLettered) and (
                 record.sensitive or interest(record.topic)
             ):
+                return True
+            if type(record) is R.Nacked and record.reason not in _PLAIN_NACK_REASONS:
                 return True
         return False
 
@@ -140,26 +147,30 @@ class StoreWriter:
 
     def _row(self, seq: int, ts_ns: int, record: Any) -> Row:
         message: R.Published = record
-        sealed = self._protect(message.sensitive, message.msg_id, message.topic, message.payload)
-        stored = sealed if sealed is not None else message.payload
+        header, payload = message.header, message.payload
+        sealer = self._sealer_for(message.sensitive, message.topic)
+        if sealer is not None:
+            context = message_context(seq, ts_ns, message.sender, message.topic, message.msg_id)
+            header, payload = seal_message(sealer, context, header, payload)
         return (
             seq,
             ts_ns,
             message.sender,
             message.topic,
             message.msg_id,
-            message.header,
-            stored,
-            sealed is not None,
+            header,
+            payload,
+            sealer is not None,
         )
 
     def _dead_record(self, ts_ns: int, dead: R.DeadLettered) -> dict[str, Any]:
-        """The stored form of a dead letter: its payload sealed when sensitive."""
+        """The stored form of a dead letter: header, payload and error sealed when
+        sensitive."""
         record = {name: getattr(dead, name) for name in _DEAD_FIELDS}
-        sealed = self._protect(dead.sensitive, dead.msg_id, dead.topic, dead.payload)
-        record["sealed"] = sealed is not None
-        if sealed is not None:
-            record["payload"] = sealed
+        record["sealed"] = False
+        sealer = self._sealer_for(dead.sensitive, dead.topic)
+        if sealer is not None:
+            seal_dead_letter(sealer, dead.entry_id, record)
         record["dead_ns"] = ts_ns
         return record
 

@@ -34,8 +34,9 @@ from plexus.common import (
     supervisor_request,
 )
 from plexus.interrupts import interrupt_flag
+from plexus.keys_commands import keys
 from plexus.status import collect_status, render_apps, render_status
-from plexus.store_commands import history, keys, replay
+from plexus.store_commands import history, replay
 from supervisor.config import ConfigError, load_config
 from supervisor.platform_state import platform_alive, recorded_pid
 from supervisor.supervisor import PlatformRunning, Supervisor

@@ -1,10 +1,9 @@
-"""`plexus history`, `plexus replay` and `plexus keys`: the store, for the operator.
+"""`plexus history` and `plexus replay`: the store, for the operator (`plexus keys`:
+plexus.keys_commands).
 
 History and replay go through the persistence service like any app's queries (as `$cli`,
 which may read every topic). Replay streams: one message a line as pages arrive, with a
-progress line on stderr when stderr is a terminal. Keys work on HOME/keys directly, so
-`plexus keys rotate` works with the platform running (the service picks the new key up
-within a second) or stopped.
+progress line on stderr when stderr is a terminal.
 """
 
 from __future__ import annotations
@@ -19,13 +18,11 @@ from typing import Any
 
 import click
 
-from broker.paths import PlatformPaths
 from clients.bus import BusError, Message
 from clients.store import LATEST_MOMENT_S
 from plexus import exits
 from plexus.common import exit_code, fail, home_option, message_record, operator_bus
 from plexus.interrupts import interrupt_flag
-from security.keyring import KeyFileError, KeyRing
 
 _PROGRESS_EVERY_S = 0.2
 
@@ -160,40 +157,3 @@ def replay(
     progress.finish()
     if interrupted.is_set():
         sys.exit(exits.INTERRUPTED)  # what was printed is complete; the rest was not sent
-
-
-@click.group()
-def keys() -> None:
-    """The key ring that encrypts sensitive payloads at rest (HOME/keys)."""
-
-
-def _ring(home: Path | None) -> KeyRing:
-    try:
-        return KeyRing.open(PlatformPaths.resolve(home).keys_dir)
-    except KeyFileError as exc:
-        fail(str(exc), exits.STORAGE)
-
-
-@keys.command("rotate")
-@home_option
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def keys_rotate(home: Path | None, as_json: bool) -> None:
-    """Make a new data key active; data sealed under older keys stays readable."""
-    key_id = _ring(home).rotate()
-    click.echo(json.dumps({"active_key": key_id}) if as_json else f"active key is now {key_id}")
-
-
-@keys.command("list")
-@home_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def keys_list(home: Path | None, as_json: bool) -> None:
-    """Every data key: id, creation time, whether active, encryptions reserved."""
-    described = _ring(home).describe()
-    if as_json:
-        click.echo(json.dumps(described))
-        return
-    click.echo(f"{'KEY':>4}  {'CREATED':<20} {'ACTIVE':<7}{'RESERVED':>10}")
-    for key in described:
-        created = datetime.fromtimestamp(int(key["created_ns"]) / 1e9).isoformat(timespec="seconds")
-        active = "yes" if key["active"] else ""
-        click.echo(f"{key['id']:>4}  {created:<20} {active:<7}{key['reserved']:>10}")

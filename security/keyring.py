@@ -8,11 +8,20 @@ Why it is built this way:
   Encryptions are reserved in blocks that are written to the ring *before* they are used:
   a crash wastes the rest of a block but can never let a key exceed its limit, and several
   processes sharing the ring draw disjoint blocks under an flock.
-* The associated data binds a record to its header (version, key id), its message id and
-  its topic: a record copied under another id or topic fails its tag instead of opening.
+* The associated data binds a record to its header (version, key id) and to the message it
+  belongs to: a version-2 record (`seal_record`) to its kind (stored message or dead
+  letter), sequence number, timestamp, message id, sender and topic; a version-1 record
+  (written before version 2 existed, still opened) only to its message id and topic. A
+  record copied under another message, sender or place fails its tag instead of opening.
 * Data keys never reach the disk in the clear: the ring holds them wrapped by a
-  key-encryption key (the 0600 file `kek`, or scrypt of $PLEXUS_KEY_PASSPHRASE with the
-  salt in `kek.salt`). Old keys stay in the ring, so rotating never strands a record.
+  key-encryption key (the 0600 file `kek`, or scrypt of the passphrase with the salt in
+  `kek.salt`; N = 2**17 for rings made or rewrapped now, the parameters of older rings are
+  read from the ring). Old keys stay in the ring until the operator destroys one no
+  stored record needs (`destroy`), so rotating never strands a record.
+* The KEK itself can be replaced (`rotate_kek`): every data key is rewrapped under a new
+  one. The new secret is written to `kek.new` (`kek.salt.new`) first, then the ring, then
+  the secret is renamed over the old one; an open that finds the staged file takes
+  whichever of the two unwraps the ring, so a crash at any step leaves a readable ring.
 * The persistence service keeps the ring open while `plexus keys rotate` (another process)
   changes it: writes are atomic replaces under the lock, and readers pick the new file up
   within a second (`seal`) or at once when they meet an unknown key id (`open_sealed`).
@@ -22,21 +31,32 @@ Files in `keys_dir` (0700, owned by the user; every file 0600):
     kek        32 random bytes (absent in passphrase mode)
     kek.salt   16 random bytes, the scrypt salt (passphrase mode only)
     ring       msgpack {"format": 1,
-                        "kek": {"kind": "file"} | {"kind": "scrypt", "n": N, "r": R, "p": P},
+                        "kek": {"kind": "file", "gen": G}
+                             | {"kind": "scrypt", "n": N, "r": R, "p": P, "gen": G},
                         "keys": [{"id": 1.., "created_ns": int, "nonce": 12 bytes,
-                                  "wrapped": 48 bytes, "reserved": int}, ...]}
+                                  "wrapped": 48 bytes, "reserved": int}, ...],
+                        "destroyed": [id, ...]}
                `wrapped` = AESGCM(kek).encrypt(nonce, data key, b"plexus-key-v1\\0" + id (4 B));
-               keys are sorted by id and the last one is the active key.
+               keys are sorted by id and the last one is the active key. `gen` counts KEK
+               rotations (absent: 1); `destroyed` the ids `destroy` removed (absent: none).
+    kek.new, kek.salt.new   a KEK rotation under way (see above)
     lock       empty; flock'ed around every change of `ring`
 
-Sealed record: version (1 byte, = 1) | key id (4 bytes, big-endian) | nonce (12 bytes) |
+Sealed record: version (1 byte) | key id (4 bytes, big-endian) | nonce (12 bytes) |
 ciphertext || tag (16 bytes), with associated data
-b"plexus-record-v1\\0" + version + key id + len(msg_id) (4 B) + msg_id + topic (UTF-8).
+
+    version 2: b"plexus-record-v2\\0" + version + key id + kind (1 B) + seq (8 B) + ts_ns (8 B)
+               + len(msg_id) (4 B) + msg_id + len(sender) (4 B) + sender + topic (UTF-8)
+    version 1: b"plexus-record-v1\\0" + version + key id + len(msg_id) (4 B) + msg_id + topic
+
+(`RecordContext` holds what version 2 binds.) What the plaintext holds is the caller's
+business (persistence.sealing).
 
 Errors (floor 1: they carry no wire code; persistence maps them where it answers):
 
     KeyRingError
     ├── KeyFileError         the key directory or a file: missing, damaged, too open
+    ├── KeyRefused           `destroy` refused: unknown, active, just retired or still needed
     └── SealedRecordError    a sealed record does not open (`detail`, `ref`)
         ├── TamperedRecord   malformed or failed its tag
         └── KeyMissing       its key id is not in the ring
@@ -52,7 +72,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +82,16 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-RECORD_VERSION = 1
+from security.handoff import HandoffError, read_fd_variable
+
+RECORD_V1 = 1
+"""Sealed records written before the AAD bound sender, timestamp and sequence (still read)."""
+RECORD_VERSION = 2
+"""What `seal_record` writes."""
+KIND_MESSAGE = 1
+"""`RecordContext.kind` of a stored message (a segment row)."""
+KIND_DEAD_LETTER = 2
+"""`RecordContext.kind` of a dead letter (a state.mdb dlq record)."""
 USAGE_LIMIT = 2**28
 """Encryptions allowed per data key: far below the 2**32 bound for random 96-bit nonces."""
 RESERVE_BLOCK = 65536
@@ -70,12 +99,19 @@ RESERVE_BLOCK = 65536
 REFRESH_INTERVAL_NS = 1_000_000_000
 """`seal` looks for a changed ring at most this often."""
 PASSPHRASE_ENV = "PLEXUS_KEY_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
+"""Where the operator's processes (`plexus run`, `plexus keys`) find the passphrase."""
+PASSPHRASE_FD_VARIABLE = "PLEXUS_KEY_PASSPHRASE_FD"  # noqa: S105 (a variable name)
+"""Names the inherited descriptor a platform service reads the passphrase from."""
+RETIRE_GRACE_NS = 5 * 1_000_000_000
+"""A key retired more recently than this may still be sealing in a running service
+(which notices a rotation within `REFRESH_INTERVAL_NS`): `destroy` waits it out."""
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
 SALT_BYTES = 16
-SCRYPT_N = 2**15
+SCRYPT_N = 2**17
+"""scrypt cost of rings made (or KEK-rotated) now; 2**15 before: read from the ring."""
 SCRYPT_R = 8
 SCRYPT_P = 1
 MAX_KEY_ID = 2**32 - 1
@@ -83,12 +119,15 @@ MAX_KEY_ID = 2**32 - 1
 _HEADER = struct.Struct(">BI")
 _MIN_RECORD = _HEADER.size + NONCE_BYTES + TAG_BYTES
 _RECORD_AAD = b"plexus-record-v1\0"
+_RECORD_AAD_V2 = b"plexus-record-v2\0"
+_U64 = struct.Struct(">Q")
 _WRAP_AAD = b"plexus-key-v1\0"
 _RING_FORMAT = 1
 _SCRYPT_MAX_MEMORY = 256 * 2**20
 
 KEK_FILE = "kek"
 SALT_FILE = "kek.salt"
+STAGED_SUFFIX = ".new"
 RING_FILE = "ring"
 LOCK_FILE = "lock"
 
@@ -99,6 +138,10 @@ class KeyRingError(Exception):
 
 class KeyFileError(KeyRingError):
     """The key directory or one of its files is missing, damaged or open to other users."""
+
+
+class KeyRefused(KeyRingError):
+    """`destroy` refused: the key is unknown, active, just retired, or a record needs it."""
 
 
 class SealedRecordError(KeyRingError):
@@ -128,8 +171,73 @@ def wrap_aad(key_id: int) -> bytes:
     return _WRAP_AAD + key_id.to_bytes(4, "big")
 
 
+@dataclass(frozen=True, slots=True)
+class RecordContext:
+    """Where a version-2 record belongs: all of it goes into the associated data.
+
+    For a stored message: its event `seq`, broker timestamp, id, sender and topic; for a
+    dead letter: its entry id as `seq` and its message's publish time, id, sender, topic.
+    """
+
+    kind: int
+    seq: int
+    ts_ns: int
+    msg_id: bytes
+    sender: str
+    topic: str
+
+    def ref(self) -> dict[str, Any]:
+        return {"msg_id": self.msg_id.hex(), "topic": self.topic, "seq": self.seq}
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def record_aad_v2(header: bytes, context: RecordContext) -> bytes:
+    """Associated data of a version-2 record: its header and everything in `context`,
+    each field fixed-size or length-prefixed, so two contexts never give the same bytes."""
+    sender = _utf8(context.sender)
+    return b"".join(
+        (
+            _RECORD_AAD_V2,
+            header,
+            bytes((context.kind & 0xFF,)),
+            _U64.pack(context.seq & (2**64 - 1)),
+            _U64.pack(context.ts_ns & (2**64 - 1)),
+            len(context.msg_id).to_bytes(4, "big"),
+            context.msg_id,
+            len(sender).to_bytes(4, "big"),
+            sender,
+            _utf8(context.topic),
+        )
+    )
+
+
+def record_version(sealed: bytes) -> int:
+    """The version byte of a sealed record (0 when it is empty)."""
+    return sealed[0] if sealed else 0
+
+
+def record_key_id(sealed: bytes) -> int | None:
+    """The key id a sealed record names, None when it is too short to have one."""
+    if len(sealed) < _HEADER.size:
+        return None
+    return int(_HEADER.unpack_from(sealed)[1])
+
+
+def passphrase_from_descriptor(environ: Mapping[str, str] | None = None) -> str | None:
+    """The passphrase handed over on the descriptor `PLEXUS_KEY_PASSPHRASE_FD` names
+    (None when it is unset); read once, then the descriptor is closed."""
+    try:
+        data = read_fd_variable(PASSPHRASE_FD_VARIABLE, environ)
+    except HandoffError as exc:
+        raise KeyFileError(f"cannot read the passphrase: {exc}") from None
+    return None if data is None else data.decode("utf-8", "surrogateescape")
+
+
 def record_aad(header: bytes, msg_id: bytes, topic: str) -> bytes:
-    """Associated data of a sealed record: binds it to its header, message id and topic."""
+    """Associated data of a version-1 record: binds it to its header, message id and topic."""
     return (
         _RECORD_AAD
         + header
@@ -145,6 +253,17 @@ class _KekSpec:
     n: int = 0
     r: int = 0
     p: int = 0
+    gen: int = 1
+    """KEK generation: 1 at creation, one more per `rotate_kek`."""
+
+    @property
+    def secret_file(self) -> str:
+        """The file holding the KEK (file mode) or the scrypt salt."""
+        return KEK_FILE if self.kind == "file" else SALT_FILE
+
+    @property
+    def secret_bytes(self) -> int:
+        return KEY_BYTES if self.kind == "file" else SALT_BYTES
 
 
 @dataclass(slots=True)
@@ -160,6 +279,7 @@ class _KeyEntry:
 class _Ring:
     kek: _KekSpec
     keys: list[_KeyEntry] = field(default_factory=list)
+    destroyed: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -270,8 +390,9 @@ def _decode_kek_spec(doc: object) -> _KekSpec:
     if not isinstance(doc, dict):
         raise ValueError("bad kek entry")
     kind = doc.get("kind")
+    gen = _int(doc.get("gen", 1), "kek generation", 1, 2**32)
     if kind == "file":
-        return _KekSpec("file")
+        return _KekSpec("file", gen=gen)
     if kind != "scrypt":
         raise ValueError(f"unknown kek kind {kind!r}")
     n = _int(doc.get("n"), "scrypt n", 2, 2**24)
@@ -279,7 +400,7 @@ def _decode_kek_spec(doc: object) -> _KekSpec:
     p = _int(doc.get("p"), "scrypt p", 1, 16)
     if n & (n - 1) or 128 * n * r > _SCRYPT_MAX_MEMORY:
         raise ValueError("bad scrypt parameters")
-    return _KekSpec("scrypt", n, r, p)
+    return _KekSpec("scrypt", n, r, p, gen)
 
 
 def _decode_ring(data: bytes) -> _Ring:
@@ -293,7 +414,13 @@ def _decode_ring(data: bytes) -> _Ring:
     keys = doc.get("keys")
     if not isinstance(keys, list):
         raise ValueError("no key list")
-    ring = _Ring(_decode_kek_spec(doc.get("kek")))
+    destroyed = doc.get("destroyed", [])
+    if not isinstance(destroyed, list):
+        raise ValueError("bad destroyed list")
+    ring = _Ring(
+        _decode_kek_spec(doc.get("kek")),
+        destroyed=[_int(item, "destroyed key id", 1, MAX_KEY_ID) for item in destroyed],
+    )
     for item in keys:
         if not isinstance(item, dict):
             raise ValueError("bad key entry")
@@ -314,6 +441,9 @@ def _encode_ring(ring: _Ring) -> bytes:
     kek: dict[str, Any] = {"kind": ring.kek.kind}
     if ring.kek.kind == "scrypt":
         kek.update(n=ring.kek.n, r=ring.kek.r, p=ring.kek.p)
+    if ring.kek.gen != 1:
+        kek["gen"] = ring.kek.gen
+    extra: dict[str, Any] = {"destroyed": ring.destroyed} if ring.destroyed else {}
     data: bytes = msgpack.packb(
         {
             "format": _RING_FORMAT,
@@ -328,6 +458,7 @@ def _encode_ring(ring: _Ring) -> bytes:
                 }
                 for k in ring.keys
             ],
+            **extra,
         },
         use_bin_type=True,
     )
@@ -358,6 +489,7 @@ class KeyRing:
         self._block = reserve_block
         self._mutex = threading.Lock()
         self._kek: AESGCM | None = None
+        self._passphrase: str | None = None
         self._ring = _Ring(_KekSpec("file"))
         self._aeads: dict[int, tuple[bytes, AESGCM]] = {}
         self._signature: _Signature | None = None
@@ -373,14 +505,16 @@ class KeyRing:
         usage_limit: int = USAGE_LIMIT,
         reserve_block: int = RESERVE_BLOCK,
         passphrase: str | None = None,
+        from_environment: bool = True,
     ) -> KeyRing:
         """Open (creating on first use) the key ring in `keys_dir`.
 
-        `passphrase` defaults to $PLEXUS_KEY_PASSPHRASE; it only matters when the ring is
-        created, and must then be given on every later open. Raises KeyFileError when the
-        directory or a file is too open, missing or damaged.
+        `passphrase` defaults to $PLEXUS_KEY_PASSPHRASE unless `from_environment` is false
+        (a platform service: it is handed the passphrase on a descriptor instead); it only
+        matters when the ring is created, and must then be given on every later open.
+        Raises KeyFileError when the directory or a file is too open, missing or damaged.
         """
-        if passphrase is None:
+        if passphrase is None and from_environment:
             passphrase = os.environ.get(PASSPHRASE_ENV)
         if passphrase == "":
             raise KeyFileError(f"{PASSPHRASE_ENV} is set but empty; set a passphrase or unset it")
@@ -390,67 +524,47 @@ class KeyRing:
 
     # -- public API -------------------------------------------------------------------
 
-    def seal(self, msg_id: bytes, topic: str, plaintext: bytes) -> bytes:
-        """Encrypt `plaintext` under the active key, bound to `msg_id` and `topic`."""
-        with self._mutex:
-            now = self._clock()
-            if now >= self._next_refresh_ns:
-                self._next_refresh_ns = now + REFRESH_INTERVAL_NS
-                self._refresh_locked(force=False)
-            lease = self._lease
-            if lease is None or lease.used >= lease.end:
-                lease = self._reserve_locked()
-            lease.used += 1
-            key_id = lease.key_id
-            aead = self._aeads[key_id][1]
+    def seal_record(self, context: RecordContext, plaintext: bytes) -> bytes:
+        """Encrypt `plaintext` under the active key as a version-2 record bound to `context`."""
+        key_id, aead = self._sealing_key()
         header = _HEADER.pack(RECORD_VERSION, key_id)
+        nonce = os.urandom(NONCE_BYTES)
+        return header + nonce + aead.encrypt(nonce, plaintext, record_aad_v2(header, context))
+
+    def open_record(self, context: RecordContext, sealed: bytes) -> bytes:
+        """The plaintext of a record sealed for `context` (version 2), or of a version-1
+        record sealed for its message id and topic.
+
+        Raises TamperedRecord (malformed, altered, or sealed for another message, sender,
+        time or place) or KeyMissing (its key is not in the ring); never returns
+        unauthenticated bytes.
+        """
+
+        def aad(header: bytes, version: int) -> bytes:
+            if version == RECORD_V1:
+                return record_aad(header, context.msg_id, context.topic)
+            return record_aad_v2(header, context)
+
+        return self._open(sealed, (RECORD_V1, RECORD_VERSION), aad, context.ref())
+
+    def seal(self, msg_id: bytes, topic: str, plaintext: bytes) -> bytes:
+        """A version-1 record (bound to `msg_id` and `topic` only), as stores written
+        before version 2 hold; the platform seals with `seal_record`."""
+        key_id, aead = self._sealing_key()
+        header = _HEADER.pack(RECORD_V1, key_id)
         nonce = os.urandom(NONCE_BYTES)
         return header + nonce + aead.encrypt(nonce, plaintext, record_aad(header, msg_id, topic))
 
     def open_sealed(self, msg_id: bytes, topic: str, sealed: bytes) -> bytes:
-        """The plaintext of a record `seal` made for `msg_id` and `topic`.
+        """The plaintext of a version-1 record `seal` made for `msg_id` and `topic`.
 
         Raises TamperedRecord (malformed, altered, or sealed for another id/topic) or
         KeyMissing (its key is not in the ring); never returns unauthenticated bytes.
         """
         ref: dict[str, Any] = {"msg_id": msg_id.hex(), "topic": topic}
-        if len(sealed) < _MIN_RECORD:
-            raise TamperedRecord(
-                f"sealed record of {len(sealed)} bytes is shorter than {_MIN_RECORD}", **ref
-            )
-        version, key_id = _HEADER.unpack_from(sealed)
-        if version != RECORD_VERSION:
-            raise TamperedRecord(f"sealed record has unknown version {version}", **ref)
-        with self._mutex:
-            known = self._aeads.get(key_id)
-            if known is None:
-                try:
-                    self._refresh_locked(force=True)
-                except KeyFileError as exc:
-                    raise KeyMissing(
-                        f"key {key_id} is unknown and the ring cannot be reloaded: {exc}",
-                        key_id=key_id,
-                        **ref,
-                    ) from exc
-                known = self._aeads.get(key_id)
-        if known is None:
-            raise KeyMissing(
-                f"key {key_id} is not in {self._ring_path}; restore {self._dir} from backup",
-                key_id=key_id,
-                **ref,
-            )
-        header = bytes(sealed[: _HEADER.size])
-        nonce = bytes(sealed[_HEADER.size : _HEADER.size + NONCE_BYTES])
-        body = bytes(sealed[_HEADER.size + NONCE_BYTES :])
-        try:
-            return known[1].decrypt(nonce, body, record_aad(header, msg_id, topic))
-        except InvalidTag:
-            raise TamperedRecord(
-                "sealed record failed its integrity check (altered, or stored under another "
-                "message id or topic)",
-                key_id=key_id,
-                **ref,
-            ) from None
+        return self._open(
+            sealed, (RECORD_V1,), lambda header, _v: record_aad(header, msg_id, topic), ref
+        )
 
     def rotate(self) -> int:
         """Add a new data key and make it active; returns its id. Old keys stay readable."""
@@ -461,6 +575,59 @@ class KeyRing:
             st = _replace_private(self._ring_path, _encode_ring(ring))
             self._apply(ring, _signature(st))
             return entry.id
+
+    def rotate_kek(self) -> int:
+        """Replace the key-encryption key and rewrap every data key under the new one;
+        returns the new KEK generation. A passphrase ring keeps its passphrase with a new
+        salt and today's scrypt cost. Data keys (and so every record) are unchanged."""
+        with self._mutex, self._locked():
+            ring = self._read_required()[0]
+            self._kek = self._unlock(ring, finish=True)
+            keys = [(entry, self._unwrap(self._kek, entry)) for entry in ring.keys]
+            spec = self._fresh_spec(self._passphrase)
+            spec = _KekSpec(spec.kind, spec.n, spec.r, spec.p, ring.kek.gen + 1)
+            staged = self._dir / (spec.secret_file + STAGED_SUFFIX)
+            staged.unlink(missing_ok=True)
+            secret = os.urandom(spec.secret_bytes)
+            _create_private(staged, secret)
+            kek = AESGCM(self._derive(spec, secret))
+            for entry, key in keys:
+                entry.nonce = os.urandom(NONCE_BYTES)
+                entry.wrapped = kek.encrypt(entry.nonce, key, wrap_aad(entry.id))
+            ring.kek = spec
+            st = _replace_private(self._ring_path, _encode_ring(ring))
+            os.replace(staged, self._dir / spec.secret_file)  # the ring is wrapped under it
+            _fsync_dir(self._dir)
+            self._kek = kek
+            self._apply(ring, _signature(st), unlocked=True)
+            return spec.gen
+
+    def destroy(self, key_id: int, in_use: Collection[int]) -> None:
+        """Remove a retired data key from the ring for good: the records it sealed can
+        never be opened again. `in_use` are the key ids stored records still name (the
+        caller asks the store: `persistence.key_usage`). Raises KeyRefused for an unknown
+        or active key, one retired less than `RETIRE_GRACE_NS` ago, or one in `in_use`."""
+        with self._mutex, self._locked():
+            ring, _ = self._read_required()
+            self._check_destroyable(ring, key_id, in_use)
+            ring.keys = [entry for entry in ring.keys if entry.id != key_id]
+            ring.destroyed = sorted({*ring.destroyed, key_id})
+            st = _replace_private(self._ring_path, _encode_ring(ring))
+            self._apply(ring, _signature(st))
+
+    def destroyable(self, in_use: Collection[int]) -> list[int]:
+        """The ids `destroy` would accept now (retired, past the grace, in no record)."""
+        with self._mutex:
+            self._refresh_locked(force=False)
+            ring = self._ring
+            found = []
+            for entry in ring.keys:
+                try:
+                    self._check_destroyable(ring, entry.id, in_use)
+                except KeyRefused:
+                    continue
+                found.append(entry.id)
+            return found
 
     def refresh(self, force: bool = False) -> bool:
         """Reload the ring if its file changed (always when `force`); True if it changed."""
@@ -482,7 +649,103 @@ class KeyRing:
                 for k in self._ring.keys
             ]
 
+    def kek_info(self) -> dict[str, Any]:
+        """How the KEK is kept (no secret): kind, generation, scrypt parameters."""
+        with self._mutex:
+            self._refresh_locked(force=False)
+            spec = self._ring.kek
+            info: dict[str, Any] = {"kind": spec.kind, "generation": spec.gen}
+            if spec.kind == "scrypt":
+                info.update(n=spec.n, r=spec.r, p=spec.p)
+            return info
+
     # -- internals --------------------------------------------------------------------
+
+    def _sealing_key(self) -> tuple[int, AESGCM]:
+        """The active key id and cipher, one encryption of its reserved block taken."""
+        with self._mutex:
+            self._refresh_due_locked()
+            lease = self._lease
+            if lease is None or lease.used >= lease.end:
+                lease = self._reserve_locked()
+            lease.used += 1
+            return lease.key_id, self._aeads[lease.key_id][1]
+
+    def _open(
+        self,
+        sealed: bytes,
+        versions: tuple[int, ...],
+        aad: Callable[[bytes, int], bytes],
+        ref: dict[str, Any],
+    ) -> bytes:
+        if len(sealed) < _MIN_RECORD:
+            raise TamperedRecord(
+                f"sealed record of {len(sealed)} bytes is shorter than {_MIN_RECORD}", **ref
+            )
+        version, key_id = _HEADER.unpack_from(sealed)
+        if version not in versions:
+            raise TamperedRecord(f"sealed record has unknown version {version}", **ref)
+        known = self._key_for(key_id, ref)
+        header = bytes(sealed[: _HEADER.size])
+        nonce = bytes(sealed[_HEADER.size : _HEADER.size + NONCE_BYTES])
+        body = bytes(sealed[_HEADER.size + NONCE_BYTES :])
+        try:
+            return known.decrypt(nonce, body, aad(header, version))
+        except InvalidTag:
+            raise TamperedRecord(
+                "sealed record failed its integrity check (altered, or stored under another "
+                "message, sender or place)",
+                key_id=key_id,
+                **ref,
+            ) from None
+
+    def _key_for(self, key_id: int, ref: dict[str, Any]) -> AESGCM:
+        with self._mutex:
+            with contextlib.suppress(KeyFileError):  # a key destroyed elsewhere goes in 1 s
+                self._refresh_due_locked()
+            known = self._aeads.get(key_id)
+            if known is None:
+                try:
+                    self._refresh_locked(force=True)
+                except KeyFileError as exc:
+                    raise KeyMissing(
+                        f"key {key_id} is unknown and the ring cannot be reloaded: {exc}",
+                        key_id=key_id,
+                        **ref,
+                    ) from exc
+                known = self._aeads.get(key_id)
+            destroyed = key_id in self._ring.destroyed
+        if known is None:
+            hint = (
+                "it was destroyed (`plexus keys destroy`); the record cannot be opened"
+                if destroyed
+                else f"restore {self._dir} from backup"
+            )
+            raise KeyMissing(
+                f"key {key_id} is not in {self._ring_path}; {hint}", key_id=key_id, **ref
+            )
+        return known[1]
+
+    def _check_destroyable(self, ring: _Ring, key_id: int, in_use: Collection[int]) -> None:
+        ids = [entry.id for entry in ring.keys]
+        if key_id not in ids:
+            raise KeyRefused(f"there is no key {key_id} in {self._ring_path}")
+        position = ids.index(key_id)
+        if position == len(ids) - 1:
+            raise KeyRefused(
+                f"key {key_id} is the active key; `plexus keys rotate` first, then destroy it"
+            )
+        if key_id in in_use:
+            raise KeyRefused(
+                f"key {key_id} still seals stored records; they must be gone first "
+                "(retention, `plexus dlq purge`) before the key can be destroyed"
+            )
+        retired_ns = ring.keys[position + 1].created_ns
+        if self._clock() - retired_ns < RETIRE_GRACE_NS:
+            raise KeyRefused(
+                f"key {key_id} was retired less than {RETIRE_GRACE_NS // 10**9} s ago and a "
+                "running service may still seal with it; try again shortly"
+            )
 
     def _restore_hint(self) -> str:
         return f"restore {self._dir} (HOME/keys) from backup"
@@ -535,6 +798,7 @@ class KeyRing:
 
     def _bootstrap(self, passphrase: str | None) -> None:
         self._ensure_dir()
+        self._passphrase = passphrase
         with self._mutex, self._locked():
             loaded = self._read_ring()
             if loaded is None:
@@ -549,7 +813,7 @@ class KeyRing:
             else:
                 ring = loaded[0]
             if ring.keys:
-                self._kek = AESGCM(self._load_kek(ring.kek, passphrase, create=False))
+                self._kek = self._unlock(ring, finish=True)
             else:
                 # Nothing is wrapped yet (first open, or one that crashed half-way), so the
                 # KEK can still be chosen and created.
@@ -585,21 +849,68 @@ class KeyRing:
             )
         return loaded[0]
 
-    def _load_kek(self, spec: _KekSpec, passphrase: str | None, create: bool) -> bytes:
-        if spec.kind == "file":
-            if passphrase is not None:
-                raise KeyFileError(
-                    f"{PASSPHRASE_ENV} is set, but {self._ring_path} is protected by the key "
-                    f"file {self._dir / KEK_FILE}; unset {PASSPHRASE_ENV}"
-                )
-            return self._load_secret(self._dir / KEK_FILE, KEY_BYTES, create)
-        if passphrase is None:
+    def _check_mode(self, spec: _KekSpec, passphrase: str | None) -> None:
+        if spec.kind == "file" and passphrase is not None:
+            raise KeyFileError(
+                f"{PASSPHRASE_ENV} is set, but {self._ring_path} is protected by the key "
+                f"file {self._dir / KEK_FILE}; unset {PASSPHRASE_ENV}"
+            )
+        if spec.kind == "scrypt" and passphrase is None:
             raise KeyFileError(
                 f"{self._ring_path} is protected by a passphrase; set {PASSPHRASE_ENV}"
             )
-        salt = self._load_secret(self._dir / SALT_FILE, SALT_BYTES, create)
-        kdf = Scrypt(salt=salt, length=KEY_BYTES, n=spec.n, r=spec.r, p=spec.p)
-        return kdf.derive(passphrase.encode("utf-8", "surrogateescape"))
+
+    def _derive(self, spec: _KekSpec, secret: bytes) -> bytes:
+        """The KEK from its file's bytes: the key itself, or scrypt(passphrase, salt)."""
+        if spec.kind == "file":
+            return secret
+        assert self._passphrase is not None
+        kdf = Scrypt(salt=secret, length=KEY_BYTES, n=spec.n, r=spec.r, p=spec.p)
+        return kdf.derive(self._passphrase.encode("utf-8", "surrogateescape"))
+
+    def _load_kek(self, spec: _KekSpec, passphrase: str | None, create: bool) -> bytes:
+        self._check_mode(spec, passphrase)
+        secret = self._load_secret(self._dir / spec.secret_file, spec.secret_bytes, create)
+        return self._derive(spec, secret)
+
+    def _unlock(self, ring: _Ring, finish: bool) -> AESGCM:
+        """The KEK that unwraps `ring`: from its file or, after a KEK rotation that did
+        not finish, from the staged `.new` file. With `finish` (the lock held) the
+        rotation is completed (staged file renamed) or undone (staged file removed)."""
+        spec = ring.kek
+        self._check_mode(spec, self._passphrase)
+        main = self._dir / spec.secret_file
+        staged = main.with_name(main.name + STAGED_SUFFIX)
+        probe = ring.keys[-1]
+        candidates = [main]
+        if staged.exists():
+            candidates.append(staged)
+        failure: KeyFileError | None = None
+        for path in candidates:
+            try:
+                kek = AESGCM(self._derive(spec, self._load_secret(path, spec.secret_bytes, False)))
+                self._unwrap(kek, probe)
+            except KeyFileError as exc:
+                failure = failure or exc
+                continue
+            if finish and path == staged:
+                os.replace(staged, main)
+                _fsync_dir(self._dir)
+            elif finish and len(candidates) > 1:
+                staged.unlink()
+            return kek
+        assert failure is not None
+        raise failure
+
+    def _unwrap(self, kek: AESGCM, entry: _KeyEntry) -> bytes:
+        try:
+            return kek.decrypt(entry.nonce, entry.wrapped, wrap_aad(entry.id))
+        except InvalidTag:
+            raise KeyFileError(
+                f"key {entry.id} in {self._ring_path} cannot be unwrapped: the kek or "
+                f"passphrase does not match the ring, or the ring is damaged; "
+                f"{self._restore_hint()}"
+            ) from None
 
     def _new_key(self, key_id: int) -> _KeyEntry:
         if key_id > MAX_KEY_ID:
@@ -609,29 +920,31 @@ class KeyRing:
         wrapped = self._kek.encrypt(nonce, AESGCM.generate_key(bit_length=256), wrap_aad(key_id))
         return _KeyEntry(key_id, self._clock(), nonce, wrapped, 0)
 
-    def _apply(self, ring: _Ring, signature: _Signature) -> None:
-        """Make `ring` (just read or written) the current state, unwrapping new keys."""
+    def _apply(self, ring: _Ring, signature: _Signature, unlocked: bool = False) -> None:
+        """Make `ring` (just read or written) the current state, unwrapping new keys
+        (`unlocked`: `self._kek` already is the KEK of `ring`)."""
         assert self._kek is not None
+        if not unlocked and ring.kek != self._ring.kek and self._ring.keys:
+            self._kek = self._unlock(ring, finish=False)  # another process rotated the KEK
         aeads: dict[int, tuple[bytes, AESGCM]] = {}
         for entry in ring.keys:
             cached = self._aeads.get(entry.id)
             if cached is not None and cached[0] == entry.wrapped:
                 aeads[entry.id] = cached
                 continue
-            try:
-                key = self._kek.decrypt(entry.nonce, entry.wrapped, wrap_aad(entry.id))
-            except InvalidTag:
-                raise KeyFileError(
-                    f"key {entry.id} in {self._ring_path} cannot be unwrapped: the kek or "
-                    f"passphrase does not match the ring, or the ring is damaged; "
-                    f"{self._restore_hint()}"
-                ) from None
-            aeads[entry.id] = (entry.wrapped, AESGCM(key))
+            aeads[entry.id] = (entry.wrapped, AESGCM(self._unwrap(self._kek, entry)))
         self._ring = ring
         self._aeads = aeads
         self._signature = signature
         if self._lease is not None and self._lease.key_id != ring.keys[-1].id:
             self._lease = None  # another key became active: stop using the old one
+
+    def _refresh_due_locked(self) -> None:
+        """Look for a changed ring if the last look is `REFRESH_INTERVAL_NS` old."""
+        now = self._clock()
+        if now >= self._next_refresh_ns:
+            self._next_refresh_ns = now + REFRESH_INTERVAL_NS
+            self._refresh_locked(force=False)
 
     def _refresh_locked(self, force: bool) -> bool:
         if not force:

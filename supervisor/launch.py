@@ -25,6 +25,7 @@ _SCRUBBED = (
     "PLEXUS_APP_ID",
     "PLEXUS_ENDPOINT",
     "PLEXUS_KEY_PASSPHRASE",  # the key ring's secret is for the persistence service only
+    "PLEXUS_KEY_PASSPHRASE_FD",
 )
 
 
@@ -59,4 +60,3 @@ def app_environment(
         }
     )
     return env
-

@@ -33,6 +33,7 @@ from clients.bus import Bus, BusError, Message, Subscription
 from security.grant_channel import GRANTS_FD_VARIABLE
 from security.grants import GrantKind
 from security.handoff import CREDENTIAL_FD_VARIABLE, SERVER_KEY_FD_VARIABLE, handoff_pipe
+from security.keyring import PASSPHRASE_ENV, PASSPHRASE_FD_VARIABLE
 from supervisor.app_output import AppOutput
 from supervisor.config import PlatformConfig
 from supervisor.credential_commands import credential_command
@@ -564,6 +565,12 @@ class Supervisor:
         if gate is not None:
             env[CREDENTIAL_FD_VARIABLE] = str(gate.read_end)
             fds.append(gate.read_end)
+        passphrase = env.pop(PASSPHRASE_ENV, None)  # a service reads it from a pipe only
+        passphrase_fd: int | None = None
+        if passphrase is not None and service.name == "persistence":
+            passphrase_fd = handoff_pipe(passphrase.encode("utf-8", "surrogateescape"))
+            env[PASSPHRASE_FD_VARIABLE] = str(passphrase_fd)
+            fds.append(passphrase_fd)
         try:
             service.child = self.spawner.spawn(service.name, argv, env, fds)
         except BaseException:
@@ -574,6 +581,8 @@ class Supervisor:
             raise
         finally:
             os.close(config_fd)
+            if passphrase_fd is not None:
+                os.close(passphrase_fd)
         self.identities.attach(service.name, channel)
         if gate is not None and service.identity is not None:
             gate.child_spawned()

@@ -256,5 +256,5 @@ def test_store_to_pages_to_router_restores_a_durable_subscriber(tmp_path: Path) 
 
 
 class _NoKeys:
-    def open_sealed(self, msg_id: bytes, topic: str, sealed: bytes) -> bytes:
+    def open_record(self, context: object, sealed: bytes) -> bytes:
         raise AssertionError("nothing here is sealed")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -39,7 +40,7 @@ from persistence.segments import (
 from persistence.state import StateStore
 from persistence.store import MessageStore, Row, SegmentPolicy
 from persistence.writer import StoreWriter
-from security.keyring import TamperedRecord
+from security.keyring import KIND_DEAD_LETTER, KIND_MESSAGE, RecordContext, TamperedRecord
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = SegmentPolicy(max_bytes=1)
@@ -651,13 +652,24 @@ def dead(
     return ev(seq, dead_record(entry_id, stored_seq, session, topic, sensitive, payload))
 
 
+FAKE_SEALED = b"\x02SEALED:"
+"""What FakeSealer's records start with: version byte 2 (a bundle), then a marker."""
+
+
 class FakeSealer:
     def __init__(self) -> None:
-        self.calls: list[tuple[bytes, str, bytes]] = []
+        self.calls: list[tuple[RecordContext, bytes]] = []
 
-    def seal(self, msg_id: bytes, topic: str, plaintext: bytes) -> bytes:
-        self.calls.append((msg_id, topic, plaintext))
-        return b"SEALED:" + plaintext[::-1]
+    def seal_record(self, context: RecordContext, plaintext: bytes) -> bytes:
+        self.calls.append((context, plaintext))
+        return FAKE_SEALED + plaintext[::-1]
+
+
+def unsealed(stored: bytes) -> list[Any]:
+    """The bundle inside a FakeSealer record."""
+    assert stored.startswith(FAKE_SEALED)
+    fields: list[Any] = msgpack.unpackb(stored[len(FAKE_SEALED) :][::-1], raw=False)
+    return fields
 
 
 class Stores:
@@ -866,10 +878,11 @@ def test_sensitive_flag_seals_the_stored_payload(stores: Stores) -> None:
     writer.commit([msg(1, payload=b"secret", sensitive=True), msg(2, payload=b"public")])
     sealed = stores.messages.get(1)
     assert sealed is not None
-    assert sealed.payload != b"secret"
-    assert sealed.payload == b"SEALED:terces"
+    assert b"secret" not in sealed.payload and b"hdr" not in sealed.payload
+    assert (sealed.header, unsealed(sealed.payload)) == (b"", [b"hdr", b"secret"])
     assert sealed.sealed
-    assert stores.sealer.calls == [(b"id-1", "t.a", b"secret")]
+    [(context, _)] = stores.sealer.calls
+    assert context == RecordContext(KIND_MESSAGE, 1, 1000, b"id-1", "pub", "t.a")
     plain = stores.messages.get(2)
     assert plain is not None
     assert (plain.payload, plain.sealed) == (b"public", False)
@@ -890,13 +903,12 @@ def test_sensitive_topics_seal_without_the_flag(stores: Stores) -> None:
     found = {m.seq: m for m in stores.messages.scan(0)}
     assert {seq for seq, m in found.items() if m.sealed} == {1, 2}
     for seq in (1, 2):
-        assert found[seq].payload != b"p%d" % seq
-        assert found[seq].payload == b"SEALED:" + (b"p%d" % seq)[::-1]
+        assert unsealed(found[seq].payload) == [b"hdr", b"p%d" % seq]
     for seq in (3, 4, 5):
         assert found[seq].payload == b"p%d" % seq
-    assert [(topic, text) for _, topic, text in stores.sealer.calls] == [
-        ("secret.plans", b"p1"),
-        ("hr.bob.salary", b"p2"),
+    assert [context.topic for context, _ in stores.sealer.calls] == [
+        "secret.plans",
+        "hr.bob.salary",
     ]
 
 
@@ -910,9 +922,18 @@ def test_dead_letters_of_sensitive_messages_are_sealed(stores: Stores) -> None:
         ]
     )
     letters = {d.entry_id: d.fields for d in stores.state.dead_letters()}
-    assert (letters[1]["payload"], letters[1]["sealed"]) == (b"SEALED:deggalf", True)
-    assert (letters[2]["payload"], letters[2]["sealed"]) == (b"SEALED:cipot-yb", True)
+    for entry_id, payload in ((1, b"flagged"), (2, b"by-topic")):
+        letter = letters[entry_id]
+        assert letter["sealed"] is True
+        assert (letter["header"], letter["error"]) == (b"", "")
+        assert unsealed(letter["payload"]) == [b"hdr", payload, "handler failed"]
     assert (letters[3]["payload"], letters[3]["sealed"]) == (b"plain", False)
+    assert letters[3]["error"] == "handler failed"
+    contexts = [context for context, _ in stores.sealer.calls]
+    assert [(c.kind, c.seq, c.ts_ns, c.sender) for c in contexts] == [
+        (KIND_DEAD_LETTER, 1, 123, "pub"),
+        (KIND_DEAD_LETTER, 2, 123, "pub"),
+    ]
 
 
 def test_sensitive_message_without_a_sealer_is_refused_and_nothing_advances(
@@ -986,10 +1007,10 @@ def test_kinds_persistence_does_not_store_only_move_the_watermark(stores: Stores
 class FakeOpener:
     """Opens what FakeSealer sealed; anything else is a tampered record."""
 
-    def open_sealed(self, msg_id: bytes, topic: str, sealed: bytes) -> bytes:
-        if not sealed.startswith(b"SEALED:"):
-            raise TamperedRecord("not sealed by FakeSealer", msg_id=msg_id.hex(), topic=topic)
-        return sealed[len(b"SEALED:") :][::-1]
+    def open_record(self, context: RecordContext, sealed: bytes) -> bytes:
+        if not sealed.startswith(FAKE_SEALED):
+            raise TamperedRecord("not sealed by FakeSealer", **context.ref())
+        return sealed[len(FAKE_SEALED) :][::-1]
 
 
 def restore_of(stores: Stores, **bounds: int) -> tuple[RestoreReader, list[EvRestore]]:
