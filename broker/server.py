@@ -240,7 +240,7 @@ class BrokerServer:
                 self._grant_pids[grant.grant_id] = got.peer.pid
             return
         self._security_event(
-            got.admission.claimed,
+            self.registry.owner_of(got.peer.pid),
             got,
             str(got.admission.refusal),
             got.reason,

@@ -29,7 +29,7 @@ from collections.abc import Set
 from dataclasses import dataclass
 from enum import StrEnum
 
-from security.peers import Peer, ProcessTree, descends_from
+from security.peers import MAX_DEPTH, Peer, ProcessTree, descends_from
 
 OPERATOR_ID = "$cli"
 """The identity every operator connection gets."""
@@ -209,6 +209,24 @@ class GrantRegistry:
                 None, Refusal.NOT_HERE, "the operator may not connect here", OPERATOR_ID
             )
         return Admission(_OPERATOR, None, "OK", OPERATOR_ID)
+
+    def owner_of(self, pid: int | None) -> str:
+        """The app (or service) whose process tree `pid` is in ("" when none, or unknown):
+        who really made a refused attempt, whatever it claimed."""
+        if pid is None:
+            return ""
+        roots = {g.pid: g.app_id for g in self._by_key.values() if g.pid is not None}
+        current: int | None = pid
+        for _ in range(MAX_DEPTH):
+            if current is None or current <= 0:
+                return ""
+            if current in roots and current != self.supervisor_pid:
+                return roots[current]
+            parent = self.tree.parent(current)
+            if parent == current:
+                return ""
+            current = parent
+        return ""
 
     def _inside_platform(self, pid: int) -> bool:
         root = self.supervisor_pid
