@@ -115,6 +115,7 @@ class BrokerServer:
             stream=stream,
             first_delivery_seq=wall_clock() // 1000,
             wall_clock=wall_clock,
+            limits_for=self._catalog.limits,
         )
         now = monotonic()
         self.core = BrokerCore(
@@ -230,6 +231,7 @@ class BrokerServer:
         clock = time.perf_counter_ns
         monotonic = self._monotonic
         record = self.route_latency.record
+        most = self.config.router.caps.pub_bytes_max
         for _ in range(_DRAIN_LIMIT):
             try:
                 peer = sock.recv(_NOBLOCK)
@@ -240,15 +242,19 @@ class BrokerServer:
             user_id = part.get("User-Id")
             app_id = user_id if isinstance(user_id, str) else ""
             frames = [part.bytes]
+            size = len(frames[0])
             overflow = False
             while part.more:  # a Frame attribute: getsockopt(RCVMORE) builds an Enum each call
                 part = sock.recv(copy=False)
-                if len(frames) < P.MAX_FRAMES:
+                size += len(part)  # counted, not copied: past `most` nothing more is kept
+                if len(frames) < P.MAX_FRAMES and size <= most:
                     frames.append(part.bytes)
                 else:
                     overflow = True
             if overflow:
-                self._send(sock, core.overflow(peer))
+                del frames  # the first frames of a refused message go now, not next pass
+                refused = core.oversized(peer, app_id, size, most) if size > most else None
+                self._send(sock, refused or core.overflow(peer))
                 continue
             if len(frames) == 2 and frames[0] == P.PUB:  # packed: one frame, the whole batch
                 try:
