@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -36,7 +37,7 @@ import zmq
 
 from broker import protocol as P
 from broker.codec import encode_pub_header, new_message_id, pack
-from clients.bus import Bus, Message
+from clients.bus import Bus
 from perf import bench_client
 from perf.bench_client import _child_env, _percentile, platform
 
@@ -48,6 +49,12 @@ MANIFESTS = {
 BATCH = 64
 PAYLOAD = b"f" * 64
 PHASES = ("alone", "bus_flood", "raw_flood")
+
+
+def stop_on_stdin(stop: threading.Event) -> None:
+    """Set `stop` once the parent writes a line (or closes stdin)."""
+    sys.stdin.readline()
+    stop.set()
 
 
 def echo(endpoint: str) -> None:
@@ -63,7 +70,7 @@ def flood_bus(endpoint: str) -> None:
     """Child: publish as fast as the Python client allows until stdin closes."""
     bus = Bus.connect(endpoint, "flood", session="flood")
     stop = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+    threading.Thread(target=stop_on_stdin, args=(stop,), daemon=True).start()
     print("ready", flush=True)
     while not stop.is_set():
         for _ in range(1000):
@@ -82,7 +89,7 @@ def flood_raw(endpoint: str, token: str) -> None:
     sock.send_multipart([P.HELLO, pack({"v": [1], "session": "flood"})])
     assert sock.poll(10_000) and sock.recv_multipart()[0] == P.WELCOME
     stop = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+    threading.Thread(target=stop_on_stdin, args=(stop,), daemon=True).start()
     print("ready", flush=True)
     while not stop.is_set():
         frames = [P.PUB]
@@ -187,8 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("endpoint", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role:
-        import os
-
         token = os.environ["PLEXUS_TOKEN"]
         roles: dict[str, Any] = {
             "echo": lambda: echo(args.endpoint),
