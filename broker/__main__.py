@@ -37,6 +37,7 @@ def broker_config(
             heartbeat_ms=platform.heartbeat_ms,
             peer_timeout_ms=platform.peer_timeout_ms,
             delivery=platform.delivery,
+            caps=platform.limits,
             store_endpoint=paths.store_endpoint() if platform.persistence else None,
         ),
         persistence=platform.persistence,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Final
 
 from broker.logs import event
-from broker.manifests import Manifest, ManifestError, Permissions, load_manifests
+from broker.manifests import Limits, Manifest, ManifestError, Permissions, load_manifests
 
 log = logging.getLogger("plexus.manifests")
 
@@ -55,8 +55,8 @@ class ManifestCatalog:
         except ManifestError as exc:
             event(log, "manifests-invalid", logging.ERROR, error=str(exc))
 
-    def permissions(self, app_id: str) -> Permissions | None:
-        """The app's permissions; None when no manifest names it."""
+    def manifest(self, app_id: str) -> Manifest | None:
+        """The app's manifest; None when no manifest names it."""
         manifest = self._manifests.get(app_id)
         if manifest is None and (
             self._dir_stamp() != self._scanned_stamp
@@ -64,4 +64,14 @@ class ManifestCatalog:
         ):
             self.rescan()
             manifest = self._manifests.get(app_id)
+        return manifest
+
+    def permissions(self, app_id: str) -> Permissions | None:
+        """The app's permissions; None when no manifest names it."""
+        manifest = self.manifest(app_id)
         return manifest.permissions if manifest else None
+
+    def limits(self, app_id: str) -> Limits | None:
+        """The app's `[limits]` (its caps over the platform's defaults: broker.caps)."""
+        manifest = self.manifest(app_id)
+        return manifest.limits if manifest else None

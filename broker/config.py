@@ -23,6 +23,17 @@ It sits on the broker's floor because both the broker and the services read it.
     log_max_mb = 10            # an app's HOME/logs/APP.log rotates at this size ...
     log_files = 5              # ... and this many files are kept, the current one included
     [delivery]                 # broker.delivery.DeliveryConfig
+    [limits]                   # broker.caps.Caps: per app (a manifest's [limits] changes its own)
+    sessions = 64              # sessions kept for one app (attached or in their grace period)
+    durable_subscriptions = 1000   # durable subscriptions of one app, over all its sessions
+    pending_requests = 10000   # requests of one app waiting for a reply
+    pub_bytes = 8388608        # bytes of one PUB of the app (8 MiB)
+    held_messages = 10000      # messages of one app held while the broker recovers ...
+    held_bytes = 16777216      # ... and their bytes (16 MiB)
+    dlq_entries = 2500         # dead letters kept for one app: beyond, its own oldest go ...
+    dlq_bytes = 16777216       # ... or beyond these bytes (16 MiB)
+    pub_bytes_max = 16777216   # platform: the broker stops reading one message here (16 MiB)
+    hold_max_bytes = 268435456 # platform: bytes of all held messages (256 MiB)
     [persistence]
     max_age_s = 2592000        # retention: 30 days
     max_size_mb = 0            # retention: store size budget (0 = none); cleanup from 90%
@@ -45,6 +56,7 @@ from typing import Any
 import msgpack
 
 from broker import protocol as P
+from broker.caps import Caps
 from broker.delivery import DeliveryConfig
 from broker.errors import WireError
 from broker.topics import pattern_tokens
@@ -76,6 +88,7 @@ class PlatformConfig:
     log_max_mb: int = 10
     log_files: int = 5
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    limits: Caps = field(default_factory=Caps)
     max_age_s: float = 30 * 86_400.0
     max_size_mb: int = 0
     segment_max_mb: int = 256
@@ -89,7 +102,7 @@ class PlatformConfig:
         """The config as its sections (the shape of the TOML file and of the document)."""
         tables: dict[str, dict[str, Any]] = {}
         for section, keys in SCHEMA.items():
-            owner: Any = self.delivery if section == "delivery" else self
+            owner: Any = {"delivery": self.delivery, "limits": self.limits}.get(section, self)
             tables[section] = {key: getattr(owner, key) for key in keys}
         tables["persistence"]["sensitive_topics"] = list(self.sensitive_topics)
         return tables
@@ -161,6 +174,18 @@ SCHEMA: dict[str, dict[str, _Rule]] = {
         "flow_high": (int, (1, 10_000_000)),
         "flow_low": (int, (0, 10_000_000)),
     },
+    "limits": {
+        "sessions": (int, (1, 1_000_000)),
+        "durable_subscriptions": (int, (0, 10_000_000)),
+        "pending_requests": (int, (1, 10_000_000)),
+        "pub_bytes": (int, (P.MAX_FRAME_BYTES, 2**40)),
+        "held_messages": (int, (1, 10_000_000)),
+        "held_bytes": (int, (P.MAX_FRAME_BYTES, 2**40)),
+        "dlq_entries": (int, (1, 10_000_000)),
+        "dlq_bytes": (int, (P.MAX_FRAME_BYTES, 2**40)),
+        "pub_bytes_max": (int, (P.MAX_FRAME_BYTES, 2**40)),
+        "hold_max_bytes": (int, (P.MAX_FRAME_BYTES, 2**40)),
+    },
 }
 """Every key of every section: (type, inclusive bounds or None)."""
 
@@ -210,7 +235,10 @@ def from_tables(tables: Mapping[str, Any], source: str, complete: bool = False) 
         **values["platform"],
         **values["persistence"],
         delivery=DeliveryConfig(**values["delivery"]),
+        limits=Caps(**values["limits"]),
     )
+    if config.limits.pub_bytes > config.limits.pub_bytes_max:
+        raise ConfigError(f"{source}: limits.pub_bytes must not exceed limits.pub_bytes_max")
     if config.delivery.flow_low >= config.delivery.flow_high:
         raise ConfigError(f"{source}: delivery.flow_low must be below delivery.flow_high")
     if config.peer_timeout_ms <= config.heartbeat_ms:

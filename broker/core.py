@@ -5,7 +5,8 @@ loop used to decide:
 
 - the event-stream link of the platform services that consume the stream (EVSYNC, EVACK,
   EVFETCH from any identity in EVENT_CONSUMERS; EVRESTORE from `$persistence`);
-- recovery with persistence on: app messages are held (bounded; beyond: ERROR 500) until
+- recovery with persistence on: app messages are held (bounded per app by count and bytes,
+  beyond: ERROR 414 and a Denied event; and in all, beyond: ERROR 500) until
   `$persistence` has synced (EVSYNCOK restore=True) and sent its EVRESTORE pages, each
   applied by the injected `Restorer` (broker.recovery.apply_restore); the last page
   (`done`) ends recovery and the held messages are served in order. A persistence silent
@@ -13,8 +14,9 @@ loop used to decide:
   never served around: without the durable state, resends would be routed twice;
 - the stream's retention: consumers behind the bound are alerted on `$sys.alerts.events`,
   skipped, and the skip recorded (ConsumerSkipped);
-- frames beyond the protocol's limit, peers the socket found unreachable, ZAP refusals
-  (AuthFailed events).
+- frames beyond the protocol's limit, messages beyond the platform's `pub_bytes_max` (the
+  server stopped reading them: ERROR 413 and a Denied event), peers the socket found
+  unreachable, ZAP refusals (AuthFailed events).
 
 Every method takes the monotonic `now_ns`; the wall clock is the router's.
 """
@@ -28,6 +30,7 @@ from typing import Any, Final, Protocol
 from broker import protocol as P
 from broker.errors import (
     AuthFailure,
+    CapExceeded,
     Code,
     PermissionViolation,
     ProtocolViolation,
@@ -66,6 +69,7 @@ class CoreConfig:
     recovery_timeout_ns: int = 10_000_000_000
     """How long persistence may stay silent before each `persistence-silent` warning."""
     hold_limit: int = HOLD_LIMIT
+    """(Their bytes: the router's caps, `hold_max_bytes`; each app's share: its caps.)"""
     event_batch_ns: int = EVENT_BATCH_NS
     """Longest wait of an unsent event that no CONFIRM waits for."""
 
@@ -88,6 +92,9 @@ class BrokerCore:
         self._restore_offered = False
         self._silent_deadline = now_ns + config.recovery_timeout_ns
         self._held: list[tuple[bytes, str, list[bytes]]] = []
+        self._held_bytes = 0
+        self._held_by_app: dict[str, list[int]] = {}
+        """app id -> [messages, bytes] it has held (its `held_messages`/`held_bytes`)."""
         self._commands: dict[bytes, Callable[[bytes, str, list[bytes], int], list[Outbound]]] = {
             P.EVSYNC: self._evsync,
             P.EVACK: self._evack,
@@ -117,6 +124,21 @@ class BrokerCore:
         """`peer` sent more frames than any command takes (the rest were discarded)."""
         exc = ProtocolViolation(Code.TOO_LARGE, f"more than {P.MAX_FRAMES} frames")
         return [self.router.error(peer, exc)]
+
+    def oversized(self, peer: bytes, app_id: str, size: int, limit: int) -> list[Outbound]:
+        """`peer` sent one message of `size` bytes, over the platform's `pub_bytes_max`
+        (`limit`): the server kept none of it past the limit. An ERROR and a Denied."""
+        router = self.router
+        exc = CapExceeded(
+            Code.PUB_TOO_LARGE,
+            "pub_bytes_max",
+            limit,
+            f"a message of {size} bytes exceeds the platform's limit of {limit} bytes",
+        )
+        session = router.sessions.by_peer.get(peer)
+        router.refresh_stamp()
+        router.report_limit(app_id, session.name if session is not None else "", "", exc)
+        return [router.error(peer, exc)]
 
     def unreachable(self, peer: bytes, frames: list[bytes], gone: bool, now_ns: int) -> None:
         """The socket could not take `frames` for `peer`: count what is lost; `gone` (the
@@ -159,14 +181,40 @@ class BrokerCore:
     # -- recovery ---------------------------------------------------------------------------
 
     def _hold(self, peer: bytes, app_id: str, frames: list[bytes]) -> list[Outbound]:
-        """Keep an app's message until recovery is done (bounded; beyond: an error)."""
-        if len(self._held) < self.config.hold_limit:
-            self._held.append((peer, app_id, frames))
-            return []
-        busy = StorageFailure(
-            Code.STORAGE_UNAVAILABLE, "the broker is waiting for persistence; retry shortly"
-        )
-        return [self.router.error(peer, busy)]
+        """Keep an app's message until recovery is done, bounded: by the app's own caps
+        (beyond: 414, reported), then in all (beyond: 500, retry shortly)."""
+        router = self.router
+        size = sum(map(len, frames))
+        caps = router.caps_of(app_id)
+        mine = self._held_by_app.get(app_id) or [0, 0]
+        if mine[0] >= caps.held_messages or mine[1] + size > caps.held_bytes:
+            cap, limit = (
+                ("held_messages", caps.held_messages)
+                if mine[0] >= caps.held_messages
+                else ("held_bytes", caps.held_bytes)
+            )
+            exc = CapExceeded(
+                Code.HOLD_LIMIT,
+                cap,
+                limit,
+                f"the broker is recovering and holds {mine[0]} messages ({mine[1]} bytes) of "
+                f"app {app_id!r} already; retry once it has recovered",
+            )
+            router.refresh_stamp()
+            router.report_limit(app_id, "", "", exc)
+            return [router.error(peer, exc)]
+        most = router.config.caps.hold_max_bytes
+        if len(self._held) >= self.config.hold_limit or self._held_bytes + size > most:
+            busy = StorageFailure(
+                Code.STORAGE_UNAVAILABLE, "the broker is waiting for persistence; retry shortly"
+            )
+            return [router.error(peer, busy)]
+        self._held.append((peer, app_id, frames))
+        self._held_bytes += size
+        mine[0] += 1
+        mine[1] += size
+        self._held_by_app[app_id] = mine
+        return []
 
     def _recovered(self, now_ns: int) -> list[Outbound]:
         """Recovery is over: number what waited, then serve what was held, in order."""
@@ -177,6 +225,8 @@ class BrokerCore:
             {"event": "broker-recovered", "held": len(self._held), **summary}
         )
         held, self._held = self._held, []
+        self._held_bytes = 0
+        self._held_by_app.clear()
         out: list[Outbound] = []
         for peer, app_id, frames in held:
             out.extend(self.inbound(peer, app_id, frames, now_ns))

@@ -7,6 +7,7 @@ Tree of the exceptions raised by the pure broker modules::
     ├── AuthFailure           identity problems (2xx)
     ├── PermissionViolation   the manifest does not allow it (3xx)
     ├── DeliveryFailure       the message could not be delivered (4xx)
+    │   └── CapExceeded       the app is over one of its caps (41x, broker.caps)
     └── StorageFailure        the store cannot do it or found damage (5xx)
 
 The catalogue `ERRORS` is the one mapping from a numeric code to its name, category and
@@ -53,6 +54,12 @@ class Code(IntEnum):
     UNKNOWN_DLQ_ENTRY = 401
     NO_RESPONDERS = 402
     UNKNOWN_REPLY = 403
+    SESSION_LIMIT = 410
+    DURABLE_LIMIT = 411
+    PENDING_LIMIT = 412
+    PUB_TOO_LARGE = 413
+    HOLD_LIMIT = 414
+    DLQ_QUOTA = 415
 
     STORAGE_UNAVAILABLE = 500
     PERSISTENCE_OFF = 501
@@ -161,6 +168,36 @@ ERRORS: dict[Code, ErrorSpec] = {
         ),
         ErrorSpec(Code.UNKNOWN_REPLY, "Reply only to requests you received, before they expire."),
         ErrorSpec(
+            Code.SESSION_LIMIT,
+            "The app has as many sessions as [limits] sessions allows: close unused ones (BYE) "
+            "or raise it in the app's manifest.",
+        ),
+        ErrorSpec(
+            Code.DURABLE_LIMIT,
+            "The app has [limits] durable_subscriptions durable subscriptions: unsubscribe "
+            "some, use wildcards, or raise it in the app's manifest.",
+        ),
+        ErrorSpec(
+            Code.PENDING_LIMIT,
+            "The app waits for [limits] pending_requests replies: wait for answers (or their "
+            "timeout) before sending more, or raise it in the app's manifest.",
+        ),
+        ErrorSpec(
+            Code.PUB_TOO_LARGE,
+            "Send fewer or smaller messages per PUB (at most [limits] pub_bytes bytes); the "
+            "Python client batches within the limit on its own.",
+        ),
+        ErrorSpec(
+            Code.HOLD_LIMIT,
+            "The broker is recovering and holds [limits] held_messages/held_bytes of this app "
+            "already: retry once it has recovered (`plexus status`).",
+        ),
+        ErrorSpec(
+            Code.DLQ_QUOTA,
+            "The app's dead letters are over [limits] dlq_entries/dlq_bytes, so its oldest "
+            "were dropped: replay or purge them (`plexus dlq`), or fix why it rejects messages.",
+        ),
+        ErrorSpec(
             Code.UNKNOWN_DLQ_ENTRY, "List the dead letters (`plexus dlq list`) for valid ids."
         ),
         ErrorSpec(
@@ -224,6 +261,16 @@ class PermissionViolation(WireError):
 
 class DeliveryFailure(WireError):
     """A message could not be handed to a receiver."""
+
+
+class CapExceeded(DeliveryFailure):
+    """The app is over one of its per-app caps (broker.caps): `cap` names it, `limit` is
+    its value. Reported as a Denied event with action "limit" and the cap as target."""
+
+    def __init__(self, code: Code, cap: str, limit: int, detail: str, **ref: Any) -> None:
+        super().__init__(code, detail, **ref)
+        self.cap = cap
+        self.limit = limit
 
 
 class StorageFailure(WireError):

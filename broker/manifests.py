@@ -13,13 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker import protocol as P
+from broker.caps import APP_CAPS
 from broker.errors import WireError
 from broker.topics import pattern_tokens
 
 APP_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 RESTART_POLICIES = ("always", "on-failure", "never")
 _KNOWN_KEYS = {"id", "command", "restart", "limits", "permissions", "after", "env", "description"}
-_LIMIT_KEYS = {"memory_mb", "cpu_percent"}
+_LIMIT_KEYS = {"memory_mb", "cpu_percent", *APP_CAPS}
+_MAY_BE_ZERO = {"durable_subscriptions"}
+_BYTE_CAPS = {"pub_bytes", "held_bytes", "dlq_bytes"}
+"""At least one frame (P.MAX_FRAME_BYTES): a client's largest packed PUB must fit."""
 _PERMISSION_KEYS = {"publish", "subscribe", "request", "ask"}
 
 
@@ -47,10 +52,19 @@ class Permissions:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Resource limits the supervisor enforces (None: unlimited)."""
+    """Resource limits: the supervisor enforces memory and CPU (None: unlimited); the
+    broker the per-app caps (broker.caps; None: the platform's `[limits]` default)."""
 
     memory_mb: int | None = None
     cpu_percent: int | None = None
+    sessions: int | None = None
+    durable_subscriptions: int | None = None
+    pending_requests: int | None = None
+    pub_bytes: int | None = None
+    held_messages: int | None = None
+    held_bytes: int | None = None
+    dlq_entries: int | None = None
+    dlq_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,14 +103,21 @@ def _string_list(path: Path, name: str, value: Any, *, patterns: bool = False) -
     return tuple(value)
 
 
-def _positive_int(path: Path, name: str, value: Any) -> int | None:
+def _positive_int(path: Path, name: str, value: Any, *, least: int = 1) -> int | None:
     if value is None:
         return None
-    if type(value) is not int or value <= 0:
-        raise ManifestError(
-            path, name, f"must be a positive integer, got {value!r}", f"{name} = 100"
-        )
+    if type(value) is not int or value < least:
+        kind = "a positive integer" if least == 1 else f"an integer >= {least}"
+        fix = f"{name} = {max(least, 100)}"
+        raise ManifestError(path, name, f"must be {kind}, got {value!r}", fix)
     return value
+
+
+def _least(key: str) -> int:
+    """The smallest value limit `key` may take in a manifest."""
+    if key in _MAY_BE_ZERO:
+        return 0
+    return P.MAX_FRAME_BYTES if key in _BYTE_CAPS else 1
 
 
 def _permissions(path: Path, raw: Any) -> Permissions:
@@ -158,8 +179,10 @@ def parse_manifest(path: Path, data: dict[str, Any]) -> Manifest:
                 path, f"limits.{key}", "unknown limit", f"use only {', '.join(sorted(_LIMIT_KEYS))}"
             )
     limits = Limits(
-        memory_mb=_positive_int(path, "limits.memory_mb", limits_raw.get("memory_mb")),
-        cpu_percent=_positive_int(path, "limits.cpu_percent", limits_raw.get("cpu_percent")),
+        **{
+            key: _positive_int(path, f"limits.{key}", limits_raw.get(key), least=_least(key))
+            for key in sorted(_LIMIT_KEYS)
+        }
     )
     env_raw = data.get("env", {})
     if not isinstance(env_raw, dict) or not all(isinstance(v, str) for v in env_raw.values()):

@@ -31,6 +31,7 @@ from typing import Any
 import msgpack
 
 from broker import protocol as P
+from broker.caps import UNCAPPED, Caps
 from broker.codec import (
     PubHeader,
     decode_pub_header,
@@ -44,7 +45,9 @@ from broker.delivery import Delivery, DeliveryConfig, Mailbox
 from broker.dlq import DeadLetterQueue, shown_error
 from broker.dlq_commands import DeadLetterCommands
 from broker.errors import (
+    ERRORS,
     AuthFailure,
+    CapExceeded,
     Code,
     PermissionViolation,
     ProtocolViolation,
@@ -65,7 +68,7 @@ from broker.event_records import (
 )
 from broker.events import EventLog
 from broker.flow import FlowControl
-from broker.manifests import Permissions
+from broker.manifests import Limits, Permissions
 from broker.permissions import Authorizer, permissions_of
 from broker.requests import Requests
 from broker.sessions import Session, SessionKey, Sessions
@@ -92,6 +95,7 @@ Outbound = tuple[bytes, list[bytes]]
 """(peer routing id, frames) - one multipart message to send."""
 
 PermissionsLookup = Callable[[str], Permissions | None]
+LimitsLookup = Callable[[str], Limits | None]
 Notice = dict[str, Any]
 """A log line for the server to write: {"event": name, ...fields}."""
 
@@ -101,6 +105,15 @@ _PUBLISHED = Published.KIND
 _ROUTED = Routed.KIND
 _ATTEMPTED = DeliveryAttempted.KIND
 _DEAD = DeadLettered.KIND
+_CAP_CODES = {
+    "sessions": Code.SESSION_LIMIT,
+    "durable_subscriptions": Code.DURABLE_LIMIT,
+    "pending_requests": Code.PENDING_LIMIT,
+    "held_messages": Code.HOLD_LIMIT,
+    "held_bytes": Code.HOLD_LIMIT,
+    "dlq_entries": Code.DLQ_QUOTA,
+}
+"""The code of each cap's overflow (pub_bytes and pub_bytes_max: 413), for its log line."""
 _DENIAL_ACTIONS = {
     P.PUB: "publish",
     P.SUB: "subscribe",
@@ -133,6 +146,8 @@ class RouterConfig:
     route_cache: int = 4096
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dlq_max: int = 10_000
+    caps: Caps = field(default_factory=Caps)
+    """Per-app caps (platform `[limits]`; a manifest's `[limits]` changes its own)."""
     store_endpoint: str | None = None
     """The persistence query socket, told to clients in WELCOME (None: persistence off)."""
 
@@ -153,9 +168,12 @@ class Router:
         stream: EventLog | None = None,
         first_delivery_seq: int = 0,
         wall_clock: Callable[[], int] = time.time_ns,
+        limits_for: LimitsLookup | None = None,
     ) -> None:
         self.config = config or RouterConfig()
         self.permissions_for = permissions_for
+        self.limits_for = limits_for
+        """An app's manifest `[limits]` (None: the platform's caps for every app)."""
         self.extra_stats = extra_stats
         self._wall_clock = wall_clock
         self.stream = stream or EventLog(epoch=0)
@@ -164,9 +182,12 @@ class Router:
         """Things worth a log line (expiry, unresponsive, ...); the server drains it with
         `take_notices`, which adds the dead letters, counted."""
         self._dead_tally: dict[tuple[str, str, str], _DeadTally] = {}
+        self._limit_tally: dict[tuple[str, str, str], list[Any]] = {}
+        """(app, session, cap) -> [count, limit, detail] of cap overflows since the last
+        log line (`take_notices`)."""
         self._dlq_dropped_told = 0
         self.stats = RouterStats()
-        self.dlq = DeadLetterQueue(self.config.dlq_max)
+        self.dlq = DeadLetterQueue(self.config.dlq_max, caps_of=self.caps_of)
         self.sessions = Sessions(self)
         self.flow = FlowControl(self.config.delivery, self.sessions.by_key)
         """Publish credit: who may send how much, and which congested receiver holds whom."""
@@ -218,11 +239,45 @@ class Router:
         except WireError as exc:
             if command in (P.STATS, P.DLQ):
                 exc.ref.setdefault("rid", request_id(frames))
-            if isinstance(exc, (PermissionViolation, AuthFailure)) or (
+            if isinstance(exc, CapExceeded):
+                self.report_limit(app_id, *self._limit_context(peer, frames), exc)
+            elif isinstance(exc, (PermissionViolation, AuthFailure)) or (
                 exc.code == Code.UNKNOWN_REPLY
             ):
                 self._report_denial(peer, app_id, frames, exc)
             return [self.error(peer, exc)]
+
+    def caps_of(self, app_id: str) -> Caps:
+        """The caps of `app_id`: the platform's, changed by its manifest's `[limits]`;
+        none of its own for a platform identity (`$...`)."""
+        if app_id.startswith(P.RESERVED_PREFIX):
+            return UNCAPPED
+        limits = self.limits_for(app_id) if self.limits_for is not None else None
+        return self.config.caps.for_app(limits)
+
+    def _limit_context(self, peer: bytes, frames: list[bytes]) -> tuple[str, str]:
+        """(session name, correlation id) of a message refused for a cap."""
+        known = self.sessions.by_peer.get(peer)
+        name, cid = (known.name if known is not None else ""), ""
+        with contextlib.suppress(ProtocolViolation):  # the refusal stands, context or not
+            if frames[0] == P.HELLO:
+                name = Hello.decode(frames).session
+            elif frames[0] == P.REQ and len(frames) == 3:
+                cid = decode_pub_header(frames[1]).correlation_id
+        return name, cid
+
+    def report_limit(self, app_id: str, session: str, cid: str, exc: CapExceeded) -> None:
+        """An app went over one of its caps: a Denied event (action "limit", the cap as
+        target) and, counted, one `limit-exceeded` log line per pass (`take_notices`)."""
+        self.stats.denied += 1
+        self.emit(Denied(app_id, session, "limit", exc.cap, int(exc.code), exc.detail, cid))
+        key = (app_id, session, exc.cap)
+        tally = self._limit_tally.get(key)
+        if tally is None:
+            self._limit_tally[key] = [1, exc.limit, exc.detail]
+        else:
+            tally[0] += 1
+            tally[2] = exc.detail
 
     def error(self, peer: bytes, exc: WireError) -> Outbound:
         """The ERROR message for `exc`, counted."""
@@ -291,6 +346,9 @@ class Router:
             )
         peer = session.peer
         assert peer is not None
+        limit = session.caps.pub_bytes
+        if limit < P.MAX_FRAMES * P.MAX_FRAME_BYTES and (size := sum(map(len, frames))) > limit:
+            return self._refuse_pub(session, size, limit, count // 2)
         replies: list[Outbound] = []
         confirmed: list[bytes] = []
         touched: dict[SessionKey, Session] = {}
@@ -367,6 +425,23 @@ class Router:
             replies.append(credit)
         for target in touched.values():
             replies.extend(self.pump(target, now_ns))
+        return replies
+
+    def _refuse_pub(self, session: Session, size: int, limit: int, count: int) -> list[Outbound]:
+        """A PUB over the app's `pub_bytes`: one ERROR for the whole batch, reported;
+        its credit comes back (the messages were read, none was routed)."""
+        assert session.peer is not None
+        exc = CapExceeded(
+            Code.PUB_TOO_LARGE,
+            "pub_bytes",
+            limit,
+            f"PUB of {size} bytes exceeds this app's limit of {limit} bytes",
+        )
+        self.report_limit(session.app_id, session.name, "", exc)
+        replies = [self.error(session.peer, exc)]
+        credit = self.flow.used(session, count)
+        if credit is not None:
+            replies.append(credit)
         return replies
 
     def _route(
@@ -664,6 +739,8 @@ class Router:
         if dlq.evicted:
             self.emit(DlqPurged(dlq.evicted[:], P.BROKER_ID))
             dlq.evicted.clear()
+        if dlq.over_quota:
+            self._dlq_over_quota(session, dlq.over_quota)
         key = (reason, session.app_id, session.name)
         tally = self._dead_tally.get(key)
         if tally is None:
@@ -674,6 +751,28 @@ class Router:
             tally.topic = d.topic
             tally.attempts = d.attempt
             tally.error = shown_error(d)
+
+    def _dlq_over_quota(self, session: Session, over: dict[str, int]) -> None:
+        """Apps whose own oldest dead letters were dropped for their quota: one Denied
+        each the first time in a pass (the log line counts the rest)."""
+        caps = session.caps
+        for app_id, dropped in over.items():
+            if app_id != session.app_id:
+                caps = self.caps_of(app_id)
+            exc = CapExceeded(
+                Code.DLQ_QUOTA,
+                "dlq_entries",
+                caps.dlq_entries,
+                f"{dropped} of this app's oldest dead letters dropped: over its quota of "
+                f"{caps.dlq_entries} entries or {caps.dlq_bytes} bytes",
+            )
+            key = (app_id, "", "dlq_entries")
+            if key in self._limit_tally:
+                self._limit_tally[key][0] += dropped
+            else:
+                self.report_limit(app_id, "", "", exc)
+                self._limit_tally[key][0] = dropped
+        over.clear()
 
     def take_notices(self) -> list[Notice]:
         """The log lines due (the server writes them, once per pass): what `notices`
@@ -697,6 +796,21 @@ class Router:
                     }
                 )
             tallies.clear()
+        if self._limit_tally:
+            for (app, session, cap), (count, limit, detail) in self._limit_tally.items():
+                self.notices.append(
+                    {
+                        "event": "limit-exceeded",
+                        "app": app,
+                        "session": session,
+                        "cap": cap,
+                        "limit": limit,
+                        "count": count,
+                        "detail": detail,
+                        "hint": ERRORS[_CAP_CODES.get(cap, Code.PUB_TOO_LARGE)].hint,
+                    }
+                )
+            self._limit_tally.clear()
         if self.dlq.dropped > self._dlq_dropped_told:
             self.notices.append(
                 {
@@ -729,8 +843,9 @@ class Router:
         session = Session(
             key, Authorizer(key[0], permissions), 1, now_ns, Mailbox(self.config.delivery)
         )
+        session.caps = self.caps_of(key[0])
         session.detached_at_ns = now_ns
-        self.sessions.by_key[key] = session
+        self.sessions.add(session)
         self.subscriptions.restore(session, subscriptions)
         for delivery in deliveries:
             delivery.seq = self.next_delivery_seq()

@@ -136,6 +136,7 @@ class BrokerServer:
             stream=stream,
             first_delivery_seq=wall_clock() // 1000,
             wall_clock=wall_clock,
+            limits_for=self._catalog.limits,
         )
         now = monotonic()
         self.core = BrokerCore(
@@ -337,6 +338,7 @@ class BrokerServer:
         monotonic = self._monotonic
         record = self.route_latency.record
         identity = self.registry.identity
+        most = self.config.router.caps.pub_bytes_max
         for _ in range(_DRAIN_LIMIT):
             try:
                 peer = sock.recv(_NOBLOCK)
@@ -347,15 +349,19 @@ class BrokerServer:
             user_id = part.get("User-Id")
             app_id = identity(user_id) if isinstance(user_id, str) else None
             frames = [part.bytes]
+            size = len(frames[0])
             overflow = False
             while part.more:  # a Frame attribute: getsockopt(RCVMORE) builds an Enum each call
                 part = sock.recv(copy=False)
-                if len(frames) < P.MAX_FRAMES:
+                size += len(part)  # counted, not copied: past `most` nothing more is kept
+                if len(frames) < P.MAX_FRAMES and size <= most:
                     frames.append(part.bytes)
                 else:
                     overflow = True
             if overflow:
-                self._send(sock, core.overflow(peer))
+                del frames  # the first frames of a refused message go now, not next pass
+                refused = core.oversized(peer, app_id or "", size, most) if size > most else None
+                self._send(sock, refused or core.overflow(peer))
                 continue
             if app_id is None or frames[0] == P.HELLO:
                 app_id = self._identity_checked(peer, user_id, app_id, frames)

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from broker import protocol as P
+from broker.caps import Caps
 from broker.delivery import Mailbox, Outcome
-from broker.errors import AuthFailure, Code, ProtocolViolation
+from broker.errors import AuthFailure, CapExceeded, Code, ProtocolViolation
 from broker.event_records import RetryScheduled, SessionChanged
 from broker.permissions import Authorizer, permissions_of
 from broker.wire import Hello, Welcome
@@ -57,6 +58,8 @@ class Session:
     """Congested receivers holding this publisher's credit back (broker.flow)."""
     holding: set[SessionKey] = field(default_factory=set)
     """Publishers whose credit this congested receiver holds back (broker.flow)."""
+    caps: Caps = field(default_factory=Caps)
+    """The app's caps (broker.caps), read at HELLO: the manifest may have changed."""
 
     @property
     def app_id(self) -> str:
@@ -74,9 +77,26 @@ class Sessions:
         self._core = core
         self.by_key: dict[SessionKey, Session] = {}
         self.by_peer: dict[bytes, Session] = {}
+        self.per_app: dict[str, int] = {}
+        """app id -> how many sessions `by_key` holds for it (the `sessions` cap)."""
 
     def __len__(self) -> int:
         return len(self.by_key)
+
+    def add(self, session: Session) -> None:
+        """Keep a new session (counted against its app's `sessions` cap)."""
+        self.by_key[session.key] = session
+        app = session.app_id
+        self.per_app[app] = self.per_app.get(app, 0) + 1
+
+    def _remove(self, session: Session) -> None:
+        del self.by_key[session.key]
+        app = session.app_id
+        left = self.per_app[app] - 1
+        if left:
+            self.per_app[app] = left
+        else:
+            del self.per_app[app]
 
     def of(self, peer: bytes, app_id: str, now_ns: int) -> Session:
         """The welcomed session of `peer`, marked alive; errors when there is none or the
@@ -105,6 +125,15 @@ class Sessions:
         permissions = permissions_of(app_id, core.permissions_for)
         out: list[Outbound] = []
         key = (app_id, hello.session)
+        caps = core.caps_of(app_id)
+        if key not in self.by_key and self.per_app.get(app_id, 0) >= caps.sessions:
+            raise CapExceeded(
+                Code.SESSION_LIMIT,
+                "sessions",
+                caps.sessions,
+                f"app {app_id!r} already has {caps.sessions} sessions (attached or in their "
+                "grace period)",
+            )
         previous = self.by_peer.pop(peer, None)
         if previous is not None and previous.key != key:
             self.detach(previous, now_ns, "the connection opened another session")
@@ -114,7 +143,7 @@ class Sessions:
             session = Session(
                 key, Authorizer(app_id, permissions), max(common), now_ns, Mailbox(config.delivery)
             )
-            self.by_key[key] = session
+            self.add(session)
             core.stats.sessions_opened += 1
             core.emit(SessionChanged(app_id, hello.session, "opened", hello.client))
         else:
@@ -137,6 +166,7 @@ class Sessions:
                 self._requeue_in_flight(session, now_ns)
             core.emit(SessionChanged(app_id, hello.session, "resumed", hello.client))
         session.peer = peer
+        session.caps = caps
         session.version = max(common)  # a resume may come from a newer (or older) client
         session.last_seen_ns = now_ns
         session.mailbox.auto_ack = not hello.acked
@@ -216,7 +246,7 @@ class Sessions:
         )
         if session.durable:  # the session lives on for its durable subscriptions, queue kept
             return
-        del self.by_key[session.key]
+        self._remove(session)
         if closing:
             core.stats.discarded_on_close += len(discarded)
             return

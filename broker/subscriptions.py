@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from broker import protocol as P
 from broker.codec import encode_sids
-from broker.errors import Code, ProtocolViolation, WireError
+from broker.errors import CapExceeded, Code, ProtocolViolation, WireError
 from broker.event_records import Subscribed, Unsubscribed
 from broker.topics import TopicIndex, pattern_tokens
 from broker.wire import Subscribe, SubscribeOk, Unsubscribe, UnsubscribeOk
@@ -39,6 +39,8 @@ class Subscriptions:
         self._services: TopicIndex[tuple[SessionKey, int]] = TopicIndex(route_cache)
         self.routes: dict[str, tuple[Route, ...]] = {}
         """Literal topic -> its routes (the hot path reads this dict directly)."""
+        self.durable_per_app: dict[str, int] = {}
+        """app id -> its durable subscriptions over all its sessions (the cap)."""
 
     def __len__(self) -> int:
         return len(self._index)
@@ -62,12 +64,20 @@ class Subscriptions:
                     Code.TOO_MANY_SUBSCRIPTIONS,
                     f"limit is {P.MAX_SUBSCRIPTIONS_PER_SESSION} per session",
                 )
+            cap = session.caps.durable_subscriptions
+            if sub.durable and self.durable_per_app.get(session.app_id, 0) >= cap:
+                raise CapExceeded(
+                    Code.DURABLE_LIMIT,
+                    "durable_subscriptions",
+                    cap,
+                    f"app {session.app_id!r} already has {cap} durable subscriptions",
+                )
         except WireError as exc:
             exc.ref.setdefault("sid", sid)
             raise
         session.subscriptions[sid] = pattern
         if sub.durable:
-            session.durable.add(sid)
+            self._add_durable(session, sid)
         self._core.emit(
             Subscribed(session.app_id, session.name, sid, pattern, sub.durable, sub.serve)
         )
@@ -95,7 +105,14 @@ class Subscriptions:
     def _end(self, session: Session, sid: int, reason: str) -> None:
         pattern = session.subscriptions.pop(sid)
         durable = sid in session.durable
-        session.durable.discard(sid)
+        if durable:
+            session.durable.discard(sid)
+            app = session.app_id
+            left = self.durable_per_app[app] - 1
+            if left:
+                self.durable_per_app[app] = left
+            else:
+                del self.durable_per_app[app]
         self._core.emit(Unsubscribed(session.app_id, session.name, sid, durable, reason))
         if sid in session.serving:
             session.serving.discard(sid)
@@ -108,9 +125,15 @@ class Subscriptions:
         """Durable subscriptions rebuilt from the store (no events: they are stored)."""
         for sid, pattern in subscriptions.items():
             session.subscriptions[sid] = pattern
-            session.durable.add(sid)
+            self._add_durable(session, sid)
             self._index.insert(pattern, (session.key, sid))
         self.routes.clear()
+
+    def _add_durable(self, session: Session, sid: int) -> None:
+        if sid not in session.durable:
+            session.durable.add(sid)
+            app = session.app_id
+            self.durable_per_app[app] = self.durable_per_app.get(app, 0) + 1
 
     # -- lookups ----------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ States and transitions (`TRANSITIONS`; CLOSED and FAILED absorb every input):
     CONNECTING   NOT_WELCOMED   CONNECTING   answers to what was sent before our HELLO
     CONNECTING   RECONNECTED    CONNECTING   new transport: HELLO again
     CONNECTING   SILENT         CONNECTING   ReconnectNeeded: driver replaces the socket
-    CONNECTING   REFUSED        FAILED       HELLO refused (2xx, 106)
+    CONNECTING   REFUSED        FAILED       HELLO refused (2xx, 106, 410 sessions cap)
     CONNECTING   TAKEN_OVER     FAILED       203: another connection holds the session
     CONNECTING   AUTH_FAILED    FAILED       ZAP refused the credential
     CONNECTING   CLOSE          CLOSED       nothing to flush without a session
@@ -806,7 +806,7 @@ class ClientSession:
             self._fail(error)
             return
         if self.state is State.CONNECTING and (
-            code // 100 == 2 or code == int(Code.UNSUPPORTED_VERSION)
+            code // 100 == 2 or code in (int(Code.UNSUPPORTED_VERSION), int(Code.SESSION_LIMIT))
         ):
             self._input(Input.REFUSED)
             self._fail(error)

@@ -50,12 +50,14 @@ def fast_broker(short_tmp: Path) -> Iterator[BrokerHandle]:
 @pytest.fixture
 def overflow_broker(short_tmp: Path) -> Iterator[BrokerHandle]:
     """The fast broker without flow control (credit 0): publishers are never held, so a
-    receiver that never acknowledges overflows into the dead-letter queue."""
+    receiver that never acknowledges overflows into the dead-letter queue ("sub" may keep
+    all of it: its DLQ quota, [limits] dlq_entries and dlq_bytes, is raised above the defaults)."""
     handle = BrokerHandle.prepared(
         short_tmp,
         {
             "pub": '[permissions]\npublish = ["jobs.>"]\n',
-            "sub": '[permissions]\nsubscribe = ["jobs.>"]\n',
+            "sub": '[permissions]\nsubscribe = ["jobs.>"]\n'
+            "[limits]\ndlq_entries = 10000\ndlq_bytes = 67108864\n",
         },
     )
     handle.start(**FAST, window=10, queue_max=100, credit=0)
