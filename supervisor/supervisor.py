@@ -42,6 +42,7 @@ from supervisor.launch import app_argv, app_environment
 from supervisor.lifecycle import Action, Input, Lifecycle, RestartPolicy, State
 from supervisor.manifest_watch import ManifestWatch
 from supervisor.monitor import Usage, check_limits, kill_leftovers, process_table
+from supervisor.platform_lock import PlatformLock, PlatformLocked
 from supervisor.platform_state import platform_alive, recorded_pid
 from supervisor.reaping import become_subreaper, reap_adopted
 from supervisor.spawner import Child, Spawner
@@ -167,6 +168,7 @@ class Supervisor:
     )
     _unresponsive: Subscription | None = None
     _wake: threading.Event = field(default_factory=threading.Event)
+    _lock: PlatformLock | None = None
     _manifest_watch: ManifestWatch | None = None
     output: AppOutput | None = None
     """Pumps the apps' stdout and stderr into HOME/logs and the terminal (built at the first
@@ -175,10 +177,17 @@ class Supervisor:
     def start(self) -> None:
         """Broker, then apps (in parallel, `after` respected); raises before starting anything
         on a running platform or a bad manifest."""
+        self.paths.prepare()
+        try:
+            self._lock = PlatformLock.acquire(self.paths.run_dir / "platform.lock")
+        except PlatformLocked:
+            raise PlatformRunning(
+                f"a platform already runs with home {self.paths.home}; "
+                "stop it or pass another --home"
+            ) from None
         self._refuse_second_platform()
         manifests = load_manifests(self.apps_dir)
         self._manifest_watch = ManifestWatch(self.apps_dir)
-        self.paths.prepare()
         become_subreaper()  # an app's escaped descendants stay inside the platform's tree
         self.apps = {
             app_id: AppRecord(m, Lifecycle(self._policy(m))) for app_id, m in manifests.items()
@@ -260,6 +269,8 @@ class Supervisor:
             if service.child is not None:
                 self.spawner.stop(service.child, self.config.stop_grace_s)
         self.identities.close()
+        if self._lock is not None:
+            self._lock.release()
         self.paths.state_file.unlink(missing_ok=True)
         event(log, "platform-stopped")
 
