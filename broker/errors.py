@@ -123,7 +123,7 @@ ERRORS: dict[Code, ErrorSpec] = {
         ),
         ErrorSpec(
             Code.BAD_SESSION_NAME,
-            "A session name is 1-64 printable characters: no whitespace, control chars or NUL.",
+            "A session name is 1-64 printable characters: no NUL, control chars or line breaks.",
         ),
         ErrorSpec(
             Code.AUTH_FAILED, "Connect with the credential the supervisor or `plexus env` gave."

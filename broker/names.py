@@ -2,9 +2,12 @@
 
 A session name is one part of the session's key, (app id, session name), in the broker's
 dicts and, with persistence on, in the durable-state LMDB keys `app NUL session NUL ...`
-(persistence.state). So it follows the topics' character rule (broker.topics): 1 to 64
-characters, each printable, no whitespace, no NUL (docs/protocol.md §3.2). A NUL once
-split a stored key into the wrong fields at recovery and crash-looped the platform.
+(persistence.state). So, like a topic (broker.topics), it is 1 to 64 characters, each
+printable (`str.isprintable`: no NUL, no control character, no line break, tab or other
+whitespace but the plain space, no format or unassigned character; docs/protocol.md
+§3.2). A NUL once split a stored key into the wrong fields at recovery and crash-looped
+the platform. The plain space is allowed (unlike in topics, where it would be ambiguous
+on a command line): it separates nothing in a key, and clients name sessions with it.
 
 The broker checks it at HELLO (`validate_session_name`, 112 `BAD_SESSION_NAME`);
 recovery and persistence check stored rows with `session_name_problem` and skip, never
@@ -27,8 +30,8 @@ def session_name_problem(name: Any) -> str | None:
         return f"must be a string, got {type(name).__name__}"
     if not 0 < len(name) <= MAX_SESSION_NAME:
         return f"must be 1-{MAX_SESSION_NAME} characters, got {len(name)}"
-    if not name.isprintable() or any(c.isspace() for c in name):
-        return f"{name!r} contains a control character, NUL, whitespace or a non-printable one"
+    if not name.isprintable():
+        return f"{name!r} contains a NUL, control, line-break or other non-printable character"
     return None
 
 

@@ -33,12 +33,26 @@ _U32 = struct.Struct(">I")
 def reference_ok(name: str) -> bool:
     """Slow and obvious: 1-64 characters, none of Unicode's "other" (control, format,
     surrogate, private use, unassigned) or "separator" (space, line, paragraph) classes,
-    which hold every NUL, control character and whitespace."""
-    return 1 <= len(name) <= 64 and all(unicodedata.category(c)[0] not in "CZ" for c in name)
+    which hold every NUL, control character and whitespace, except the plain space."""
+    return 1 <= len(name) <= 64 and all(
+        c == " " or unicodedata.category(c)[0] not in "CZ" for c in name
+    )
 
 
 @pytest.mark.parametrize(
-    "name", ["main", "desk-1", "cli-4242", "t1700000000", "é", "日本", "a.b_c:d/e", "x" * 64]
+    "name",
+    [
+        "main",
+        "desk-1",
+        "cli-4242",
+        "t1700000000",
+        "é",
+        "日本",
+        "a.b_c:d/e",
+        "my desk",
+        "raw-[1, 2]",
+        "x" * 64,
+    ],
 )
 def test_names_clients_use_are_valid(name: str) -> None:
     assert session_name_problem(name) is None
@@ -48,7 +62,7 @@ def test_names_clients_use_are_valid(name: str) -> None:
 @pytest.mark.parametrize(
     "name",
     [
-        *("", "x" * 65, "a\x00b", "\x00", "a b", "a\tb", "a\nb", "a\rb", "\x7f", "\x1b[31m"),
+        *("", "x" * 65, "a\x00b", "\x00", "a\u3000b", "a\tb", "a\nb", "a\rb", "\x7f", "\x1b[31m"),
         *("\u2028", "\u200b", "\ufeff", "a\u00a0b", "\ud800"),
     ],
     ids=repr,
