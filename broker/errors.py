@@ -36,6 +36,7 @@ class Code(IntEnum):
     DUPLICATE_SID = 109
     UNKNOWN_SID = 110
     TOO_MANY_SUBSCRIPTIONS = 111
+    BAD_SESSION_NAME = 112
 
     AUTH_FAILED = 200
     IDENTITY_UNKNOWN = 201
@@ -128,6 +129,10 @@ ERRORS: dict[Code, ErrorSpec] = {
         ErrorSpec(Code.UNKNOWN_SID, "Unsubscribe only subscription ids you subscribed."),
         ErrorSpec(
             Code.TOO_MANY_SUBSCRIPTIONS, "Use wildcards instead of thousands of subscriptions."
+        ),
+        ErrorSpec(
+            Code.BAD_SESSION_NAME,
+            "A session name is 1-64 printable characters: no NUL, control chars or line breaks.",
         ),
         ErrorSpec(
             Code.AUTH_FAILED, "Connect with the credential the supervisor or `plexus env` gave."

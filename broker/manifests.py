@@ -3,11 +3,18 @@
 The manifest is the contract between an app and the platform: how to launch it (for the
 supervisor) and what it may do on the bus (for the broker). It lives on the broker's floor
 because the broker enforces its permissions; the supervisor, a floor above, reads it too.
+
+Everything that reaches the OS is checked here, so a manifest fails at load, never at
+launch: `command` argv and `[env]` names and values the OS can take (no NUL; no '=' in a
+name), limits in range, and the apps directory and its manifests writable by their owner
+only, who is the platform's user or root.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,11 +110,19 @@ def _string_list(path: Path, name: str, value: Any, *, patterns: bool = False) -
     return tuple(value)
 
 
+_LIMIT_MAX = {"limits.memory_mb": 1_048_576, "limits.cpu_percent": 25_600}
+"""The most a limit may say: beyond, it is a typo (1 TiB of memory, 256 cores at 100 %)."""
+
+
 def _positive_int(path: Path, name: str, value: Any, *, least: int = 1) -> int | None:
     if value is None:
         return None
-    if type(value) is not int or value < least:
-        kind = "a positive integer" if least == 1 else f"an integer >= {least}"
+    high = _LIMIT_MAX.get(name)
+    if type(value) is not int or value < least or (high is not None and value > high):
+        if high is not None:
+            kind = f"an integer from {least} to {high}"
+        else:
+            kind = "a positive integer" if least == 1 else f"an integer >= {least}"
         fix = f"{name} = {max(least, 100)}"
         raise ManifestError(path, name, f"must be {kind}, got {value!r}", fix)
     return value
@@ -118,6 +133,54 @@ def _least(key: str) -> int:
     if key in _MAY_BE_ZERO:
         return 0
     return P.MAX_FRAME_BYTES if key in _BYTE_CAPS else 1
+
+
+def _command(path: Path, value: Any) -> tuple[str, ...] | None:
+    """The argv to launch: a non-empty list of non-empty strings without NUL (None: external)."""
+    if value is None:
+        return None
+    command = _string_list(path, "command", value)
+    if not command:
+        raise ManifestError(path, "command", "is empty", 'command = ["python", "-m", "my.app"]')
+    for index, arg in enumerate(command):
+        if "\0" in arg:
+            raise ManifestError(
+                path,
+                f"command[{index}]",
+                f"{arg!r} contains a NUL character, which no argument can hold",
+                "remove the \\u0000 escape from that argument",
+            )
+    return command
+
+
+def _env(path: Path, raw: Any) -> tuple[tuple[str, str], ...]:
+    """[env]: names without '=' or NUL (the OS refuses them), string values without NUL."""
+    if not isinstance(raw, dict):
+        raise ManifestError(path, "env", "must be a table of strings", '[env]\nNAME = "value"')
+    for name, value in raw.items():
+        field_name = f"env.{name}" if name.isprintable() else f"env.{name!r}"
+        if not name or "=" in name or "\0" in name:
+            raise ManifestError(
+                path,
+                field_name if name else "env",
+                f"{name!r} is not an environment variable name (it is empty or holds '=' or NUL)",
+                "use a name of letters, digits and '_', e.g. MY_SETTING",
+            )
+        if not isinstance(value, str):
+            raise ManifestError(
+                path,
+                field_name,
+                f"must be a string, got {type(value).__name__} {repr(value)[:60]}",
+                'quote the value: NAME = "..."',
+            )
+        if "\0" in value:
+            raise ManifestError(
+                path,
+                field_name,
+                "contains a NUL character, which no environment value can hold",
+                "remove the \\u0000 escape from the value",
+            )
+    return tuple(sorted(raw.items()))
 
 
 def _permissions(path: Path, raw: Any) -> Permissions:
@@ -157,11 +220,7 @@ def parse_manifest(path: Path, data: dict[str, Any]) -> Manifest:
             f"{app_id!r} is not a valid app id",
             "use 1-64 lowercase letters, digits, '_', '.', '-', starting with a letter or digit",
         )
-    command = data.get("command")
-    if command is not None:
-        command = _string_list(path, "command", command)
-        if not command:
-            raise ManifestError(path, "command", "is empty", 'command = ["python", "-m", "my.app"]')
+    command = _command(path, data.get("command"))
     restart = data.get("restart", "on-failure")
     if restart not in RESTART_POLICIES:
         raise ManifestError(
@@ -184,9 +243,7 @@ def parse_manifest(path: Path, data: dict[str, Any]) -> Manifest:
             for key in sorted(_LIMIT_KEYS)
         }
     )
-    env_raw = data.get("env", {})
-    if not isinstance(env_raw, dict) or not all(isinstance(v, str) for v in env_raw.values()):
-        raise ManifestError(path, "env", "must be a table of strings", '[env]\nNAME = "value"')
+    env = _env(path, data.get("env", {}))
     return Manifest(
         app_id=app_id,
         command=command,
@@ -194,7 +251,7 @@ def parse_manifest(path: Path, data: dict[str, Any]) -> Manifest:
         limits=limits,
         permissions=_permissions(path, data.get("permissions", {})),
         after=_string_list(path, "after", data.get("after", [])),
-        env=tuple(sorted(env_raw.items())),
+        env=env,
         path=str(path),
     )
 
@@ -214,8 +271,38 @@ def load_manifest(path: Path) -> Manifest:
     return parse_manifest(path, data)
 
 
+def _refuse_if_others_can_write(path: Path, what: str) -> None:
+    """ManifestError when another user owns `path` (root may) or its group or everyone may
+    write it: a manifest says what runs as you and what it may do on the bus, so only you
+    may change it. POSIX only (Windows has no such mode bits)."""
+    if not hasattr(os, "getuid"):
+        return
+    try:
+        info = path.stat()
+    except OSError:
+        return  # reading it reports the problem
+    uid = os.getuid()
+    if info.st_uid not in (uid, 0):
+        raise ManifestError(
+            path,
+            None,
+            f"{what} belongs to user id {info.st_uid}, not to you (user id {uid}) or root",
+            "keep the manifests in a directory of your own (chown it, or pass --apps DIR)",
+        )
+    loose = stat.S_IMODE(info.st_mode) & 0o022
+    if loose:
+        who = {0o020: "its group", 0o002: "every user", 0o022: "its group and every user"}
+        raise ManifestError(
+            path,
+            None,
+            f"{what} may be written by {who[loose]} (mode {stat.S_IMODE(info.st_mode):o})",
+            f"chmod go-w {path}",
+        )
+
+
 def load_manifests(directory: Path) -> dict[str, Manifest]:
-    """Every `*.toml` manifest in `directory`, by app id; duplicate ids are an error."""
+    """Every `*.toml` manifest in `directory`, by app id; duplicate ids are an error, and so
+    is a directory or manifest that another user could have written."""
     if not directory.exists():
         raise ManifestError(
             directory,
@@ -227,8 +314,10 @@ def load_manifests(directory: Path) -> dict[str, Manifest]:
         raise ManifestError(
             directory, None, "is a file, not a directory", "pass --apps DIR with the manifests"
         )
+    _refuse_if_others_can_write(directory, "the apps directory")
     manifests: dict[str, Manifest] = {}
     for path in sorted(directory.glob("*.toml")):
+        _refuse_if_others_can_write(path, "the manifest")
         manifest = load_manifest(path)
         if manifest.app_id in manifests:
             raise ManifestError(

@@ -15,8 +15,11 @@ recovery on the page marked `done`:
 - the ids of recent messages, oldest first, so a publisher resending what was stored
   before the crash is confirmed without the message being routed twice.
 
-A row that does not have the documented types is skipped and logged, never fatal: the
-broker recovers all it can.
+A row that does not have the documented types, names a session the broker would refuse at
+HELLO (broker.names: a NUL, a control character; an older broker let them through) or holds
+a subscription no SUB could have made (a bad sid or pattern) is skipped, logged
+(`recovery-row-malformed`, naming the app and session) and counted in the report's
+`skipped`, never fatal: the broker recovers all it can.
 """
 
 from __future__ import annotations
@@ -25,10 +28,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+from broker import protocol as P
 from broker.codec import encode_sids
 from broker.delivery import Delivery
 from broker.dlq import DeadLetter
+from broker.errors import ProtocolViolation
 from broker.logs import event
+from broker.names import MAX_SESSION_NAME, session_name_problem
+from broker.topics import pattern_tokens
 from broker.wire import EvRestore
 
 log = logging.getLogger("plexus.broker")
@@ -95,6 +102,7 @@ class RecoveryReport:
         # not a field: asdict(report) stays the counters the broker logs
         self._subscriptions: dict[SessionKey, dict[int, str]] = {}
         self._deliveries: dict[SessionKey, list[Delivery]] = {}
+        self._refused: set[SessionKey] = set()
 
 
 def apply_restore(router: Restorable, page: EvRestore, now_ns: int, report: RecoveryReport) -> None:
@@ -103,9 +111,18 @@ def apply_restore(router: Restorable, page: EvRestore, now_ns: int, report: Reco
     report.watermark = max(report.watermark, page.watermark)
     router.stream.start_after(page.watermark)
     for app, session, subscriptions in page.sessions:
-        report._subscriptions.setdefault((app, session), {}).update(subscriptions)
+        if not _named((app, session), "session", report):
+            continue
+        valid = {
+            sid: pattern
+            for sid, pattern in subscriptions.items()
+            if _subscription_ok((app, session), sid, pattern, report)
+        }
+        report._subscriptions.setdefault((app, session), {}).update(valid)
     for row in page.deliveries:
         if not _typed(row, _DELIVERY_TYPES, _DELIVERY_SIDS, "delivery", report):
+            continue
+        if not _named((row[0], row[1]), "delivery", report):
             continue
         key = (row[0], row[1])
         report._deliveries.setdefault(key, []).append(_delivery(row))
@@ -123,6 +140,9 @@ def apply_restore(router: Restorable, page: EvRestore, now_ns: int, report: Reco
 def _restore_sessions(router: Restorable, now_ns: int, report: RecoveryReport) -> None:
     for key, subscriptions in report._subscriptions.items():
         deliveries = report._deliveries.pop(key, [])
+        if not subscriptions:  # every one was malformed: its deliveries are orphans
+            report._deliveries[key] = deliveries
+            continue
         if router.restore_session(key, subscriptions, deliveries, now_ns):
             report.sessions += 1
             report.subscriptions += len(subscriptions)
@@ -136,6 +156,54 @@ def _restore_sessions(router: Restorable, now_ns: int, report: RecoveryReport) -
     report._subscriptions.clear()
     report._deliveries.clear()
     report.done = True
+
+
+def _named(key: SessionKey, what: str, report: RecoveryReport) -> bool:
+    """Whether a row's (app, session) may be a session key (broker.names); a refused key
+    is logged once, naming it, and each of its rows is counted as skipped."""
+    app, session = key
+    problem = session_name_problem(session)
+    if problem is None and (not app or not app.isprintable() or len(app) > MAX_SESSION_NAME):
+        problem = f"app id {app!r} is not 1-{MAX_SESSION_NAME} printable characters"
+    if problem is None:
+        return True
+    report.skipped += 1
+    if key not in report._refused:
+        report._refused.add(key)
+        event(
+            log,
+            "recovery-row-malformed",
+            logging.ERROR,
+            what=what,
+            app=app,
+            session=session,
+            problem=problem,
+        )
+    return False
+
+
+def _subscription_ok(key: SessionKey, sid: int, pattern: str, report: RecoveryReport) -> bool:
+    """Whether a stored durable subscription has a sid and a pattern a SUB could have made."""
+    problem = None if 0 < sid <= P.MAX_SID else f"sid {sid} is out of range"
+    if problem is None:
+        try:
+            pattern_tokens(pattern)
+        except ProtocolViolation as exc:
+            problem = exc.detail
+    if problem is None:
+        return True
+    report.skipped += 1
+    event(
+        log,
+        "recovery-row-malformed",
+        logging.ERROR,
+        what="subscription",
+        app=key[0],
+        session=key[1],
+        sid=sid,
+        problem=problem,
+    )
+    return False
 
 
 def _typed(

@@ -48,6 +48,7 @@ from broker.codec import (
     unpack_map,
 )
 from broker.errors import ERRORS, Code, ProtocolViolation, WireError
+from broker.names import validate_session_name
 
 MAX_RID: Final = 2**31 - 1
 _SEQ_MAX: Final = 2**63 - 1
@@ -193,9 +194,7 @@ class Hello:
         if not isinstance(offered, list) or not all(type(v) is int for v in offered):
             raise ProtocolViolation(Code.BAD_HEADER, "HELLO field 'v' must be a list of integers")
         acked = _optional_bool(body, "ack", True, "HELLO")
-        name = body.get("session", P.DEFAULT_SESSION)
-        if not isinstance(name, str) or not 0 < len(name) <= 64:
-            raise ProtocolViolation(Code.BAD_HEADER, "HELLO field 'session' must be 1-64 chars")
+        name = validate_session_name(body.get("session", P.DEFAULT_SESSION))
         client = body.get("client", "")
         app = body.get("app", "")
         if not isinstance(app, str) or len(app) > 256:
@@ -1040,6 +1039,12 @@ _DELIVERY_TYPES: Final = (_S, _S, _I, _SIDS, _S, _I, _S, _B, _B, _B, _F)
 _DEAD_TYPES: Final = (_I, _S, _S, _S, _I, _I, _S, _I, _S, _I, _S, _B, _B, _B, _F, _SIDS)
 """[entry_id, reason, app, session, dead_ns, attempts, error, stored_seq, sender,
 published_ns, topic, msg_id, header, payload, sensitive, sids]"""
+
+
+def dead_letter_row(item: Sequence[Any]) -> tuple[Any, ...]:
+    """`item` as an EVRESTORE dead-letter row, else ProtocolViolation: persistence checks a
+    stored row with it before sending, so one bad row costs itself, not its page."""
+    return _row(list(item), 16, "dead letter", _DEAD_TYPES)
 
 
 def _row(

@@ -12,7 +12,10 @@ over the link (docs/protocol.md §14.5; the broker applies it with broker.recove
 on pages of at most `RESTORE_PAGE_ROWS` rows and about `RESTORE_PAGE_BYTES` (so a page
 fits the broker's frame limit), every page carrying the watermark, the last one `done`;
 an empty store is one empty page marked done. A delivery whose message retention already
-deleted, or whose record does not open, is skipped and logged: the rest still recovers.
+deleted, or whose record does not open, a dead letter whose fields have not the types
+EVRESTORE requires (the broker refuses a page with one such row), and a state row that does
+not parse (persistence.state) are skipped, logged and counted in `skipped`: the rest still
+recovers.
 """
 
 from __future__ import annotations
@@ -24,7 +27,13 @@ from typing import Any
 from broker.codec import decode_sids
 from broker.errors import ProtocolViolation
 from broker.logs import event
-from broker.wire import RESTORE_PAGE_BYTES, RESTORE_PAGE_ROWS, RESTORE_RECENT_IDS, EvRestore
+from broker.wire import (
+    RESTORE_PAGE_BYTES,
+    RESTORE_PAGE_ROWS,
+    RESTORE_RECENT_IDS,
+    EvRestore,
+    dead_letter_row,
+)
 from persistence.sealing import Opener, open_dead_letter, open_message
 from persistence.segments import StoredMessage
 from persistence.state import StateStore
@@ -89,6 +98,7 @@ class RestoreReader:
 
     def pages(self) -> Iterator[EvRestore]:
         """The pages, in order; the last is `done`."""
+        state_skipped = self._state.skipped
         watermark = self.watermark()
         page = _Page()
         for kind, row, size in self._rows():
@@ -99,6 +109,7 @@ class RestoreReader:
             page.rows += 1
             page.size += size
             self.rows += 1
+        self.skipped += self._state.skipped - state_skipped  # rows the state store skipped
         yield page.record(watermark, done=True)
 
     # -- the rows, as (page list, row, counted bytes) ---------------------------------------
@@ -114,7 +125,7 @@ class RestoreReader:
                     yield "deliveries", delivery, _size(delivery)
         for record in self._state.dead_letters():
             dead = self._dead_letter(record.entry_id, record.fields)
-            if dead is not None:
+            if dead is not None and self._sendable(record.entry_id, dead):
                 yield "dead_letters", dead, _size(dead)
         for stored in reversed(self._messages.recent(self._recent)):
             row = (stored.sender, stored.msg_id, stored.seq, stored.ts_ns)
@@ -177,11 +188,23 @@ class RestoreReader:
             )
         except SealedRecordError as exc:
             error = str(exc)
-        except (KeyError, ProtocolViolation) as exc:
+        except (KeyError, TypeError, ValueError, ProtocolViolation) as exc:
             error = f"malformed dead letter: {exc!r}"
         self.skipped += 1
         event(log, "recovery-record-unreadable", logging.ERROR, dlq=entry_id, error=error)
         return None
+
+    def _sendable(self, entry_id: int, row: tuple[Any, ...]) -> bool:
+        """Whether a dead letter has the types EVRESTORE requires (the broker refuses a
+        page with one wrong row: a stored row of the wrong types would cost its page)."""
+        try:
+            dead_letter_row(row)
+        except ProtocolViolation as exc:
+            self.skipped += 1
+            error = f"malformed dead letter: {exc.detail}"
+            event(log, "recovery-record-unreadable", logging.ERROR, dlq=entry_id, error=error)
+            return False
+        return True
 
 
 def _size(row: tuple[Any, ...]) -> int:

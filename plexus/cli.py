@@ -19,7 +19,7 @@ import click
 
 from broker.logs import configure
 from broker.manifests import ManifestError
-from broker.paths import PlatformPaths
+from broker.paths import PlatformPaths, UnsafeDirectory
 from clients.bus import Bus, BusError
 from plexus import credential_commands, exits, logs_command
 from plexus import dlq_purge as dlq_purge_flow
@@ -66,6 +66,8 @@ class _Plexus(click.Group):
             fail(exc.format_message(), exc.exit_code)
         except click.exceptions.Abort:
             fail("aborted: no answer was given", exits.FAILURE)
+        except UnsafeDirectory as exc:  # a home or run dir another user owns or could have made
+            fail(str(exc), exits.BAD_INPUT)
         sys.exit(result if isinstance(result, int) else exits.OK)
 
     def invoke(self, ctx: click.Context) -> Any:

@@ -17,6 +17,10 @@ from broker.errors import ProtocolViolation
 
 text = st.text(max_size=20)
 names = st.text(min_size=1, max_size=64)
+session_names = st.text(
+    st.characters(categories=("L", "M", "N", "P", "S")), min_size=1, max_size=64
+)
+"""Valid session names (broker.names): printable, no whitespace."""
 u31 = st.integers(0, W.MAX_RID)
 u63 = st.integers(0, 2**63 - 1)
 sids = st.integers(1, P.MAX_SID)
@@ -70,7 +74,11 @@ stored_rows = st.tuples(u63, u63, text, st.binary(max_size=8), st.binary(max_siz
 
 RECORDS: dict[type[Any], st.SearchStrategy[Any]] = {
     W.Hello: st.builds(
-        W.Hello, st.lists(st.integers(0, 9), max_size=4).map(tuple), names, st.booleans(), text
+        W.Hello,
+        st.lists(st.integers(0, 9), max_size=4).map(tuple),
+        session_names,
+        st.booleans(),
+        text,
     ),
     W.Welcome: st.builds(
         W.Welcome,
