@@ -27,7 +27,7 @@ from broker.codec import pack
 from broker.errors import Code
 from broker.names import session_name_problem
 from persistence.state import StateStore
-from tests.conftest import BrokerHandle, wait_for
+from tests.conftest import BrokerHandle, authenticate, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -44,8 +44,7 @@ def raw_dealer(broker: BrokerHandle, app_id: str) -> zmq.Socket[bytes]:
     change, only this changes."""
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
-    sock.plain_username = app_id.encode()
-    sock.plain_password = broker.credentials.mint(app_id).encode()
+    authenticate(sock, broker.credentials.mint(app_id))
     sock.connect(broker.endpoint)
     return sock
 
