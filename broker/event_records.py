@@ -199,7 +199,7 @@ class SessionChanged:
 class AuthFailed:
     """A connection the broker's ZAP handler refused, or a live connection whose
     credential was revoked or whose HELLO claimed another identity: `code` the refusal
-    (unknown-key, foreign-process, expired, wrong-user, not-admitted-here, revoked,
+    (unknown-key, foreign-process, expired, wrong-user, not-admitted-here,
     identity-mismatch), `claimed` the identity the credential or HELLO named, `pid` the
     connecting process as the kernel gave it (0: not known, e.g. TCP)."""
 
