@@ -23,7 +23,6 @@ from pathlib import Path
 from broker.config import CONFIG_FD_VARIABLE
 from perf.control import die_with_parent
 from security.grant_channel import GRANTS_FD_VARIABLE
-from security.grants import GrantKind
 from security.handoff import (
     CREDENTIAL_FD_VARIABLE,
     SERVER_KEY_FD_VARIABLE,
@@ -112,11 +111,7 @@ def spawn_bounded(
         for fd in fds:
             os.close(fd)
     if identities is not None and channel is not None:
-        identities.attach(service, channel)
-        if gate is not None and identity is not None:
-            gate.child_spawned()
-            _grant, credential = identities.grant(identity, GrantKind.SERVICE, pid=proc.pid)
-            gate.open(credential)
+        identities.service_started(service, channel, proc.pid, gate, identity)
     return proc
 
 

@@ -107,6 +107,25 @@ class Identities:
         for grant in list(self.grants.values()):
             sender.grant(grant)
 
+    def service_started(
+        self,
+        service: str,
+        channel: ServiceChannel,
+        pid: int,
+        gate: CredentialGate | None = None,
+        identity: str | None = None,
+    ) -> Grant | None:
+        """`service` was spawned as `pid` with `channel` (and, for a bus client, `gate`):
+        attach the channel, then grant `identity` to that pid and only then open the gate.
+        The grant, or None for a service that is no bus client."""
+        self.attach(service, channel)
+        if gate is None or identity is None:
+            return None
+        gate.child_spawned()
+        grant, credential = self.grant(identity, GrantKind.SERVICE, pid=pid)
+        gate.open(credential)
+        return grant
+
     def close(self) -> None:
         for sender in self._senders.values():
             sender.close()

@@ -594,16 +594,12 @@ class Supervisor:
             os.close(config_fd)
             if passphrase_fd is not None:
                 os.close(passphrase_fd)
-        self.identities.attach(service.name, channel)
-        if gate is not None and service.identity is not None:
-            gate.child_spawned()
-            if service.grant_id is not None:
-                self.identities.revoke(service.grant_id)
-            grant, credential = self.identities.grant(
-                service.identity, GrantKind.SERVICE, pid=service.child.pid
-            )
-            service.grant_id = grant.grant_id
-            gate.open(credential)
+        if service.grant_id is not None:
+            self.identities.revoke(service.grant_id)
+        grant = self.identities.service_started(
+            service.name, channel, service.child.pid, gate, service.identity
+        )
+        service.grant_id = grant.grant_id if grant is not None else None
         service.life.handle(Input.SPAWNED, self.clock())
         event(
             log,

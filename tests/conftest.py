@@ -124,11 +124,7 @@ def spawn_service(
         os.close(fd)
     if identities.platform_root is None:  # the test plays supervisor and operator both:
         identities.platform_root = process.pid  # the platform's tree is the broker's
-    identities.attach(module, channel)
-    if gate is not None and identity is not None:
-        gate.child_spawned()
-        _grant, credential = identities.grant(identity, GrantKind.SERVICE, pid=process.pid)
-        gate.open(credential)
+    identities.service_started(module, channel, process.pid, gate, identity)
     return process
 
 
