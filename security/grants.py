@@ -29,7 +29,7 @@ from collections.abc import Set
 from dataclasses import dataclass
 from enum import StrEnum
 
-from security.peers import MAX_DEPTH, Peer, ProcessTree, descends_from
+from security.peers import Peer, ProcessTree, descends_from, lineage
 
 OPERATOR_ID = "$cli"
 """The identity every operator connection gets."""
@@ -216,16 +216,9 @@ class GrantRegistry:
         if pid is None:
             return ""
         roots = {g.pid: g.app_id for g in self._by_key.values() if g.pid is not None}
-        current: int | None = pid
-        for _ in range(MAX_DEPTH):
-            if current is None or current <= 0:
-                return ""
-            if current in roots and current != self.supervisor_pid:
-                return roots[current]
-            parent = self.tree.parent(current)
-            if parent == current:
-                return ""
-            current = parent
+        for ancestor in lineage(self.tree, pid):
+            if ancestor in roots and ancestor != self.supervisor_pid:
+                return roots[ancestor]
         return ""
 
     def _inside_platform(self, pid: int) -> bool:

@@ -13,6 +13,7 @@ the platform's tree, never outside it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,16 +62,20 @@ class LiveProcessTree:
         return parent
 
 
-def descends_from(tree: ProcessTree, pid: int, root: int) -> bool:
-    """Whether `pid` is `root` or one of its descendants."""
+def lineage(tree: ProcessTree, pid: int) -> Iterator[int]:
+    """`pid`, its parent, its grandparent, ... up to init (at most MAX_DEPTH; a loop or an
+    unknown parent ends it)."""
     current: int | None = pid
     for _ in range(MAX_DEPTH):
         if current is None or current <= 0:
-            return False
-        if current == root:
-            return True
+            return
+        yield current
         parent = tree.parent(current)
         if parent == current:
-            return False
+            return
         current = parent
-    return False
+
+
+def descends_from(tree: ProcessTree, pid: int, root: int) -> bool:
+    """Whether `pid` is `root` or one of its descendants."""
+    return root in lineage(tree, pid)
