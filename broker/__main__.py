@@ -13,10 +13,17 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
 from broker.config import ConfigError, PlatformConfig, config_from_environment
+from broker.endpoints import (
+    EndpointError,
+    Endpoints,
+    listen_fds_from_environment,
+    require_curve,
+)
 from broker.logs import configure, event
 from broker.paths import PlatformPaths
 from broker.router import RouterConfig
@@ -27,9 +34,15 @@ from security.handoff import HandoffError
 
 
 def broker_config(
-    platform: PlatformConfig, paths: PlatformPaths, apps_dir: Path | None, keys: ServerKeys
+    platform: PlatformConfig,
+    paths: PlatformPaths,
+    apps_dir: Path | None,
+    keys: ServerKeys,
+    endpoints: Endpoints | None = None,
+    listen_fds: Mapping[str, int] | None = None,
 ) -> BrokerConfig:
-    """The broker's settings, all taken from the platform config."""
+    """The broker's settings, all taken from the platform config and the endpoints."""
+    endpoints = endpoints or Endpoints.ipc(paths)
     return BrokerConfig(
         paths=paths,
         apps_dir=apps_dir,
@@ -38,12 +51,14 @@ def broker_config(
             peer_timeout_ms=platform.peer_timeout_ms,
             delivery=platform.delivery,
             caps=platform.limits,
-            store_endpoint=paths.store_endpoint() if platform.persistence else None,
+            store_endpoint=endpoints.store if platform.persistence else None,
         ),
         persistence=platform.persistence,
         recovery_timeout_s=platform.recovery_timeout_s,
         event_batch_ms=platform.event_batch_ms,
         keys=keys,
+        endpoints=endpoints,
+        listen_fds=dict(listen_fds or {}),
     )
 
 
@@ -59,13 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         grants = GrantReceiver.from_environment()
         if grants is None:
             raise GrantChannelError("no grant channel: PLEXUS_GRANTS_FD is not set")
-    except (ConfigError, HandoffError, GrantChannelError) as exc:
+        require_curve()
+        paths = PlatformPaths.resolve(args.home)
+        endpoints = Endpoints.from_environment(paths)
+        listen_fds = listen_fds_from_environment()
+    except (ConfigError, HandoffError, GrantChannelError, EndpointError) as exc:
         hint = "the broker is started by the supervisor: run `plexus run`"
         event(log, "broker-config-refused", error=str(exc), hint=hint)
         return 2
-    paths = PlatformPaths.resolve(args.home)
     paths.prepare()
-    config = broker_config(platform, paths, args.apps, keys)
+    config = broker_config(platform, paths, args.apps, keys, endpoints, listen_fds)
     event(log, "broker-config", **platform.to_tables()["broker"], persistence=config.persistence)
     stop: list[int] = []
 

@@ -11,6 +11,7 @@ It sits on the broker's floor because both the broker and the services read it.
     peer_timeout_ms = 10000    # silence after which a session ends
     recovery_timeout_s = 10.0  # longest wait for the persistence service at broker start
     event_batch_ms = 2.0       # longest wait of an event nobody's confirm waits for
+    transport = "ipc"          # "tcp": CurveZMQ on loopback ports (always where no ipc)
     [platform]
     persistence = true         # false: no message data is written to disk
     stop_grace_s = 5.0         # SIGTERM -> SIGKILL delay when stopping an app
@@ -97,6 +98,7 @@ class PlatformConfig:
     recovery_timeout_s: float = 10.0
     event_batch_ms: float = 2.0
     external_ttl_s: float = 8 * 3600.0
+    transport: str = "ipc"
 
     def to_tables(self) -> dict[str, dict[str, Any]]:
         """The config as its sections (the shape of the TOML file and of the document)."""
@@ -138,6 +140,7 @@ SCHEMA: dict[str, dict[str, _Rule]] = {
         "peer_timeout_ms": (int, (100, 3_600_000)),
         "recovery_timeout_s": (float, (0.1, 3600.0)),
         "event_batch_ms": (float, (0.1, 1000.0)),
+        "transport": (str, None),
     },
     "platform": {
         "persistence": (bool, None),
@@ -189,6 +192,9 @@ SCHEMA: dict[str, dict[str, _Rule]] = {
 }
 """Every key of every section: (type, inclusive bounds or None)."""
 
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {("broker", "transport"): ("ipc", "tcp")}
+"""The allowed values of each string key."""
+
 
 def _number(value: Any) -> float:
     """`value`, known to be an int or a float, as a number mypy can compare."""
@@ -213,6 +219,9 @@ def _checked(source: str, section: str, key: str, raw: Any) -> Any:
     value: Any = float(raw) if kind is float and type(raw) is int else raw
     if type(value) is not kind:
         raise ConfigError(f"{source}: {section}.{key} must be {kind.__name__}")
+    choices = CHOICES.get((section, key))
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{source}: {section}.{key} must be one of {', '.join(choices)}")
     if bounds is not None and not bounds[0] <= _number(value) <= bounds[1]:
         raise ConfigError(f"{source}: {section}.{key} must be in {bounds}")
     return value
@@ -234,6 +243,7 @@ def from_tables(tables: Mapping[str, Any], source: str, complete: bool = False) 
         **values["broker"],
         **values["platform"],
         **values["persistence"],
+        **values["security"],
         delivery=DeliveryConfig(**values["delivery"]),
         limits=Caps(**values["limits"]),
     )

@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import zmq
-
 _IPC_PATH_LIMIT = 100
 
 STATE_FILE = "state.mdb"
@@ -163,23 +161,19 @@ class PlatformPaths:
         return self.home / "keys"
 
     def _ipc(self, name: str) -> str:
-        if zmq.has("ipc"):
-            return f"ipc://{self.run_dir / name}"
-        return "tcp://127.0.0.1:*"
+        return f"ipc://{self.run_dir / name}"
 
     def events_endpoint(self) -> str:
-        """The broker's PUB socket of its event stream."""
+        """The broker's PUB socket of its event stream, on ipc (broker.endpoints has TCP)."""
         return self._ipc("events")
 
     def store_endpoint(self) -> str:
-        """The persistence service's query socket (history, replay)."""
+        """The persistence service's query socket (history, replay), on ipc."""
         return self._ipc("store")
 
     def bus_endpoint(self) -> str:
-        """ipc socket in the run dir; tcp loopback where ipc does not exist (Windows)."""
-        if zmq.has("ipc"):
-            return f"ipc://{self.run_dir / 'bus'}"
-        return "tcp://127.0.0.1:*"
+        """The broker's ROUTER, an ipc socket in the run dir (broker.endpoints has TCP)."""
+        return self._ipc("bus")
 
     def prepare(self) -> None:
         """Create home, run dir and log dir with private modes; UnsafeDirectory when one is

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ import zmq
 from broker import protocol as P
 from broker.catalog import ManifestCatalog
 from broker.core import BrokerCore, CoreConfig
+from broker.endpoints import Endpoints
+from broker.endpoints import bind as bind_endpoint
 from broker.errors import AuthFailure, Code, WireError
 from broker.event_records import AuthFailed
 from broker.events import EventLog, StreamLimits
@@ -81,6 +83,10 @@ class BrokerConfig:
     stream: StreamLimits = field(default_factory=StreamLimits)
     keys: ServerKeys | None = None
     """The broker's CurveZMQ key pair (None: a fresh one, only for tests of the core)."""
+    endpoints: Endpoints | None = None
+    """Where to listen (None: the ipc paths of `paths`)."""
+    listen_fds: Mapping[str, int] = field(default_factory=dict)
+    """Inherited listening descriptors to bind on, by endpoint name (broker.endpoints)."""
 
 
 class RecoveryRestorer:
@@ -174,18 +180,18 @@ class BrokerServer:
         sock.sndhwm = self.config.hwm
         sock.rcvhwm = self.config.hwm
         sock.maxmsgsize = P.MAX_FRAME_BYTES
-        endpoint = self.config.paths.bus_endpoint()
-        sock.bind(endpoint)
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        endpoints = self.config.endpoints or Endpoints.ipc(self.config.paths)
+        fds = self.config.listen_fds
+        self.endpoint = bind_endpoint(sock, "bus", endpoints.bus, fds)
         self._router_socket = sock
         events = self._context.socket(zmq.PUB)
         events.linger = 0
         events.sndhwm = 100_000
         self.keys.serve(events)
         events.zap_domain = P.EVENTS_ZAP_DOMAIN.encode()
-        events.bind(self.config.paths.events_endpoint())
+        events_endpoint = bind_endpoint(events, "events", endpoints.events, fds)
         self._events = events
-        event(log, "broker-listening", endpoint=self.endpoint)
+        event(log, "broker-listening", endpoint=self.endpoint, events=events_endpoint)
         return self.endpoint
 
     def run(self, should_stop: Callable[[], bool]) -> None:

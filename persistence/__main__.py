@@ -13,10 +13,17 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
 from broker.config import ConfigError, PlatformConfig, config_from_environment
+from broker.endpoints import (
+    EndpointError,
+    Endpoints,
+    listen_fds_from_environment,
+    require_curve,
+)
 from broker.logs import configure, event
 from broker.paths import PlatformPaths
 from persistence.retention import RetentionPolicy
@@ -36,6 +43,8 @@ def persistence_config(
     paths: PlatformPaths,
     apps_dir: Path | None,
     passphrase: str | None = None,
+    endpoints: Endpoints | None = None,
+    listen_fds: Mapping[str, int] | None = None,
 ) -> PersistenceConfig:
     """The service's settings, all taken from the [persistence] section."""
     segment_bytes = platform.segment_max_mb * _MIB
@@ -50,6 +59,8 @@ def persistence_config(
         retention=RetentionPolicy(int(platform.max_age_s * 1e9), platform.max_size_mb * _MIB),
         sensitive_topics=platform.sensitive_topics,
         passphrase=passphrase,
+        endpoints=endpoints,
+        listen_fds=dict(listen_fds or {}),
     )
 
 
@@ -71,15 +82,18 @@ def main(argv: list[str] | None = None) -> int:
         if grants is None:
             raise GrantChannelError("no grant channel: PLEXUS_GRANTS_FD is not set")
         passphrase = passphrase_from_descriptor()
-    except (ConfigError, HandoffError, GrantChannelError) as exc:
+        require_curve()
+        paths = PlatformPaths.resolve(args.home)
+        endpoints = Endpoints.from_environment(paths)
+        listen_fds = listen_fds_from_environment()
+    except (ConfigError, HandoffError, GrantChannelError, EndpointError) as exc:
         event(log, "persistence-config-refused", error=str(exc))
         return 2
     except KeyFileError as exc:
         event(log, "keys-refused", error=str(exc))
         return 2
-    paths = PlatformPaths.resolve(args.home)
     paths.prepare()
-    config = persistence_config(platform, paths, args.apps, passphrase)
+    config = persistence_config(platform, paths, args.apps, passphrase, endpoints, listen_fds)
     event(
         log,
         "persistence-config",

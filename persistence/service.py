@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,8 @@ from broker import event_records as R
 from broker import protocol as P
 from broker import wire
 from broker.catalog import ManifestCatalog
+from broker.endpoints import Endpoints
+from broker.endpoints import bind as bind_endpoint
 from broker.errors import ProtocolViolation
 from broker.logs import event
 from broker.paths import PlatformPaths
@@ -124,6 +126,10 @@ class PersistenceConfig:
     passphrase: str | None = field(default=None, repr=False)
     """The key ring's passphrase, handed over on a descriptor; never read from the
     environment (`security.keyring.PASSPHRASE_FD_VARIABLE`)."""
+    endpoints: Endpoints | None = None
+    """The broker's and the store's endpoints (None: the ipc paths of `paths`)."""
+    listen_fds: Mapping[str, int] = field(default_factory=dict)
+    """The inherited listening descriptor of the store socket (broker.endpoints)."""
 
 
 class PersistenceService:
@@ -231,12 +237,13 @@ class PersistenceService:
         self._server_keys.serve(query)
         query.zap_domain = P.ZAP_DOMAIN.encode()
         query.maxmsgsize = 64 * 1024
-        query.bind(paths.store_endpoint())
+        endpoints = self.config.endpoints or Endpoints.ipc(paths)
+        store = bind_endpoint(query, "store", endpoints.store, self.config.listen_fds)
         self._query = query
         self.stream = StreamConsumer(
             self._context,
-            paths.bus_endpoint(),
-            paths.events_endpoint(),
+            endpoints.bus,
+            endpoints.events,
             P.PERSISTENCE_ID,
             self._token,
             watermark=self.watermark,
@@ -246,7 +253,7 @@ class PersistenceService:
         event(
             log,
             "persistence-listening",
-            store=paths.store_endpoint(),
+            store=store,
             watermark=self.watermark,
             segments=len(self.messages.segments()),
         )

@@ -28,6 +28,7 @@ from clients.bus import (
 from clients.errors import StorageError
 from plexus import exits
 from security.credentials import Credential
+from security.operator_door import OperatorDoorError, open_door
 from supervisor.platform_state import platform_alive
 
 home_option = click.option(
@@ -85,7 +86,9 @@ def stale_message(paths: PlatformPaths) -> str:
 def operator_credential(state: Mapping[str, Any]) -> Credential:
     """A fresh key pair pinning the running platform's broker and store keys. Nobody
     registered it: the broker admits it as the operator because the kernel says this
-    process belongs to the platform's user and to no supervised app (docs/security.md)."""
+    process belongs to the platform's user and to no supervised app (docs/security.md).
+    Over TCP the supervisor's door applies that rule and grants the key for as long as
+    this process lives (security.operator_door)."""
     try:
         broker_key = bytes.fromhex(str(state["broker_key"]))
         store_key = bytes.fromhex(str(state["store_key"]))
@@ -95,7 +98,16 @@ def operator_credential(state: Mapping[str, Any]) -> Credential:
             "restart it with `plexus stop` and `plexus run`",
             exits.NOT_RUNNING,
         )
-    return Credential.mint(broker_key, store_key)
+    credential = Credential.mint(broker_key, store_key)
+    if state.get("transport") == "tcp":  # the bus cannot name this process: ask the door
+        door = state.get("operator_door")
+        if not isinstance(door, str) or not door:
+            fail("the platform runs on TCP but names no operator door", exits.NOT_RUNNING)
+        try:
+            open_door(Path(door), credential.public)
+        except OperatorDoorError as exc:
+            fail(str(exc), exits.AUTH)
+    return credential
 
 
 @contextmanager

@@ -60,10 +60,10 @@ def handoff_pipe(data: bytes) -> int:
 def read_handoff(fd: int) -> bytes:
     """Everything written into the inherited pipe `fd` (until EOF), then close it."""
     chunks: list[bytes] = []
+    can_wait = os.name != "nt"  # Windows' select takes sockets only: read, blocking, there
     try:
         while True:
-            ready, _, _ = select.select([fd], [], [], READ_TIMEOUT_S)
-            if not ready:
+            if can_wait and not select.select([fd], [], [], READ_TIMEOUT_S)[0]:
                 break
             chunk = os.read(fd, 4096)
             if not chunk:

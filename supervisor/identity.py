@@ -145,11 +145,22 @@ class Identities:
     ) -> tuple[Grant, Credential]:
         """A new credential for `app_id`, registered with every service."""
         credential = self.mint()
+        return self.grant_key(app_id, kind, credential.public, pid, ttl_s), credential
+
+    def grant_key(
+        self,
+        app_id: str,
+        kind: GrantKind,
+        public_key: bytes,
+        pid: int | None = None,
+        ttl_s: float | None = None,
+    ) -> Grant:
+        """Register `public_key` (whose secret someone else holds) for `app_id`."""
         now = self.wall_clock()
         grant = Grant(
             grant_id=new_grant_id(),
             app_id=app_id,
-            public_key=credential.public,
+            public_key=public_key,
             kind=kind,
             pid=pid,
             expires_at=now + ttl_s if ttl_s is not None else None,
@@ -158,7 +169,7 @@ class Identities:
         self.grants[grant.grant_id] = grant
         for sender in self._senders.values():
             sender.grant(grant)
-        return grant, credential
+        return grant
 
     def revoke(self, grant_id: str) -> Grant | None:
         grant = self.grants.pop(grant_id, None)

@@ -26,12 +26,21 @@ from typing import Any
 
 from broker import protocol as P
 from broker.config import CONFIG_FD_VARIABLE
+from broker.endpoints import (
+    LISTEN_FDS_VARIABLE,
+    Endpoints,
+    Listeners,
+    Transport,
+    effective_transport,
+    listen_fds_variable,
+    require_curve,
+)
 from broker.logs import event
 from broker.manifests import Manifest, load_manifests
 from broker.paths import PlatformPaths
 from clients.bus import Bus, BusError, Message, Subscription
 from security.grant_channel import GRANTS_FD_VARIABLE
-from security.grants import GrantKind
+from security.grants import OPERATOR_ID, GrantKind
 from security.handoff import CREDENTIAL_FD_VARIABLE, SERVER_KEY_FD_VARIABLE, handoff_pipe
 from security.keyring import PASSPHRASE_ENV, PASSPHRASE_FD_VARIABLE
 from supervisor.app_output import AppOutput
@@ -42,6 +51,7 @@ from supervisor.launch import app_argv, app_environment
 from supervisor.lifecycle import Action, Input, Lifecycle, RestartPolicy, State
 from supervisor.manifest_watch import ManifestWatch
 from supervisor.monitor import Usage, check_limits, kill_leftovers, process_table
+from supervisor.operator_door import OperatorDoor
 from supervisor.platform_lock import PlatformLock, PlatformLocked
 from supervisor.platform_state import platform_alive, recorded_pid
 from supervisor.reaping import become_subreaper, reap_adopted
@@ -170,6 +180,15 @@ class Supervisor:
     _wake: threading.Event = field(default_factory=threading.Event)
     _lock: PlatformLock | None = None
     _manifest_watch: ManifestWatch | None = None
+    endpoints: Endpoints | None = None
+    """Where the broker and the store listen (set at start: ipc paths or TCP ports)."""
+    _listeners: Listeners | None = None
+    """TCP only: the listening sockets the services bind on, held for the platform's life."""
+    _door: OperatorDoor | None = None
+    """TCP only: where the operator gets a grant (security.operator_door)."""
+    _main_calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = field(
+        default_factory=queue.SimpleQueue
+    )
     output: AppOutput | None = None
     """Pumps the apps' stdout and stderr into HOME/logs and the terminal (built at the first
     launch of an app whose output the spawner captured)."""
@@ -189,6 +208,7 @@ class Supervisor:
         manifests = load_manifests(self.apps_dir)
         self._manifest_watch = ManifestWatch(self.apps_dir)
         become_subreaper()  # an app's escaped descendants stay inside the platform's tree
+        self._open_endpoints()
         self.apps = {
             app_id: AppRecord(m, Lifecycle(self._policy(m))) for app_id, m in manifests.items()
         }
@@ -202,7 +222,7 @@ class Supervisor:
             P.SUPERVISOR_ID, GrantKind.SERVICE, pid=os.getpid()
         )
         self.bus = Bus.connect(
-            self.paths.bus_endpoint(),
+            self.bus_endpoint,
             P.SUPERVISOR_ID,
             credential.token,
             timeout=15.0,
@@ -213,6 +233,10 @@ class Supervisor:
         for record in self.apps.values():
             record.wanted = not record.manifest.external
         self._start_ready_apps()
+        if self._listeners is not None:
+            self._door = OperatorDoor(
+                self.paths.run_dir / "operator", self._door_grant, self._door_revoke
+            )
         self._write_state()
         external = sum(1 for r in self.apps.values() if r.manifest.external)
         event(
@@ -248,6 +272,7 @@ class Supervisor:
             self._poll_app(record, now)
         self._take_unresponsive_notices(now)
         self._take_commands(now)
+        self._take_main_calls()
         self._start_ready_apps()
 
     def stop(self) -> None:
@@ -269,6 +294,10 @@ class Supervisor:
             if service.child is not None:
                 self.spawner.stop(service.child, self.config.stop_grace_s)
         self.identities.close()
+        if self._door is not None:
+            self._door.close()
+        if self._listeners is not None:
+            self._listeners.close()
         if self._lock is not None:
             self._lock.release()
         self.paths.state_file.unlink(missing_ok=True)
@@ -456,6 +485,52 @@ class Supervisor:
         self._wake.set()
         return future.result(10.0)
 
+    @property
+    def bus_endpoint(self) -> str:
+        return (self.endpoints or Endpoints.ipc(self.paths)).bus
+
+    def _open_endpoints(self) -> None:
+        """The ipc paths, or (TCP) the listening ports held from here to `stop`."""
+        transport = effective_transport(self.config.transport)
+        if transport is Transport.IPC:
+            self.endpoints = Endpoints.ipc(self.paths)
+            return
+        require_curve()
+        self._listeners = Listeners.open()
+        self.endpoints = self._listeners.endpoints
+        endpoints = self.endpoints
+        event(
+            log, "tcp-endpoints", bus=endpoints.bus, events=endpoints.events, store=endpoints.store
+        )
+
+    def _on_main(self, call: Callable[[], Any], wait: bool = True) -> Any:
+        """Run `call` on the main loop (a door thread's way to touch the grants)."""
+        future: Future[Any] = Future()
+        self._main_calls.put((call, future))
+        self._wake.set()
+        return future.result(10.0) if wait else None
+
+    def _take_main_calls(self) -> None:
+        while True:
+            try:
+                call, future = self._main_calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(call())
+            except Exception as exc:
+                future.set_exception(exc)
+
+    def _door_grant(self, key: bytes, pid: int) -> str:
+        def grant() -> str:
+            return self.identities.grant_key(OPERATOR_ID, GrantKind.OPERATOR, key, pid).grant_id
+
+        granted: str = self._on_main(grant)
+        return granted
+
+    def _door_revoke(self, grant_id: str) -> None:
+        self._on_main(lambda: self.identities.revoke(grant_id), wait=False)
+
     def _take_commands(self, now: float) -> None:
         while True:
             try:
@@ -573,6 +648,13 @@ class Supervisor:
         env[SERVER_KEY_FD_VARIABLE] = str(channel.key_fd)
         env[GRANTS_FD_VARIABLE] = str(channel.channel_fd)
         fds = [config_fd, *channel.fds()]
+        if self.endpoints is not None:
+            env.update(self.endpoints.environment())
+        if self._listeners is not None:
+            names = ("bus", "events") if service.name == "broker" else ("store",)
+            listen_fds = self._listeners.fds(*names)
+            env[LISTEN_FDS_VARIABLE] = listen_fds_variable(listen_fds)
+            fds += listen_fds.values()
         if gate is not None:
             env[CREDENTIAL_FD_VARIABLE] = str(gate.read_end)
             fds.append(gate.read_end)
@@ -612,7 +694,7 @@ class Supervisor:
         manifest = record.manifest
         gate = CredentialGate.new()
         try:
-            env = app_environment(manifest, self.paths, self.paths.bus_endpoint(), gate.read_end)
+            env = app_environment(manifest, self.paths, self.bus_endpoint, gate.read_end)
             record.child = self.spawner.spawn(
                 manifest.app_id, app_argv(manifest), env, [gate.read_end], capture_output=True
             )
@@ -678,7 +760,9 @@ class Supervisor:
             {
                 "pid": os.getpid(),
                 "home": str(self.paths.home),
-                "endpoint": self.paths.bus_endpoint(),
+                "endpoint": self.bus_endpoint,
+                "transport": (self.endpoints or Endpoints.ipc(self.paths)).transport.value,
+                "operator_door": str(self._door.path) if self._door is not None else None,
                 "broker_key": self.identities.broker_keys.public.hex(),
                 "store_key": self.identities.store_keys.public.hex(),
                 "apps_dir": str(self.apps_dir),
